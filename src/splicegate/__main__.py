@@ -1,0 +1,3 @@
+from splicegate.cli import main
+
+raise SystemExit(main())

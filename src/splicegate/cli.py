@@ -1,0 +1,149 @@
+"""The ``splicegate`` command: flags generated from the settings table in config.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import queue
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+import gevent
+from gevent.event import Event
+
+from splicegate._version import __version__
+from splicegate.config import Config
+from splicegate.relay import create_engine, native_engine_error
+from splicegate.server import ProxyServer
+
+log = logging.getLogger("splicegate")
+
+EXAMPLES = """\
+examples:
+  splicegate
+      listen on 127.0.0.1:3128 and tunnel to port 443 of public addresses
+  splicegate --listen 0.0.0.0:3128 --allow-client 192.168.1.0/24
+      serve a home network
+  splicegate --allow-port 443 --allow-port 8000-8100 --nameserver 9.9.9.9:53
+      more ports; names resolved by a chosen DNS server
+  curl -p -x http://127.0.0.1:3128 https://example.com/
+      use it
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splicegate",
+        description="An HTTP CONNECT forward proxy with a zero-copy relay.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print version and engine")
+    for f in fields(Config):
+        meta = f.metadata
+        default = meta["shown_default"]
+        if default is None:
+            default = ", ".join(map(str, f.default_factory())) if meta["multiple"] else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            metavar=meta["metavar"] or None,
+            action="append" if meta["multiple"] else "store",
+            default=None,
+            help=f"{meta['help']} (default: {default})",
+        )
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    given = {f.name: getattr(args, f.name) for f in fields(Config)}
+    try:
+        return Config(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as exc:
+        parser.error(f"--{exc}")
+        raise  # parser.error exits; this keeps type checkers informed
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks the hub: a full queue (stderr stuck) drops the line and counts it."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+def setup_logging(level: int) -> logging.handlers.QueueListener:
+    """Log lines go through a queue to a native thread that writes them to stderr."""
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter("%(asctime)s splicegate %(levelname)s %(message)s"))
+    listener = logging.handlers.QueueListener(lines, writer)
+    listener.start()
+    log.addHandler(_DroppingQueueHandler(lines))
+    log.setLevel(level)
+    log.propagate = False
+    return listener
+
+
+def raise_open_file_limit() -> None:
+    """Each tunnel holds two sockets; the usual soft limit of 1024 is far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    if soft < 4096:
+        log.warning("open-file limit is %d: at most about %d tunnels", soft, soft // 2)
+
+
+def print_version(config: Config) -> None:
+    engine = create_engine(config.engine, config.relay_timeouts)
+    mode = "splice(2), zero-copy" if engine.splices else "recv/send copying"
+    print(f"splicegate {__version__}")
+    print(f"engine: {engine.name} ({mode})")
+    why = native_engine_error()
+    if engine.name != "native" and why:
+        print(f"native engine unavailable: {why}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
+    if args.version:
+        print_version(config)
+        return 0
+    listener = setup_logging(config.log_level_number)
+    try:
+        return run(config)
+    finally:
+        listener.stop()
+
+
+def run(config: Config) -> int:
+    raise_open_file_limit()
+    try:
+        server = ProxyServer(config)
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    stop_requested = Event()
+    # Signal callbacks only set a flag; this greenlet acts on it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop_requested.set)
+    stop_requested.wait()
+    log.info("stopping: no new connections; open tunnels get %g s", config.drain_timeout)
+    server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,251 @@
+"""Every setting, once: the fields of :class:`Config` are the settings table.
+
+Each field carries its parser (which validates and coerces, raising ValueError with what is
+allowed), its ``--help`` text and its metavar. The CLI builds its flags from this table, so
+a setting cannot exist in one place and be missing in another; an embedding application
+builds the same object with keywords: ``Config(listen=["127.0.0.1:0"], allow_port=["any"])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from splicegate.policy import IPNetwork, PortRange, parse_network, parse_port_spec
+from splicegate.relay import ENGINES, RelayTimeouts
+
+Address = tuple[str, int]
+
+
+def parse_address(value: Any, default_port: int | None = None) -> Address:
+    """``HOST:PORT`` or ``[V6]:PORT``; the port may be left out where a default exists."""
+    if isinstance(value, tuple):
+        host, port = value
+        return str(host), int(port)
+    text = str(value).strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if not sep or (rest and port_text is None):
+            raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [::1]:3128)")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, None
+        elif ":" in host:
+            raise ValueError(f"{text!r}: put an IPv6 address in brackets, as [::1]:3128")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port; write HOST:PORT")
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    if not host:
+        raise ValueError(f"{text!r} has no host; write HOST:PORT")
+    return host, int(port_text)
+
+
+def parse_nameserver(value: Any) -> Address:
+    return parse_address(value, default_port=53)
+
+
+def _number(kind: type, low: float, *, zero_ok: bool = False) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+        if number == 0 and zero_ok:
+            return number
+        if number < low:
+            off = " (0 turns it off)" if zero_ok else ""
+            raise ValueError(f"{value!r} is too small; the least is {low}{off}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _network(value: Any) -> IPNetwork:
+    return parse_network(str(value))
+
+
+def _port(value: Any) -> PortRange:
+    return value if isinstance(value, PortRange) else parse_port_spec(str(value))
+
+
+def setting(
+    default: Any,
+    parse: Callable[[Any], Any],
+    help: str,
+    *,
+    metavar: str = "",
+    multiple: bool = False,
+    shown_default: str | None = None,
+) -> Any:
+    """A Config field with what the CLI and validation need to know about it."""
+    meta = {
+        "parse": parse,
+        "help": help,
+        "metavar": metavar,
+        "multiple": multiple,
+        "shown_default": shown_default,
+    }
+    if multiple:
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The proxy's settings; construct with keywords, values as on the command line."""
+
+    listen: tuple[Address, ...] = setting(
+        ["127.0.0.1:3128"],
+        parse_address,
+        "address to listen on (repeatable; IPv6 as [::1]:3128; port 0 picks a free one)",
+        metavar="HOST:PORT",
+        multiple=True,
+    )
+    header_timeout: float = setting(
+        10.0,
+        _number(float, 0.001),
+        "seconds a client has to send the whole request head (else 408)",
+        metavar="S",
+    )
+    max_header_bytes: int = setting(
+        32 * 1024,
+        _number(int, 256),
+        "largest request head accepted, in bytes (else 431)",
+        metavar="N",
+    )
+    allow_client: tuple[IPNetwork, ...] = setting(
+        [],
+        _network,
+        "client network allowed to use the proxy (repeatable; the first one replaces the default)",
+        metavar="CIDR",
+        multiple=True,
+        shown_default="loopback and private networks",
+    )
+    allow_port: tuple[PortRange, ...] = setting(
+        [],
+        _port,
+        "target port allowed: 443, 8000-8100 or any (repeatable; the first one replaces the "
+        "default)",
+        metavar="SPEC",
+        multiple=True,
+        shown_default="443",
+    )
+    allow_dest: tuple[IPNetwork, ...] = setting(
+        [],
+        _network,
+        "destination network to allow although the defaults deny it (repeatable; longest "
+        "prefix wins)",
+        metavar="CIDR",
+        multiple=True,
+        shown_default="none: loopback, private, link-local and special ranges are denied",
+    )
+    deny_dest: tuple[IPNetwork, ...] = setting(
+        [],
+        _network,
+        "destination network to deny (repeatable; deny wins a tie with --allow-dest)",
+        metavar="CIDR",
+        multiple=True,
+        shown_default="none",
+    )
+    nameserver: tuple[Address, ...] = setting(
+        [],
+        parse_nameserver,
+        "DNS server to ask instead of the system resolver (repeatable)",
+        metavar="HOST:PORT",
+        multiple=True,
+        shown_default="the system resolver",
+    )
+    dns_timeout: float = setting(
+        5.0, _number(float, 0.001), "seconds to resolve a name (else 504)", metavar="S"
+    )
+    connect_timeout: float = setting(
+        10.0,
+        _number(float, 0.001),
+        "seconds to connect to the target, after resolution (else 504)",
+        metavar="S",
+    )
+    idle_timeout: float = setting(
+        300.0,
+        _number(float, 0.001, zero_ok=True),
+        "close a tunnel after this many seconds without a byte either way",
+        metavar="S",
+    )
+    half_closed_timeout: float = setting(
+        60.0,
+        _number(float, 0.001, zero_ok=True),
+        "close a tunnel this many seconds after one side finished sending",
+        metavar="S",
+    )
+    max_lifetime: float = setting(
+        0.0,
+        _number(float, 0.001, zero_ok=True),
+        "close any tunnel after this many seconds",
+        metavar="S",
+        shown_default="off",
+    )
+    drain_timeout: float = setting(
+        30.0,
+        _number(float, 0.0, zero_ok=True),
+        "on SIGTERM or SIGINT, seconds open tunnels get to finish",
+        metavar="S",
+    )
+    engine: str = setting(
+        "auto",
+        _choice(*ENGINES),
+        "relay engine: auto (native where it is built), native, python",
+        metavar="|".join(ENGINES),
+    )
+    log_level: str = setting(
+        "info",
+        _choice("debug", "info", "warning", "error"),
+        "how much to log on stderr: debug, info, warning, error",
+        metavar="LEVEL",
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            parse = f.metadata["parse"]
+            try:
+                if f.metadata["multiple"]:
+                    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+                        value = [value]
+                    coerced: Any = tuple(parse(v) for v in value)
+                else:
+                    coerced = parse(value)
+            except ValueError as exc:
+                raise ValueError(f"{f.name.replace('_', '-')}: {exc}") from None
+            object.__setattr__(self, f.name, coerced)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def relay_timeouts(self) -> RelayTimeouts:
+        return RelayTimeouts(
+            idle=self.idle_timeout,
+            half_closed=self.half_closed_timeout,
+            lifetime=self.max_lifetime,
+        )
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level.upper())

@@ -1,0 +1,265 @@
+"""Who may use the proxy, and where it may connect.
+
+The destination table is explicit CIDRs, not ``ipaddress.is_global``: that property's
+answers changed across Python versions and it knows nothing of NAT64. An IPv6 address that
+carries an IPv4 one (mapped, NAT64, 6to4) is judged by the IPv4 address, so ``::ffff:10.0.0.1``
+is as private as ``10.0.0.1``. Destinations are checked on every address actually dialled,
+after resolution, so a name cannot smuggle a denied address in (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from splicegate.errors import ClientDenied, DestinationDenied, PortDenied, ProxyLoop
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for: mapped, NAT64 (RFC 6052) or 6to4 (RFC 3056)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return addr.sixtofour
+
+
+def effective(addr: IPAddress) -> IPAddress:
+    """The address a rule is judged against: the embedded IPv4 one where there is one."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        return embedded_ipv4(addr) or addr
+    return addr
+
+
+# Denied by default (IANA special-purpose registries, RFC 6890 and successors). Everything
+# else is allowed. Each entry names why, so a refusal can tell the operator what to allow.
+DEFAULT_DENIED_DESTINATIONS: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "'this network' / unspecified"),
+    ("10.0.0.0/8", "private network"),
+    ("100.64.0.0/10", "carrier-grade NAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata lives here)"),
+    ("172.16.0.0/12", "private network"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private network"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("255.255.255.255/32", "broadcast"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/8", "reserved"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001::/23", "IETF protocol assignments"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "segment routing"),
+    ("fc00::/7", "unique-local"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+)
+
+# Squid's localnet plus loopback: who may use a proxy that nobody configured yet.
+DEFAULT_ALLOWED_CLIENTS: tuple[str, ...] = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    network: IPNetwork
+    allow: bool
+    why: str
+
+
+class AddressTable:
+    """Longest-prefix match over allow and deny rules.
+
+    Rules are added in rising precedence: a later rule for the same prefix replaces an
+    earlier one. So operator rules override defaults, and an operator's deny wins a tie with
+    an operator's allow. An address no rule covers gets ``default``.
+    """
+
+    def __init__(self, rules: Iterable[Rule], default: Rule) -> None:
+        self._default = default
+        # per IP version: prefix length -> network address as int -> rule
+        self._by_len: dict[int, dict[int, dict[int, Rule]]] = {4: {}, 6: {}}
+        for rule in rules:
+            net = rule.network
+            self._by_len[net.version].setdefault(net.prefixlen, {})[int(net.network_address)] = rule
+        self._lengths = {v: sorted(t, reverse=True) for v, t in self._by_len.items()}
+
+    def lookup(self, addr: IPAddress) -> Rule:
+        bits = addr.max_prefixlen
+        value = int(addr)
+        table = self._by_len[addr.version]
+        for plen in self._lengths[addr.version]:
+            key = value >> (bits - plen) << (bits - plen) if plen else 0
+            rule = table[plen].get(key)
+            if rule is not None:
+                return rule
+        return self._default
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A CIDR or a single address; host bits set are an error, as they are a typo."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a network: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    low: int
+    high: int
+
+    def __contains__(self, port: int) -> bool:
+        return self.low <= port <= self.high
+
+    def __str__(self) -> str:
+        if (self.low, self.high) == (1, 65535):
+            return "any"
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+def parse_port_spec(text: str) -> PortRange:
+    """``443``, ``8000-8100`` or ``any``."""
+    spec = text.strip().lower()
+    if spec == "any":
+        return PortRange(1, 65535)
+    low, sep, high = spec.partition("-")
+    try:
+        rng = PortRange(int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port, a range like 8000-8100, or 'any'") from None
+    if not 1 <= rng.low <= rng.high <= 65535:
+        raise ValueError(f"{text!r}: ports run from 1 to 65535, low to high")
+    return rng
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listening address, for the proxy-loop check."""
+
+    address: IPAddress
+    port: int
+
+
+def _is_local_address(addr: IPAddress) -> bool:
+    """Whether an address belongs to this host: binding to it succeeds only if it does."""
+    if addr.is_loopback:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(addr), 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+@dataclass(slots=True)
+class Policy:
+    """Client, port, destination and self-loop checks (DESIGN.md steps 5, 7, 8, 10)."""
+
+    allow_client: Sequence[IPNetwork] = ()
+    allow_port: Sequence[PortRange] = ()
+    allow_dest: Sequence[IPNetwork] = ()
+    deny_dest: Sequence[IPNetwork] = ()
+    listeners: list[Listener] = field(default_factory=list)
+    _clients: AddressTable = field(init=False)
+    _dests: AddressTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        clients = self.allow_client or [parse_network(n) for n in DEFAULT_ALLOWED_CLIENTS]
+        self._clients = AddressTable(
+            (Rule(n, True, "--allow-client") for n in clients),
+            Rule(ipaddress.ip_network("::/0"), False, "not in --allow-client"),
+        )
+        if not self.allow_port:
+            self.allow_port = (PortRange(443, 443),)
+        rules = [Rule(parse_network(n), False, why) for n, why in DEFAULT_DENIED_DESTINATIONS]
+        rules += [Rule(n, True, "--allow-dest") for n in self.allow_dest]
+        rules += [Rule(n, False, "--deny-dest") for n in self.deny_dest]
+        self._dests = AddressTable(rules, Rule(ipaddress.ip_network("::/0"), True, "default"))
+
+    def check_client(self, addr: IPAddress) -> None:
+        addr = effective(addr)
+        if not self._clients.lookup(addr).allow:
+            net = ipaddress.ip_network(addr)
+            raise ClientDenied(
+                f"client {addr} may not use this proxy; allow it with --allow-client {net}",
+                details=f"client {addr} not allowed",
+            )
+
+    def check_port(self, port: int) -> None:
+        if not any(port in rng for rng in self.allow_port):
+            raise PortDenied(
+                f"port {port} is not allowed; allow it with --allow-port {port}",
+                details=f"port {port} not allowed",
+            )
+
+    def check_not_self(self, addr: IPAddress, port: int) -> None:
+        """Refuse a CONNECT to one of our own listeners, which would loop forever."""
+        addr = effective(addr)
+        for listener in self.listeners:
+            if listener.port != port:
+                continue
+            mine = effective(listener.address)
+            if mine == addr or (mine.is_unspecified and _is_local_address(addr)):
+                raise ProxyLoop(
+                    f"{addr} port {port} is this proxy itself; a CONNECT there would loop",
+                    details=f"{addr}:{port} is this proxy",
+                )
+
+    def allowed_destinations(self, host: str, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        """The addresses that may be dialled, or DestinationDenied naming the rule."""
+        allowed = []
+        denied: list[tuple[IPAddress, Rule]] = []
+        for addr in addresses:
+            rule = self._dests.lookup(effective(addr))
+            if rule.allow:
+                allowed.append(addr)
+            else:
+                denied.append((addr, rule))
+        if allowed:
+            return allowed
+        addr, rule = denied[0]
+        eff = effective(addr)
+        shown = addr if str(addr) == host else f"{host} ({addr})"
+        if rule.why == "--deny-dest":
+            hint = f"{eff} is denied by --deny-dest {rule.network}"
+        else:
+            hint = (
+                f"{eff} is in {rule.network} ({rule.why}), denied by default; "
+                f"allow it with --allow-dest {ipaddress.ip_network(eff)}"
+            )
+        raise DestinationDenied(
+            f"connecting to {shown} is not allowed: {hint}",
+            details=f"{eff} is in {rule.network}",
+        )

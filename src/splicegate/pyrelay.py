@@ -1,0 +1,405 @@
+"""The pure-Python relay engine: the fallback where the native one is missing, and the
+reference the native one is tested against.
+
+It runs entirely inside the gevent hub, driven by loop watchers rather than greenlets: an
+open tunnel costs four io watchers, one timer and two socket objects, not two greenlet
+stacks, so ten thousand idle tunnels stay cheap. Callbacks run in the hub, so none of them
+may block; the sockets are the C-level ``_socket.socket`` (not gevent's cooperative one) in
+non-blocking mode, and every ``recv``/``send`` either makes progress or raises
+``BlockingIOError``.
+
+Memory per tunnel is bounded: each direction holds at most one chunk of 64 KiB, and reads
+from its source only while that chunk is empty, so a slow reader stalls its writer through
+TCP flow control instead of growing a buffer. An idle tunnel holds no buffer at all.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import errno
+import socket
+import struct
+import time
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord, log
+
+CHUNK = 64 * 1024
+_READ = 1
+_WRITE = 2
+# A peer that aborted shows up as ECONNRESET on recv or send, as EPIPE on a send after the
+# reset was already reported, and as ENOTCONN on shutdown() of a connection the reset tore down.
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+class _Direction:
+    """One way through a tunnel: bytes read from ``src`` are written to ``dst``.
+
+    Exactly one of the two watchers is active while the direction is open: the reader while
+    the buffer is empty, the writer while it holds bytes ``dst`` has not taken yet. That
+    alternation is the backpressure.
+    """
+
+    __slots__ = (
+        "buf",
+        "delivered",
+        "done",
+        "dst",
+        "dst_side",
+        "reader",
+        "src",
+        "src_side",
+        "tunnel",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        tunnel: _Tunnel,
+        src: _socket.socket,
+        dst: _socket.socket,
+        src_side: Closer,
+        dst_side: Closer,
+        loop: Any,
+    ) -> None:
+        self.tunnel = tunnel
+        self.src = src
+        self.dst = dst
+        self.src_side = src_side
+        self.dst_side = dst_side
+        self.buf: memoryview | None = None
+        self.delivered = 0
+        self.done = False
+        self.reader = loop.io(src.fileno(), _READ)
+        self.writer = loop.io(dst.fileno(), _WRITE)
+
+    def start(self, first: bytes) -> None:
+        if first:
+            self.buf = memoryview(first)
+            self.writer.start(self._on_writable)
+        else:
+            self.reader.start(self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.src.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.tunnel.fail(exc, self.src_side)
+            return
+        self.tunnel.last_activity = time.monotonic()
+        if not data:
+            self.reader.stop()
+            self._propagate_eof()
+            return
+        # Try the write at once: a destination that keeps up then costs no watcher changes.
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.tunnel.fail(exc, self.dst_side)
+            return
+        self.delivered += sent
+        if sent < len(data):
+            self.buf = memoryview(data)[sent:]
+            self.reader.stop()
+            self.writer.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        buf = self.buf
+        assert buf is not None  # the writer only runs while bytes are pending
+        try:
+            sent = self.dst.send(buf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.tunnel.fail(exc, self.dst_side)
+            return
+        self.tunnel.last_activity = time.monotonic()
+        self.delivered += sent
+        if sent < len(buf):
+            self.buf = buf[sent:]
+            return
+        self.buf = None
+        self.writer.stop()
+        self.reader.start(self._on_readable)
+
+    def _propagate_eof(self) -> None:
+        # The buffer is empty here (reads only happen then), so everything before the EOF
+        # has been delivered and the FIN can follow at once.
+        self.tunnel.saw_eof(self.src_side)
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.tunnel.fail(exc, self.dst_side)
+            return
+        self.done = True
+        self.tunnel.direction_done()
+
+    def close_watchers(self) -> None:
+        for watcher in (self.reader, self.writer):
+            watcher.stop()
+            watcher.close()
+
+
+class _Tunnel:
+    """Two sockets, the two directions between them, and the one timer for their deadlines.
+
+    The timer is armed for the earliest deadline and is not touched when bytes move: a
+    transfer only stamps ``last_activity``. When the timer fires before a deadline has really
+    passed (the idle deadline moved on since), it is armed again for the new earliest one, so
+    a busy tunnel costs one timer per idle period rather than timer work per chunk.
+    """
+
+    __slots__ = (
+        "client",
+        "down",
+        "engine",
+        "first_closer",
+        "first_eof",
+        "last_activity",
+        "on_done",
+        "origin",
+        "started",
+        "timer",
+        "timer_at",
+        "up",
+    )
+
+    def __init__(
+        self,
+        engine: PythonEngine,
+        client: _socket.socket,
+        origin: _socket.socket,
+        on_done: OnDone,
+    ) -> None:
+        loop = engine.loop
+        self.engine = engine
+        self.client = client
+        self.origin = origin
+        self.on_done = on_done
+        self.up = _Direction(self, client, origin, "client", "origin", loop)
+        self.down = _Direction(self, origin, client, "origin", "client", loop)
+        self.started = self.last_activity = time.monotonic()
+        self.first_eof: float | None = None
+        self.first_closer: Closer | None = None
+        self.timer: Any = None
+        self.timer_at = float("inf")
+
+    def start(self, early_up: bytes) -> None:
+        self.up.start(early_up)
+        self.down.start(b"")
+        self._arm()
+
+    def _next_deadline(self) -> tuple[float, Reason] | None:
+        timeouts = self.engine.timeouts
+        deadlines: list[tuple[float, Reason]] = []
+        if timeouts.idle:
+            deadlines.append((self.last_activity + timeouts.idle, "idle"))
+        if timeouts.half_closed and self.first_eof is not None:
+            deadlines.append((self.first_eof + timeouts.half_closed, "half_closed_timeout"))
+        if timeouts.lifetime:
+            deadlines.append((self.started + timeouts.lifetime, "lifetime"))
+        return min(deadlines, default=None)
+
+    def _arm(self) -> None:
+        self._drop_timer()
+        deadline = self._next_deadline()
+        if deadline is None:
+            return
+        self.timer_at = deadline[0]
+        self.timer = self.engine.loop.timer(max(0.0, self.timer_at - time.monotonic()))
+        self.timer.start(self._on_timer)
+
+    def _drop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None
+            self.timer_at = float("inf")
+
+    def _on_timer(self) -> None:
+        deadline = self._next_deadline()
+        assert deadline is not None  # the timer is only armed when a deadline exists
+        if time.monotonic() >= deadline[0]:
+            self.expire(deadline[1])
+        else:
+            self._arm()
+
+    def saw_eof(self, side: Closer) -> None:
+        if self.first_closer is None:
+            self.first_closer = side
+        if self.first_eof is None:
+            self.first_eof = time.monotonic()
+            half_closed = self.engine.timeouts.half_closed
+            if half_closed and self.first_eof + half_closed < self.timer_at:
+                self._arm()
+
+    def direction_done(self) -> None:
+        if self.up.done and self.down.done:
+            assert self.first_closer is not None  # set by the first EOF
+            self.end("eof", self.first_closer, 0, abort_client=False, abort_origin=False)
+
+    def fail(self, exc: OSError, side: Closer) -> None:
+        """End the tunnel on a socket error from ``side``.
+
+        A reset is passed on as a reset: the other peer must see an abort, not a clean end of
+        a stream that was cut short. Any other error breaks the stream just as much, so both
+        sides are aborted.
+        """
+        code = exc.errno or 0
+        if code in _RESET_ERRNOS:
+            self.end(
+                "reset",
+                self.first_closer or side,
+                code,
+                abort_client=side == "origin",
+                abort_origin=side == "client",
+            )
+        else:
+            self.end("error", "proxy", code, abort_client=True, abort_origin=True)
+
+    def expire(self, reason: Reason) -> None:
+        """Close both sides because the proxy ends the tunnel (a timeout or shutdown).
+
+        Like Squid and HAProxy, the proxy closes gracefully (FIN) when it ends a tunnel: an
+        idle tunnel has nothing in flight, and a client reconnects as after any server-side
+        close. The one exception is a direction still holding bytes the proxy accepted but
+        could not deliver: its receiver gets an abort instead, because a FIN there would
+        present a truncated stream as complete (the kernel does the same when a socket is
+        closed with unread data).
+        """
+        self.end(
+            reason,
+            "proxy",
+            0,
+            abort_client=self.down.buf is not None,
+            abort_origin=self.up.buf is not None,
+        )
+
+    def end(
+        self,
+        reason: Reason,
+        first_closer: Closer,
+        code: int,
+        *,
+        abort_client: bool,
+        abort_origin: bool,
+    ) -> None:
+        # Watchers go before their fds: libev must never watch a closed (maybe reused) fd.
+        self.up.close_watchers()
+        self.down.close_watchers()
+        self._drop_timer()
+        for sock, abort in ((self.client, abort_client), (self.origin, abort_origin)):
+            # close() releases the fd even when it reports an error, so errors here change
+            # nothing for the tunnel's outcome; they must not stop the other close.
+            if abort:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.up.buf = self.down.buf = None
+        record = TunnelRecord(
+            bytes_up=self.up.delivered,
+            bytes_down=self.down.delivered,
+            duration_s=time.monotonic() - self.started,
+            first_closer=first_closer,
+            reason=reason,
+            errno=code,
+        )
+        self.engine.finished(self, record)
+
+
+class PythonEngine:
+    """The relay engine on the gevent hub; see :class:`splicegate.relay.Engine`.
+
+    Every method must be called from a greenlet of the hub it was created in, and the
+    watchers it installs belong to that hub's loop.
+    """
+
+    name = "python"
+    splices = False
+
+    def __init__(self, timeouts: RelayTimeouts) -> None:
+        self.timeouts = timeouts
+        self.loop = gevent.get_hub().loop
+        self._tunnels: set[_Tunnel] = set()
+        self._closing = False
+        self._drained: Event | None = None
+        self._tunnels_total = 0
+        # Bytes of finished tunnels; active ones are summed on demand in stats(), which
+        # keeps the per-chunk work to one addition.
+        self._bytes_up = 0
+        self._bytes_down = 0
+
+    def submit(self, client_fd: int, origin_fd: int, early_up: bytes, on_done: OnDone) -> None:
+        """Take ownership of two connected sockets and relay between them.
+
+        Ownership passes only when this returns: if it raises, the caller still owns (and
+        must close) both fds, and neither has been touched.
+        """
+        if self._closing:
+            raise RuntimeError("the relay engine is shutting down")
+        client = _socket.socket(fileno=client_fd)
+        try:
+            origin = _socket.socket(fileno=origin_fd)
+        except OSError:
+            client.detach()
+            raise
+        client.setblocking(False)
+        origin.setblocking(False)
+        tunnel = _Tunnel(self, client, origin, on_done)
+        self._tunnels.add(tunnel)
+        self._tunnels_total += 1
+        tunnel.start(early_up)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "active": len(self._tunnels),
+            "pipes_in_use": 0,
+            "bytes_up": self._bytes_up + sum(t.up.delivered for t in self._tunnels),
+            "bytes_down": self._bytes_down + sum(t.down.delivered for t in self._tunnels),
+            "tunnels_total": self._tunnels_total,
+            "threads": 0,
+        }
+
+    def shutdown(self, deadline: float) -> None:
+        """Stop taking tunnels, wait for the active ones until ``deadline``, close the rest.
+
+        The closing happens in a hub timer, so each late tunnel's ``on_done`` runs in the hub
+        like every other; this greenlet only waits for the last one.
+        """
+        self._closing = True
+        if not self._tunnels:
+            return
+        if self._drained is None:
+            self._drained = Event()
+        timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
+        timer.start(self._close_all)
+        try:
+            self._drained.wait()
+        finally:
+            timer.stop()
+            timer.close()
+
+    def _close_all(self) -> None:
+        for tunnel in list(self._tunnels):
+            tunnel.expire("shutdown")
+
+    def finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
+        self._tunnels.remove(tunnel)
+        self._bytes_up += record.bytes_up
+        self._bytes_down += record.bytes_down
+        try:
+            tunnel.on_done(record)
+        except Exception:
+            log.exception("tunnel on_done callback failed")
+        if self._drained is not None and not self._tunnels:
+            self._drained.set()

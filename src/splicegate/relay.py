@@ -1,0 +1,99 @@
+"""The relay engine interface, shared by the native and the pure-Python engine.
+
+The control plane owns a connection until its tunnel is established; then it detaches both
+sockets and submits the two file descriptors here. From that moment the engine alone owns
+them: it forwards bytes both ways, propagates half-close and resets, enforces the relay
+timeouts, closes both fds exactly once, and reports a :class:`TunnelRecord` through
+``on_done`` in the gevent hub. The interface is small on purpose, so that the two engines
+stay interchangeable and every relay test runs against both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+log = logging.getLogger("splicegate")
+
+Closer = Literal["client", "origin", "proxy"]
+Reason = Literal["eof", "reset", "idle", "half_closed_timeout", "lifetime", "shutdown", "error"]
+
+
+@dataclass(slots=True)
+class TunnelRecord:
+    """What one finished tunnel did; the relay half of its access-log line."""
+
+    bytes_up: int  # client -> origin, delivered, early_up included
+    bytes_down: int  # origin -> client, delivered
+    duration_s: float
+    first_closer: Closer
+    reason: Reason
+    errno: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTimeouts:
+    """Relay deadlines in seconds; 0 turns one off."""
+
+    idle: float = 300.0  # no byte either way
+    half_closed: float = 60.0  # after the first EOF
+    lifetime: float = 0.0  # since submit
+
+
+OnDone = Callable[[TunnelRecord], None]
+
+
+class Engine(Protocol):
+    name: str  # "native" | "python"
+    splices: bool  # whether bytes move with splice(2)
+
+    def submit(self, client_fd: int, origin_fd: int, early_up: bytes, on_done: OnDone) -> None:
+        """Take ownership of two connected sockets and relay between them.
+
+        ``early_up`` is written to the origin before anything else. Raises RuntimeError once
+        the engine is shutting down; the caller then still owns and must close the fds.
+        """
+
+    def stats(self) -> dict[str, int]:
+        """active, pipes_in_use, bytes_up, bytes_down, tunnels_total, threads."""
+
+    def shutdown(self, deadline: float) -> None:
+        """Stop taking tunnels; let active ones finish until ``deadline`` (a
+        ``time.monotonic()`` value), then close the rest with reason ``shutdown``. Blocks
+        the calling greenlet until every tunnel's ``on_done`` has run."""
+
+
+ENGINES = ("auto", "native", "python")
+
+
+def native_engine_error() -> str | None:
+    """Why the native engine cannot load, or None when it can."""
+    try:
+        import splicegate._engine  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def create_engine(kind: str, timeouts: RelayTimeouts, threads: int | None = None) -> Engine:
+    """The engine ``kind`` asks for: native where it imports (auto), or the one named.
+
+    ``--engine native`` fails clearly when the extension cannot load; ``auto`` falls back to
+    the pure-Python engine and logs why, so a missing compiler never goes unnoticed.
+    """
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
+    if kind in ("auto", "native"):
+        why = native_engine_error()
+        if why is None:
+            from splicegate._engine import NativeEngine  # type: ignore[import-not-found]
+
+            return NativeEngine(timeouts, threads)
+        if kind == "native":
+            raise RuntimeError(f"the native relay engine cannot be loaded: {why}")
+        log.warning("native relay engine unavailable (%s); running the pure-Python engine", why)
+    from splicegate.pyrelay import PythonEngine
+
+    return PythonEngine(timeouts)

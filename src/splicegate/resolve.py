@@ -1,0 +1,543 @@
+"""Name resolution that never blocks the gevent hub and always ends by an absolute deadline.
+
+Two resolvers share one small interface (:class:`Resolver`), so the server and the cache in
+front of it do not care where answers come from:
+
+- :class:`SystemResolver` asks the C library (``getaddrinfo``), which honours
+  ``/etc/hosts``, nsswitch and the system's ``resolv.conf``. The C call blocks, so it runs
+  in gevent's hub threadpool and the handler greenlet only waits for it, up to the deadline.
+  A call that is still running at the deadline is abandoned (a thread cannot be cancelled);
+  it finishes on its own later and its result is dropped.
+- :class:`NameserverResolver` speaks DNS itself (``--nameserver HOST:PORT``) over gevent
+  sockets: A and AAAA queries at once over UDP, retransmitted and rotated across the
+  nameservers, TCP when an answer is truncated. It knows record TTLs, which the cache uses.
+
+Deadlines are ``time.monotonic()`` values, not durations, so that one budget
+(``--dns-timeout``) covers every step of a lookup however many retries it takes. Failures
+are raised as :class:`~splicegate.errors.DnsTimeout` (our own deadline expired, 504) or
+:class:`~splicegate.errors.DnsError` (anything else, 502), with a body a person can act on.
+"""
+
+from __future__ import annotations
+
+import _socket  # the C module: never monkey-patched, safe to call in a worker thread
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import gevent
+from gevent import select as gselect
+from gevent import socket as gsocket
+
+from splicegate.errors import DnsError, DnsTimeout
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+__all__ = [
+    "IPAddress",
+    "NameserverResolver",
+    "Resolution",
+    "Resolver",
+    "SystemResolver",
+    "make_resolver",
+]
+
+
+class Resolver(Protocol):
+    """What the server needs from a resolver.
+
+    ``resolve`` is called only for names; the caller handles IP literals itself. It returns
+    at least one address, or raises ``DnsTimeout`` once ``deadline`` (a
+    ``time.monotonic()`` value) has passed, or ``DnsError`` for any other failure.
+    """
+
+    def resolve(self, host: str, deadline: float) -> list[IPAddress]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Addresses and, where the resolver knows it, the smallest TTL on the way to them.
+
+    The cache (DESIGN.md, step 9) keeps an answer for its TTL when there is one and for a
+    fixed time when there is not (getaddrinfo does not report TTLs); ``ttl`` is ``None``
+    then.
+    """
+
+    addresses: list[IPAddress]
+    ttl: int | None = None
+
+
+# --- error messages: the response body a person reads, and the short Proxy-Status details
+
+
+def _timeout_error(host: str, budget: float) -> DnsTimeout:
+    return DnsTimeout(
+        f"no DNS answer for {host} within {budget:.1f} s; the nameserver may be down, slow "
+        f"or unreachable, try again or check the resolver configuration",
+        details=f"no answer within {budget:.1f} s for: {host}",
+    )
+
+
+def _nxdomain_error(host: str) -> DnsError:
+    return DnsError(
+        f"the name {host} does not exist (NXDOMAIN); check the spelling of the host name",
+        details=f"no such name: {host}",
+    )
+
+
+def _servfail_error(host: str) -> DnsError:
+    return DnsError(
+        f"the DNS server failed to resolve {host} (SERVFAIL); the name's own nameservers may "
+        f"be broken, try again later",
+        details=f"server failure (SERVFAIL) for: {host}",
+    )
+
+
+def _refused_error(host: str) -> DnsError:
+    return DnsError(
+        f"the DNS server refused to resolve {host} (REFUSED); check that the configured "
+        f"nameserver answers recursive queries from this proxy",
+        details=f"query refused (REFUSED) for: {host}",
+    )
+
+
+def _rcode_error(host: str, rcode: str) -> DnsError:
+    return DnsError(
+        f"the DNS server could not resolve {host} (it answered {rcode})",
+        details=f"{rcode} for: {host}",
+    )
+
+
+def _no_address_error(host: str) -> DnsError:
+    return DnsError(
+        f"the name {host} has no IPv4 or IPv6 address (no A or AAAA record)",
+        details=f"no address for: {host}",
+    )
+
+
+def _invalid_name_error(host: str) -> DnsError:
+    return DnsError(
+        f"the host name {host!r} is not a valid DNS name; check the spelling",
+        details=f"invalid name: {host}",
+    )
+
+
+def _unreachable_error(host: str, why: str) -> DnsError:
+    return DnsError(
+        f"could not ask any nameserver about {host} ({why}); check the --nameserver setting",
+        details=f"nameserver unreachable for: {host}",
+    )
+
+
+def _dedup(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    """Drop repeats but keep the first position of each: order is the caller's preference."""
+    return list(dict.fromkeys(addresses))
+
+
+# --- the system resolver
+
+
+GetAddrInfo = Callable[..., list[tuple[Any, ...]]]
+
+
+class SystemResolver:
+    """getaddrinfo in gevent's hub threadpool, awaited until the deadline.
+
+    ``getaddrinfo`` is a parameter only so tests can stand in a slow or failing one without
+    sending a query off the machine; the default is the C module's function, which gevent's
+    monkey-patching (in an embedding app) never replaces, so the worker thread never touches
+    a gevent hub.
+    """
+
+    def __init__(self, getaddrinfo: GetAddrInfo = _socket.getaddrinfo) -> None:
+        self._getaddrinfo = getaddrinfo
+
+    def resolve(self, host: str, deadline: float) -> list[IPAddress]:
+        return self.lookup(host, deadline).addresses
+
+    def lookup(self, host: str, deadline: float) -> Resolution:
+        """Addresses in getaddrinfo's order (it already applies RFC 6724), without TTL."""
+        budget = deadline - time.monotonic()
+        if budget <= 0:
+            raise _timeout_error(host, max(budget, 0.0))
+        job = gevent.get_hub().threadpool.spawn(
+            self._getaddrinfo, host, None, socket.AF_UNSPEC, socket.SOCK_STREAM
+        )
+        # wait() rather than get(timeout=): a gevent.Timeout raised by the caller around us
+        # must propagate as itself, not be mistaken for our own deadline.
+        job.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        if not job.ready():
+            raise _timeout_error(host, budget)
+        if not job.successful():
+            raise _map_getaddrinfo_error(host, job.exception)
+        addresses: list[IPAddress] = []
+        for family, _type, _proto, _canon, sockaddr in job.value:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                addresses.append(ipaddress.ip_address(sockaddr[0]))
+        if not addresses:
+            raise _no_address_error(host)
+        return Resolution(_dedup(addresses), None)
+
+
+def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError:
+    """Turn what getaddrinfo raised into a DnsError a person can act on."""
+    if isinstance(exc, UnicodeError | ValueError):
+        # The IDNA codec rejects empty or over-long labels before any query is sent.
+        return _invalid_name_error(host)
+    if isinstance(exc, socket.gaierror):
+        code = exc.errno
+        if code == socket.EAI_NONAME:
+            return _nxdomain_error(host)
+        if code == getattr(socket, "EAI_NODATA", None):
+            return _no_address_error(host)
+        if code == socket.EAI_AGAIN:
+            return DnsError(
+                f"temporary failure resolving {host}: the system resolver got no answer "
+                f"from its nameservers; try again, or check /etc/resolv.conf",
+                details=f"temporary failure for: {host}",
+            )
+        if code == socket.EAI_FAIL:
+            return _servfail_error(host)
+        reason = exc.strerror or str(exc)
+        return DnsError(
+            f"the system resolver could not resolve {host}: {reason}",
+            details=f"resolver error for: {host}",
+        )
+    return DnsError(
+        f"the system resolver could not resolve {host}: {exc}",
+        details=f"resolver error for: {host}",
+    )
+
+
+# --- the nameserver resolver
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How one query (one record type) ended."""
+
+    addresses: list[IPAddress] = field(default_factory=list)
+    ttl: int | None = None
+    rcode: int = dns.rcode.NOERROR
+    unreachable: str | None = None  # why no nameserver could be asked at all
+    timed_out: bool = False
+    crash: BaseException | None = None  # a bug, re-raised in the caller's greenlet
+
+
+def _format_server(server: tuple[str, int]) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NameserverResolver:
+    """Resolve with the given nameservers, A and AAAA in parallel, over gevent sockets.
+
+    Each query has its own connected UDP socket per nameserver (a fresh random source port
+    and id, and the kernel drops packets from any other source); a reply must also carry
+    our id and question or it is ignored as stray. Without an answer after
+    ``retry_interval`` the query goes to the next nameserver in turn (with one nameserver,
+    it is retransmitted). SERVFAIL, REFUSED or an ICMP error from one nameserver moves on
+    to the next at once; the failure is reported only when every nameserver gave one.
+    """
+
+    MAX_UDP = 65535
+
+    def __init__(
+        self,
+        nameservers: Sequence[tuple[str, int]],
+        *,
+        retry_interval: float = 1.0,
+        udp_payload: int = 1232,
+    ) -> None:
+        if not nameservers:
+            raise ValueError("NameserverResolver needs at least one nameserver")
+        servers: list[tuple[str, int]] = []
+        for host, port in nameservers:
+            address = ipaddress.ip_address(host.strip("[]"))  # an IP literal, not a name
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"nameserver port out of range: {port}")
+            servers.append((str(address), int(port)))
+        self.nameservers = servers
+        self.retry_interval = retry_interval
+        # 1232 bytes: the EDNS buffer size recommended by DNS Flag Day 2020 (no IP
+        # fragmentation); larger answers come back truncated and are fetched over TCP.
+        self.udp_payload = udp_payload
+
+    def resolve(self, host: str, deadline: float) -> list[IPAddress]:
+        return self.lookup(host, deadline).addresses
+
+    def lookup(self, host: str, deadline: float) -> Resolution:
+        """AAAA answers then A answers, deduplicated, with the smallest TTL seen."""
+        budget = deadline - time.monotonic()
+        try:
+            return Resolution([ipaddress.ip_address(host)], None)
+        except ValueError:
+            pass
+        try:
+            qname = dns.name.from_text(host)
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            raise _invalid_name_error(host) from None
+        if budget <= 0:
+            raise _timeout_error(host, max(budget, 0.0))
+
+        jobs = {
+            rdtype: gevent.spawn(self._query_guarded, qname, rdtype, deadline)
+            for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A)
+        }
+        try:
+            # Bounded by the deadline: each pass either sees a query finish (both end by
+            # the deadline on their own) or waits until the deadline, and a pass at or
+            # after the deadline always decides.
+            while True:
+                pending = [job for job in jobs.values() if not job.ready()]
+                done = {t: job.value for t, job in jobs.items() if job.ready()}
+                final = time.monotonic() >= deadline
+                result = self._decide(host, budget, done, pending, final=final)
+                if result is not None:
+                    return result
+                gevent.wait(pending, timeout=max(deadline - time.monotonic(), 0.0), count=1)
+        finally:
+            # Also runs when the caller is killed or times out around us: no query outlives it.
+            gevent.killall([job for job in jobs.values() if not job.dead], timeout=1.0)
+
+    def _decide(
+        self,
+        host: str,
+        budget: float,
+        done: dict[int, _Outcome],
+        pending: list[gevent.Greenlet],
+        *,
+        final: bool,
+    ) -> Resolution | None:
+        """The answer once it is known; None to keep waiting. Raises the lookup's error."""
+        for outcome in done.values():
+            if outcome.crash is not None:
+                raise outcome.crash
+        have = any(o.addresses for o in done.values())
+        if not have and any(o.rcode == dns.rcode.NXDOMAIN for o in done.values()):
+            # NXDOMAIN is about the name, not a record type (RFC 8020): no need to wait.
+            raise _nxdomain_error(host)
+        if pending and not final:
+            return None
+        if have:
+            # A family still pending at the deadline is given up; what we have is returned.
+            aaaa = done.get(dns.rdatatype.AAAA, _Outcome())
+            a = done.get(dns.rdatatype.A, _Outcome())
+            ttls = [o.ttl for o in (aaaa, a) if o.addresses and o.ttl is not None]
+            return Resolution(_dedup([*aaaa.addresses, *a.addresses]), min(ttls, default=None))
+        if pending or any(o.timed_out for o in done.values()):
+            raise _timeout_error(host, budget)
+        # Both finished without an address: report the most telling failure.
+        rcodes = [o.rcode for o in done.values()]
+        if dns.rcode.SERVFAIL in rcodes:
+            raise _servfail_error(host)
+        if dns.rcode.REFUSED in rcodes:
+            raise _refused_error(host)
+        for rcode in rcodes:
+            if rcode != dns.rcode.NOERROR:
+                raise _rcode_error(host, dns.rcode.to_text(rcode))
+        for outcome in done.values():
+            if outcome.unreachable is not None:
+                raise _unreachable_error(host, outcome.unreachable)
+        raise _no_address_error(host)
+
+    def _query_guarded(self, qname: dns.name.Name, rdtype: int, deadline: float) -> _Outcome:
+        """Run one query; a bug comes back as a value so the greenlet never dies noisily."""
+        try:
+            return self._query(qname, rdtype, deadline)
+        except Exception as exc:
+            return _Outcome(crash=exc)
+
+    def _query(self, qname: dns.name.Name, rdtype: int, deadline: float) -> _Outcome:
+        """One record type: UDP with retransmission and rotation, TCP on truncation."""
+        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=self.udp_payload)
+        wire = query.to_wire()
+        sockets: dict[tuple[str, int], gsocket.socket] = {}
+        owner: dict[gsocket.socket, tuple[str, int]] = {}
+        failed: dict[tuple[str, int], _Outcome] = {}
+        turn = 0
+        next_send = time.monotonic()
+        try:
+            # Bounded by the deadline: every pass sends, receives, or waits until the next
+            # send or the deadline, whichever comes first.
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return _Outcome(timed_out=True)
+                live = [s for s in self.nameservers if s not in failed]
+                if not live:
+                    return self._all_failed(failed)
+                if now >= next_send:
+                    server = live[turn % len(live)]
+                    turn += 1
+                    next_send = now + self.retry_interval
+                    try:
+                        sock = sockets.get(server)
+                        if sock is None:
+                            sock = _udp_socket(server)
+                            sockets[server] = sock
+                            owner[sock] = server
+                        sock.send(wire)
+                    except OSError as exc:
+                        failed[server] = _Outcome(unreachable=_why(server, exc))
+                        next_send = now
+                        continue
+                wait = max(min(next_send, deadline) - time.monotonic(), 0.0)
+                watched = [s for srv, s in sockets.items() if srv not in failed]
+                readable, _, _ = gselect.select(watched, [], [], wait)
+                for sock in readable:
+                    server = owner[sock]
+                    if server in failed:
+                        continue
+                    try:
+                        data = sock.recv(self.MAX_UDP)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:  # ICMP port/host unreachable from this server
+                        failed[server] = _Outcome(unreachable=_why(server, exc))
+                        next_send = time.monotonic()
+                        continue
+                    response, truncated = _parse_reply(query, data)
+                    if response is None:
+                        continue  # stray, spoofed or garbled: keep waiting for the real one
+                    if truncated:
+                        try:
+                            response = _query_tcp(server, query, wire, deadline)
+                        except TimeoutError:
+                            continue  # the deadline is (about to be) over; the loop ends it
+                        if response is None:
+                            failed[server] = _Outcome(
+                                unreachable=f"{_format_server(server)}: no answer over TCP"
+                            )
+                            next_send = time.monotonic()
+                            continue
+                    outcome = _interpret(response)
+                    if outcome.rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                        return outcome
+                    failed[server] = outcome  # SERVFAIL, REFUSED, ...: ask the next one
+                    next_send = time.monotonic()
+        finally:
+            for sock in sockets.values():
+                sock.close()
+
+    @staticmethod
+    def _all_failed(failed: dict[tuple[str, int], _Outcome]) -> _Outcome:
+        """Every nameserver failed: an answered rcode is more telling than silence."""
+        outcomes = list(failed.values())
+        for outcome in reversed(outcomes):
+            if outcome.unreachable is None:
+                return outcome
+        return _Outcome(unreachable="; ".join(o.unreachable or "" for o in outcomes))
+
+
+def _why(server: tuple[str, int], exc: OSError) -> str:
+    return f"{_format_server(server)}: {exc.strerror or exc}"
+
+
+def _udp_socket(server: tuple[str, int]) -> gsocket.socket:
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = gsocket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.connect(server)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _parse_reply(
+    query: dns.message.Message, data: bytes
+) -> tuple[dns.message.Message | None, bool]:
+    """The reply if it answers ``query`` (id, flags, question), and whether it is truncated."""
+    truncated = False
+    try:
+        response = dns.message.from_wire(data, raise_on_truncation=True)
+    except dns.message.Truncated as exc:
+        response = exc.message()
+        truncated = True
+    except Exception:  # untrusted bytes: any parse failure means "not our answer"
+        return None, False
+    try:
+        if not query.is_response(response):
+            return None, False
+    except Exception:
+        return None, False
+    return response, truncated
+
+
+def _recv_exactly(sock: gsocket.socket, size: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:  # bounded: each pass receives at least one byte or raises
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(size - got)
+        if not chunk:
+            raise ConnectionError("nameserver closed the TCP connection early")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _query_tcp(
+    server: tuple[str, int], query: dns.message.Message, wire: bytes, deadline: float
+) -> dns.message.Message | None:
+    """The full answer over TCP (RFC 7766) after a truncated UDP one.
+
+    None when this nameserver failed us (so the next one is asked); TimeoutError when the
+    deadline ran out, which is the caller's timeout, not this nameserver's failure.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(remaining)
+        sock.connect(server)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(struct.pack("!H", len(wire)) + wire)
+        (length,) = struct.unpack("!H", _recv_exactly(sock, 2, deadline))
+        response = dns.message.from_wire(_recv_exactly(sock, length, deadline))
+        return response if query.is_response(response) else None
+    except TimeoutError:
+        raise
+    except (OSError, dns.exception.DNSException, ValueError, struct.error):
+        return None
+    finally:
+        sock.close()
+
+
+def _interpret(response: dns.message.Message) -> _Outcome:
+    """Addresses at the end of the CNAME chain inside the answer section, with its TTL."""
+    rcode = response.rcode()
+    if rcode == dns.rcode.NXDOMAIN:
+        return _Outcome(rcode=rcode)
+    if rcode != dns.rcode.NOERROR:
+        return _Outcome(rcode=rcode)
+    try:
+        chain = response.resolve_chaining()
+    except dns.exception.DNSException:  # chain too long, malformed question
+        return _Outcome(rcode=rcode)
+    if chain.answer is None:
+        return _Outcome(rcode=rcode)  # NODATA, or a CNAME chain leaving the answer section
+    addresses = [ipaddress.ip_address(rdata.address) for rdata in chain.answer]
+    return _Outcome(addresses=_dedup(addresses), ttl=chain.minimum_ttl, rcode=rcode)
+
+
+def make_resolver(nameservers: Sequence[tuple[str, int]] | None) -> Resolver:
+    """The resolver for a config: the given nameservers, else the system's."""
+    if nameservers:
+        return NameserverResolver(nameservers)
+    return SystemResolver()

@@ -1,0 +1,301 @@
+"""The control plane: accept, read the head, check, resolve, dial, answer, hand off.
+
+One greenlet per connection owns it until its tunnel is established. Then both sockets are
+detached (never ``fileno()``: a collected socket object would close an fd the engine owns)
+and the engine takes them; the greenlet ends, so nothing in Python waits per open tunnel.
+Every refusal goes through :func:`splicegate.errors.render` and a staged close, so the
+client reads its answer instead of a reset.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from splicegate import dial as dial_module
+from splicegate.config import Config
+from splicegate.errors import (
+    HeadTimeout,
+    InternalError,
+    MethodNotAllowed,
+    ProxyError,
+    render,
+)
+from splicegate.policy import IPAddress, Listener, Policy
+from splicegate.relay import Engine, TunnelRecord, create_engine
+from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
+from splicegate.resolve import Resolver, make_resolver
+
+log = logging.getLogger("splicegate")
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+Dialer = Callable[[Sequence[IPAddress], int, float], socket.socket]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What is known about one CONNECT as it goes; the access-log line is made from it."""
+
+    client: tuple[str, int]
+    accepted: float
+    target: str = ""
+    dialled: str = ""
+    dns_s: float = 0.0
+    connect_s: float = 0.0
+    status: int = 0
+    error: str | None = None
+
+
+class ProxyServer:
+    """A CONNECT proxy on gevent: embeddable, or run by the ``splicegate`` CLI.
+
+    ``resolver`` and ``dialer`` replace how names are looked up and targets are reached (a
+    resolver with its own records; a dialer that chains through another proxy).
+    """
+
+    #: bytes read per recv while the head comes in
+    recv_size = 16 * 1024
+    #: after a refusal: how long and how much to read and discard before closing, so the
+    #: response is not lost to a reset (RFC 9112 §9.6)
+    linger_seconds = 2.0
+    linger_bytes = 64 * 1024
+    #: listen(2) backlog
+    backlog = 1024
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        engine: Engine | None = None,
+        resolver: Resolver | None = None,
+        dialer: Dialer | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.engine = engine
+        self.resolver = resolver or make_resolver(list(self.config.nameserver))
+        self.dialer: Dialer = dialer or dial_module.dial
+        self.policy = Policy(
+            allow_client=self.config.allow_client,
+            allow_port=self.config.allow_port,
+            allow_dest=self.config.allow_dest,
+            deny_dest=self.config.deny_dest,
+        )
+        self._servers: list[StreamServer] = []
+        self._pool = Pool()
+        self._stopped = Event()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener and start accepting; raises OSError naming the address."""
+        if self.engine is None:
+            self.engine = create_engine(self.config.engine, self.config.relay_timeouts)
+        try:
+            for host, port in self.config.listen:
+                server = StreamServer((host, port), self.handle, spawn=self._pool)
+                server.backlog = self.backlog
+                try:
+                    server.start()
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}"
+                    ) from None
+                self._servers.append(server)
+                bound = server.socket.getsockname()
+                self.policy.listeners.append(
+                    Listener(ipaddress.ip_address(bound[0].split("%")[0]), bound[1])
+                )
+                log.info("listening on %s", _show_address(bound))
+        except BaseException:
+            self._close_listeners()
+            raise
+        log.info(
+            "relay engine: %s (%s)",
+            self.engine.name,
+            "splice" if self.engine.splices else "copying",
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the proxy listens, with the real ports."""
+        return [server.socket.getsockname()[:2] for server in self._servers]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.addresses[0]
+
+    def serve_forever(self) -> None:
+        if not self._servers:
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting; give handlers and tunnels ``timeout`` seconds, then close them."""
+        if timeout is None:
+            timeout = self.config.drain_timeout
+        deadline = time.monotonic() + timeout
+        self._close_listeners()
+        self._pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._pool.kill(block=True, timeout=1)
+        if self.engine is not None:
+            self.engine.shutdown(deadline)
+        self._stopped.set()
+
+    def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    # --- one connection --------------------------------------------------------------------
+
+    def handle(self, sock: socket.socket, address: tuple) -> None:
+        attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
+        handed_off = False
+        try:
+            handed_off = self._serve(sock, attempt)
+        except ProxyError as err:
+            self._refuse(sock, attempt, err)
+        except OSError as exc:
+            log.debug("client %s gone: %s", _show_address(address), exc)
+        except Exception:
+            log.exception("internal error serving %s", _show_address(address))
+            self._refuse(sock, attempt, InternalError("internal proxy error; see the proxy log"))
+        finally:
+            if not handed_off:
+                sock.close()
+
+    def _serve(self, sock: socket.socket, attempt: Attempt) -> bool:
+        """Run the checks in DESIGN.md's order; True once the engine owns the sockets."""
+        read = self._read_head(sock)
+        if read is None:
+            return False
+        request, early = read
+        attempt.target = request.authority if request.method == "CONNECT" else request.target
+        if request.method != "CONNECT":
+            raise MethodNotAllowed(
+                f"this proxy tunnels with CONNECT only; {request.method} (plain-HTTP "
+                "forwarding) is not supported",
+                details=f"method {request.method} not allowed",
+            )
+        client_ip = ipaddress.ip_address(attempt.client[0].split("%")[0])
+        self.policy.check_client(client_ip)
+        self.policy.check_port(request.port)
+        addresses = self._resolve(request, attempt)
+        for addr in addresses:
+            self.policy.check_not_self(addr, request.port)
+        allowed = self.policy.allowed_destinations(request.host, addresses)
+        started = time.monotonic()
+        origin = self.dialer(allowed, request.port, started + self.config.connect_timeout)
+        attempt.connect_s = time.monotonic() - started
+        try:
+            attempt.dialled = _show_address(origin.getpeername())
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(ESTABLISHED)
+        except BaseException:
+            origin.close()
+            raise
+        attempt.status = 200
+        self._hand_off(sock, origin, early, attempt)
+        return True
+
+    def _read_head(self, sock: socket.socket) -> tuple[Request, bytes] | None:
+        """The request and the bytes after it, or None if the client left without one."""
+        parser = RequestParser(max_head_bytes=self.config.max_header_bytes)
+        timeout = self.config.header_timeout
+        expired = HeadTimeout(
+            f"the request head was not complete within {timeout:g} s",
+            details=f"head not complete in {timeout:g} s",
+        )
+        # One deadline for the whole head: a client dripping bytes cannot extend it.
+        with gevent.Timeout(timeout, expired):
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    parser.receive_data(sock.recv(self.recv_size))
+                elif event is CLOSED:
+                    return None
+                else:
+                    assert isinstance(event, Request)
+                    return event, parser.trailing_data
+
+    def _resolve(self, request: Request, attempt: Attempt) -> list[IPAddress]:
+        if request.is_ip_literal:
+            addr = ipaddress.ip_address(request.host)
+            self.policy.check_not_self(addr, request.port)
+            return [addr]
+        started = time.monotonic()
+        try:
+            return self.resolver.resolve(request.host, started + self.config.dns_timeout)
+        finally:
+            attempt.dns_s = time.monotonic() - started
+
+    def _hand_off(
+        self, sock: socket.socket, origin: socket.socket, early: bytes, attempt: Attempt
+    ) -> None:
+        client_fd = sock.detach()
+        origin_fd = origin.detach()
+
+        def on_done(record: TunnelRecord) -> None:
+            self.tunnel_finished(attempt, record)
+
+        try:
+            assert self.engine is not None
+            self.engine.submit(client_fd, origin_fd, early, on_done)
+        except BaseException:
+            os.close(client_fd)
+            os.close(origin_fd)
+            raise
+
+    def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
+        """Called in the hub once both sockets of a tunnel are closed."""
+        log.debug(
+            "tunnel %s -> %s (%s) closed: %s by %s, up %d B, down %d B, %.3f s",
+            _show_address(attempt.client),
+            attempt.target,
+            attempt.dialled,
+            record.reason,
+            record.first_closer,
+            record.bytes_up,
+            record.bytes_down,
+            record.duration_s,
+        )
+
+    def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
+        """Answer, then close in stages so the answer is read rather than reset away."""
+        attempt.status, attempt.error = err.status, err.proxy_status_error
+        log.info(
+            "refused %s %s: %d %s: %s",
+            _show_address(attempt.client),
+            attempt.target or "-",
+            err.status,
+            err.proxy_status_error or "-",
+            err.message,
+        )
+        try:
+            with gevent.Timeout(self.linger_seconds, False):
+                sock.sendall(render(err))
+                sock.shutdown(socket.SHUT_WR)
+                drained = 0
+                while drained < self.linger_bytes:
+                    data = sock.recv(self.recv_size)
+                    if not data:
+                        break
+                    drained += len(data)
+        except OSError:
+            pass  # the client is gone; nothing more to tell it
+
+
+def _show_address(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
