@@ -500,7 +500,7 @@ def _query_tcp(
     """
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        return None
+        raise TimeoutError("deadline")
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
     sock = gsocket.socket(family, socket.SOCK_STREAM)
     try:

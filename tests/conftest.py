@@ -1,0 +1,69 @@
+"""Shared fixtures. Each block belongs to one concern; add new ones as separate blocks."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from splicegate.relay import Engine, RelayTimeouts, create_engine
+
+# --- relay engines ------------------------------------------------------------------------
+# Every relay test runs against each engine that loads here: "python" always, "native" once
+# splicegate._engine builds. The pure-Python engine is the reference the native one must match.
+
+
+def _loadable_engines() -> list[str]:
+    kinds = ["python"]
+    try:
+        importlib.import_module("splicegate._engine")
+    except ImportError:
+        pass
+    else:
+        kinds.append("native")
+    return kinds
+
+
+ENGINE_KINDS = _loadable_engines()
+
+
+@pytest.fixture(params=ENGINE_KINDS)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_engine(engine_kind: str) -> Iterator[Callable[..., Engine]]:
+    """Build engines of the parametrised kind; each is shut down (closing what is left) at
+    teardown, so a failing test cannot leak tunnels into the next one."""
+    engines: list[Engine] = []
+
+    def make(timeouts: RelayTimeouts | None = None) -> Engine:
+        engine = create_engine(engine_kind, timeouts or RelayTimeouts())
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(time.monotonic())
+
+
+# --- end relay engines --------------------------------------------------------------------
+
+
+# --- DNS server (resolver and dialer tests) -----------------------------------------------
+# A loopback DNS server in its own OS thread (tests/dnsserver.py); fresh for every test, so
+# configured names and query counts never carry over. Stopping it joins its threads.
+
+from dnsserver import DnsServer  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
+
+
+# --- end DNS server -----------------------------------------------------------------------

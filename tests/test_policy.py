@@ -1,0 +1,127 @@
+"""Client, port, destination and self-loop rules."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from splicegate import errors
+from splicegate.policy import Listener, Policy, parse_network, parse_port_spec
+
+DENIED_BY_DEFAULT = [
+    "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "127.255.255.254", "169.254.169.254",
+    "172.16.0.1", "172.31.255.255", "192.0.0.8", "192.0.2.1", "192.168.1.1", "198.18.0.1",
+    "198.51.100.7", "203.0.113.9", "224.0.0.251", "239.1.1.1", "240.0.0.1",
+    "255.255.255.255", "::", "::1", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1",
+    "2001:db8::1", "3fff::1", "100::1", "fec0::1", "::a00:1", "64:ff9b:1::a",
+    # IPv4 embedded in IPv6: mapped, NAT64 well-known prefix, 6to4
+    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "64:ff9b::7f00:1",
+    "64:ff9b::a9fe:a9fe", "64:ff9b::c0a8:101", "2002:7f00:1::", "2002:a00:1:5::1",
+    "2002:c0a8:101::1",
+]  # fmt: skip
+ALLOWED_BY_DEFAULT = [
+    "8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "192.169.0.1", "2606:4700::1111",
+    "2a00:1450:4001::1", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("addr", DENIED_BY_DEFAULT)
+def test_special_ranges_denied_by_default(addr: str) -> None:
+    with pytest.raises(errors.DestinationDenied) as info:
+        Policy().allowed_destinations("target.example", [ip_address(addr)])
+    assert info.value.status == 403
+    assert "--allow-dest" in info.value.message
+
+
+@pytest.mark.parametrize("addr", ALLOWED_BY_DEFAULT)
+def test_public_addresses_allowed(addr: str) -> None:
+    assert Policy().allowed_destinations("t", [ip_address(addr)]) == [ip_address(addr)]
+
+
+def test_longest_prefix_wins_and_deny_wins_a_tie() -> None:
+    policy = Policy(
+        allow_dest=[ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32"),
+                    ip_network("8.8.8.0/24")],
+        deny_dest=[ip_network("10.1.0.0/16"), ip_network("8.8.8.0/24")],
+    )  # fmt: skip
+    ok = policy.allowed_destinations
+    assert ok("t", [ip_address("10.2.0.1")])
+    assert ok("t", [ip_address("127.0.0.1")])
+    assert ok("t", [ip_address("::ffff:127.0.0.1")])  # the rule applies to the embedded form
+    for denied in ("10.1.0.1", "127.0.0.2", "8.8.8.8", "64:ff9b::a01:1"):
+        with pytest.raises(errors.DestinationDenied):
+            ok("t", [ip_address(denied)])
+
+
+def test_operator_allow_overrides_default_for_the_same_prefix() -> None:
+    policy = Policy(allow_dest=[ip_network("127.0.0.0/8")])
+    assert policy.allowed_destinations("t", [ip_address("127.0.0.1")])
+
+
+def test_only_allowed_addresses_are_returned() -> None:
+    policy = Policy()
+    addrs = [ip_address("10.0.0.1"), ip_address("8.8.8.8"), ip_address("::1")]
+    assert policy.allowed_destinations("rebind.example", addrs) == [ip_address("8.8.8.8")]
+
+
+def test_denial_names_the_rule() -> None:
+    with pytest.raises(errors.DestinationDenied) as info:
+        Policy().allowed_destinations("metadata.example", [ip_address("169.254.169.254")])
+    assert "169.254.0.0/16" in info.value.message
+    assert "metadata.example (169.254.169.254)" in info.value.message
+    assert info.value.details == "169.254.169.254 is in 169.254.0.0/16"
+
+
+def test_clients_default_to_localnet() -> None:
+    policy = Policy()
+    for ok in ("127.0.0.1", "10.9.9.9", "192.168.0.2", "::1", "fd00::1", "::ffff:127.0.0.1"):
+        policy.check_client(ip_address(ok))
+    with pytest.raises(errors.ClientDenied) as info:
+        policy.check_client(ip_address("8.8.8.8"))
+    assert "--allow-client 8.8.8.8/32" in info.value.message
+
+
+def test_allow_client_replaces_default() -> None:
+    policy = Policy(allow_client=[ip_network("203.0.113.0/24")])
+    policy.check_client(ip_address("203.0.113.5"))
+    with pytest.raises(errors.ClientDenied):
+        policy.check_client(ip_address("127.0.0.1"))
+
+
+def test_ports() -> None:
+    assert parse_port_spec("443").low == 443
+    assert (parse_port_spec("8000-8100").low, parse_port_spec("8000-8100").high) == (8000, 8100)
+    assert str(parse_port_spec("ANY")) == "any"
+    for bad in ("0", "65536", "9-1", "x", "", "1-2-3"):
+        with pytest.raises(ValueError):
+            parse_port_spec(bad)
+    policy = Policy()
+    policy.check_port(443)
+    with pytest.raises(errors.PortDenied) as info:
+        policy.check_port(25)
+    assert info.value.message == "port 25 is not allowed; allow it with --allow-port 25"
+    ranged = Policy(allow_port=[parse_port_spec("8000-8100")])
+    ranged.check_port(8050)
+    with pytest.raises(errors.PortDenied):
+        ranged.check_port(443)
+
+
+def test_parse_network_rejects_host_bits() -> None:
+    assert parse_network("10.0.0.0/8") == ip_network("10.0.0.0/8")
+    with pytest.raises(ValueError):
+        parse_network("10.0.0.1/8")
+
+
+def test_self_loop() -> None:
+    policy = Policy(listeners=[Listener(ip_address("127.0.0.1"), 3128),
+                               Listener(ip_address("::"), 8080)])  # fmt: skip
+    with pytest.raises(errors.ProxyLoop):
+        policy.check_not_self(ip_address("127.0.0.1"), 3128)
+    with pytest.raises(errors.ProxyLoop):
+        policy.check_not_self(ip_address("::ffff:127.0.0.1"), 3128)
+    with pytest.raises(errors.ProxyLoop):  # a wildcard listener is every local address
+        policy.check_not_self(ip_address("127.0.0.7"), 8080)
+    policy.check_not_self(ip_address("127.0.0.1"), 3129)
+    policy.check_not_self(ip_address("127.0.0.2"), 3128)
+    policy.check_not_self(ip_address("192.0.2.1"), 8080)  # not an address of this host

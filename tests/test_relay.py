@@ -1,0 +1,706 @@
+"""The relay engines on real loopback TCP: exact bytes, half-close, resets, timeouts,
+backpressure, shutdown and fd hygiene.
+
+Every test runs on each engine that loads (see ``engine_kind`` in conftest.py). A tunnel is
+built the way the control plane builds one: a test client connects to a listener standing
+in for the proxy, the proxy side dials a listener standing in for the origin, and the two
+proxy-side sockets are detached and their fds submitted. The peers are gevent sockets in
+greenlets of the same hub the engine runs in.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import socket as std_socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.event import AsyncResult
+
+from splicegate.relay import Engine, RelayTimeouts, TunnelRecord
+
+WAIT = 20.0  # bound on any single wait; only reached when something is broken
+MiB = 1024 * 1024
+NO_TIMEOUTS = RelayTimeouts(idle=0, half_closed=0, lifetime=0)
+LINGER_ABORT = struct.pack("ii", 1, 0)
+EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+STATS_KEYS = {"active", "pipes_in_use", "bytes_up", "bytes_down", "tunnels_total", "threads"}
+
+
+def sha(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def randbytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def count_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def abort(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset (RST), not an EOF."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+    sock.close()
+
+
+def pump(sock: socket.socket, data: bytes | memoryview) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def drain(sock: socket.socket) -> tuple[int, str]:
+    """Read to EOF; the byte count and sha256 of everything read."""
+    digest = hashlib.sha256()
+    count = 0
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            return count, digest.hexdigest()
+        digest.update(view[:n])
+        count += n
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+def together(*calls: tuple[Any, ...], timeout: float = 60.0) -> list[Any]:
+    """Run each ``(fn, *args)`` in its own greenlet; their results, in order.
+
+    The first failure is raised; greenlets still running at ``timeout`` are killed and fail
+    the test, so nothing outlives it.
+    """
+    greenlets = [gevent.spawn(fn, *args) for fn, *args in calls]
+    try:
+        gevent.joinall(greenlets, timeout=timeout, raise_error=True)
+    finally:
+        pending = [g for g in greenlets if not g.ready()]
+        gevent.killall(pending, timeout=WAIT)
+    assert not pending, f"{len(pending)} of {len(greenlets)} greenlets still running"
+    return [g.value for g in greenlets]
+
+
+class Tunnel:
+    """The two test peers of one submitted tunnel and the record its engine reports."""
+
+    def __init__(
+        self, client: socket.socket, origin: socket.socket, fds: tuple[int, int], raises: bool
+    ) -> None:
+        self.client = client
+        self.origin = origin
+        self.fds = fds
+        self.raises = raises
+        self.done: AsyncResult = AsyncResult()
+        self.fds_closed_at_done: bool | None = None
+
+    def on_done(self, record: TunnelRecord) -> None:
+        # Meaningful for one tunnel at a time only: with several, another socket may
+        # already have been given a just-closed fd number.
+        self.fds_closed_at_done = not any(fd_is_open(fd) for fd in self.fds)
+        self.done.set(record)
+        if self.raises:
+            raise RuntimeError("on_done blew up")
+
+    def record(self) -> TunnelRecord:
+        return self.done.get(timeout=WAIT)
+
+    def close(self) -> None:
+        self.client.close()
+        self.origin.close()
+
+
+class Rig:
+    """Loopback listeners standing in for the proxy's accept side and for the origin."""
+
+    def __init__(self, engine: Engine, host: str, bufsize: int | None) -> None:
+        self.engine = engine
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.bufsize = bufsize
+        self.front = self._listener(host)
+        self.back = self._listener(host)
+        self.tunnels: list[Tunnel] = []
+
+    def _socket(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.settimeout(WAIT)
+        if self.bufsize:
+            # Set before connect/listen so the window is small from the handshake on;
+            # accepted sockets inherit the listener's sizes.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.bufsize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.bufsize)
+        return sock
+
+    def _listener(self, host: str) -> socket.socket:
+        sock = self._socket()
+        sock.bind((host, 0))
+        sock.listen(512)
+        return sock
+
+    def connect(self, listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+        """A connected pair: the dialling socket and the accepted one."""
+        sock = self._socket()
+        sock.connect(listener.getsockname()[:2])
+        accepted, _ = listener.accept()
+        accepted.settimeout(WAIT)
+        return sock, accepted
+
+    def open(
+        self,
+        early_up: bytes = b"",
+        before_submit: Callable[[socket.socket, socket.socket], None] | None = None,
+        on_done_raises: bool = False,
+    ) -> Tunnel:
+        client, proxy_client = self.connect(self.front)
+        proxy_origin, origin = self.connect(self.back)
+        if before_submit is not None:
+            before_submit(client, origin)
+        fds = (proxy_client.detach(), proxy_origin.detach())
+        tunnel = Tunnel(client, origin, fds, on_done_raises)
+        self.engine.submit(fds[0], fds[1], early_up, tunnel.on_done)
+        self.tunnels.append(tunnel)
+        return tunnel
+
+    def close(self) -> None:
+        self.front.close()
+        self.back.close()
+        for tunnel in self.tunnels:
+            tunnel.close()
+
+
+@pytest.fixture
+def make_rig(make_engine: Callable[..., Engine]) -> Any:
+    """Build rigs on fresh engines; their test sockets close before the engines shut down."""
+    rigs: list[Rig] = []
+
+    def make(
+        timeouts: RelayTimeouts | None = None, host: str = "127.0.0.1", bufsize: int | None = None
+    ) -> Rig:
+        rig = Rig(make_engine(timeouts), host, bufsize)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with std_socket.socket(std_socket.AF_INET6, std_socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# --- bytes ----------------------------------------------------------------------------------
+
+
+def test_large_transfer_both_ways_at_once(make_rig: Any) -> None:
+    rig = make_rig()
+    t = rig.open()
+    up, down = randbytes(64 * MiB, 1), randbytes(64 * MiB, 2)
+    _, _, at_origin, at_client = together(
+        (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
+    )
+    assert at_origin == (len(up), sha(up))
+    assert at_client == (len(down), sha(down))
+    record = t.record()
+    assert (record.reason, record.errno) == ("eof", 0)
+    assert record.first_closer in ("client", "origin")
+    assert (record.bytes_up, record.bytes_down) == (len(up), len(down))
+    assert t.fds_closed_at_done
+
+
+def test_many_small_messages(make_rig: Any) -> None:
+    rig = make_rig()
+    t = rig.open()
+    rng = random.Random(3)
+    round_trip_bytes = 0
+    for _ in range(300):  # request/response: each tiny message must pass alone, in order
+        msg = rng.randbytes(rng.randrange(1, 64))
+        round_trip_bytes += len(msg)
+        t.client.sendall(msg)
+        assert recv_exactly(t.origin, len(msg)) == msg
+        t.origin.sendall(msg[::-1])
+        assert recv_exactly(t.client, len(msg)) == msg[::-1]
+    ups = [rng.randbytes(rng.randrange(1, 100)) for _ in range(3000)]
+    downs = [rng.randbytes(rng.randrange(1, 100)) for _ in range(3000)]
+
+    def burst(sock: socket.socket, msgs: list[bytes]) -> None:
+        for msg in msgs:
+            sock.sendall(msg)
+        sock.shutdown(socket.SHUT_WR)
+
+    _, _, at_origin, at_client = together(
+        (burst, t.client, ups), (burst, t.origin, downs), (drain, t.origin), (drain, t.client)
+    )
+    up, down = b"".join(ups), b"".join(downs)
+    assert at_origin == (len(up), sha(up))
+    assert at_client == (len(down), sha(down))
+    record = t.record()
+    assert record.reason == "eof"
+    assert record.bytes_up == round_trip_bytes + len(up)
+    assert record.bytes_down == round_trip_bytes + len(down)
+
+
+def test_early_up_goes_first_and_is_counted(make_rig: Any) -> None:
+    rig = make_rig()
+    early = b"EARLY:" + randbytes(512 * 1024, 4)
+
+    def client_sends_too_soon(client: socket.socket, origin: socket.socket) -> None:
+        # Already waiting at the proxy when the tunnel starts; must still come after early_up.
+        client.sendall(b"LATER")
+
+    t = rig.open(early_up=early, before_submit=client_sends_too_soon)
+    assert recv_exactly(t.origin, len(early) + 5) == early + b"LATER"
+    t.client.shutdown(socket.SHUT_WR)
+    assert t.origin.recv(1) == b""
+    t.origin.shutdown(socket.SHUT_WR)
+    assert t.client.recv(1) == b""
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("eof", "client")
+    assert (record.bytes_up, record.bytes_down) == (len(early) + 5, 0)
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+def test_ipv6_loopback(make_rig: Any) -> None:
+    rig = make_rig(host="::1")
+    t = rig.open(early_up=b"hello ")
+    up, down = randbytes(MiB, 5), randbytes(MiB, 6)
+    _, _, at_origin, at_client = together(
+        (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
+    )
+    assert at_origin == (len(up) + 6, sha(b"hello " + up))
+    assert at_client == (len(down), sha(down))
+    record = t.record()
+    assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up) + 6, len(down))
+
+
+def test_records_and_stats_count_delivered_bytes(make_rig: Any) -> None:
+    rig = make_rig()
+    engine = rig.engine
+    before = engine.stats()
+    assert set(before) == STATS_KEYS
+    if engine.name == "python":
+        assert (before["pipes_in_use"], before["threads"]) == (0, 0)
+    started = time.monotonic()
+    t = rig.open(early_up=b"E" * 10)
+    t.client.sendall(b"u" * 1000)
+    assert recv_exactly(t.origin, 1010) == b"E" * 10 + b"u" * 1000
+    t.origin.sendall(b"d" * 500)
+    assert recv_exactly(t.client, 500) == b"d" * 500
+    during = engine.stats()
+    assert during["active"] == before["active"] + 1
+    assert during["tunnels_total"] == before["tunnels_total"] + 1
+    assert during["bytes_up"] - before["bytes_up"] == 1010
+    assert during["bytes_down"] - before["bytes_down"] == 500
+    t.origin.shutdown(socket.SHUT_WR)
+    assert t.client.recv(1) == b""
+    t.client.shutdown(socket.SHUT_WR)
+    assert t.origin.recv(1) == b""
+    record = t.record()
+    elapsed = time.monotonic() - started
+    after = engine.stats()
+    assert after["active"] == before["active"]
+    assert after["tunnels_total"] == before["tunnels_total"] + 1
+    assert (record.bytes_up, record.bytes_down) == (1010, 500)
+    assert after["bytes_up"] - before["bytes_up"] == 1010
+    assert after["bytes_down"] - before["bytes_down"] == 500
+    assert (record.reason, record.first_closer, record.errno) == ("eof", "origin", 0)
+    assert 0 <= record.duration_s <= elapsed
+
+
+# --- half-close and resets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["client", "origin"])
+def test_half_close_keeps_the_other_direction_open(make_rig: Any, first: str) -> None:
+    rig = make_rig()
+    t = rig.open()
+    closer, other = (t.client, t.origin) if first == "client" else (t.origin, t.client)
+    last_words = randbytes(MiB, 7)
+    pieces = [randbytes(128 * 1024, 8 + i) for i in range(8)]
+
+    def other_side() -> tuple[int, str]:
+        # Everything sent before the EOF arrives, then the EOF itself ...
+        received = drain(other)
+        # ... and the other direction still carries bytes for a while.
+        for piece in pieces:
+            other.sendall(piece)
+            gevent.sleep(0.01)
+        assert not t.done.ready()
+        other.close()
+        return received
+
+    def closer_side() -> None:
+        closer.sendall(last_words)
+        closer.shutdown(socket.SHUT_WR)
+
+    _, at_other, at_closer = together((closer_side,), (other_side,), (drain, closer))
+    assert at_other == (len(last_words), sha(last_words))
+    rest = b"".join(pieces)
+    assert at_closer == (len(rest), sha(rest))
+    record = t.record()
+    assert (record.reason, record.first_closer, record.errno) == ("eof", first, 0)
+    sent_up, sent_down = (last_words, rest) if first == "client" else (rest, last_words)
+    assert (record.bytes_up, record.bytes_down) == (len(sent_up), len(sent_down))
+
+
+@pytest.mark.parametrize("aborter", ["client", "origin"])
+def test_reset_is_passed_on_as_a_reset(make_rig: Any, aborter: str) -> None:
+    rig = make_rig()
+    t = rig.open()
+    side, peer = (t.client, t.origin) if aborter == "client" else (t.origin, t.client)
+    side.sendall(b"hello")
+    assert recv_exactly(peer, 5) == b"hello"
+    abort(side)
+    with pytest.raises(ConnectionResetError):
+        drain(peer)
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("reset", aborter)
+    assert record.errno == errno.ECONNRESET
+    sent_up, sent_down = (5, 0) if aborter == "client" else (0, 5)
+    assert (record.bytes_up, record.bytes_down) == (sent_up, sent_down)
+    assert t.fds_closed_at_done
+
+
+def test_reset_after_half_close_names_the_first_closer(make_rig: Any) -> None:
+    rig = make_rig()
+    t = rig.open()
+    t.client.shutdown(socket.SHUT_WR)
+    assert t.origin.recv(1) == b""
+    abort(t.origin)
+    with pytest.raises(ConnectionResetError):
+        drain(t.client)
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("reset", "client")
+
+
+def test_socket_error_ends_the_tunnel_with_error(make_rig: Any) -> None:
+    rig = make_rig()
+    client, proxy_client = rig.connect(rig.front)
+    # An unconnected UDP socket as the "origin": sending to it fails with EDESTADDRREQ,
+    # an error that is neither an EOF nor a reset.
+    not_an_origin = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    done: AsyncResult = AsyncResult()
+    rig.engine.submit(proxy_client.detach(), not_an_origin.detach(), b"", done.set)
+    try:
+        client.sendall(b"data")
+        with pytest.raises(ConnectionResetError):
+            drain(client)
+        record = done.get(timeout=WAIT)
+    finally:
+        client.close()
+    assert (record.reason, record.first_closer) == ("error", "proxy")
+    assert record.errno == errno.EDESTADDRREQ
+
+
+# --- timeouts --------------------------------------------------------------------------------
+
+
+def test_idle_timeout_closes_both_sides(make_rig: Any) -> None:
+    rig = make_rig(RelayTimeouts(idle=0.3, half_closed=0, lifetime=0))
+    t = rig.open()
+    t.client.sendall(b"ping")
+    assert recv_exactly(t.origin, 4) == b"ping"
+    # Nothing was in flight, so both peers get a plain EOF, as from Squid or HAProxy.
+    assert drain(t.client) == (0, EMPTY_SHA)
+    assert drain(t.origin) == (0, EMPTY_SHA)
+    record = t.record()
+    assert (record.reason, record.first_closer, record.errno) == ("idle", "proxy", 0)
+    assert (record.bytes_up, record.bytes_down) == (4, 0)
+    assert record.duration_s >= 0.25
+    assert t.fds_closed_at_done
+
+
+def test_bytes_either_way_defer_the_idle_timeout(make_rig: Any) -> None:
+    idle = 0.4
+    rig = make_rig(RelayTimeouts(idle=idle, half_closed=0, lifetime=0))
+    t = rig.open()
+    # Each phase lasts longer than the idle timeout with bytes moving one way only.
+    for sender, receiver in ((t.client, t.origin), (t.origin, t.client)):
+        phase_end = time.monotonic() + 1.5 * idle
+        for _ in range(100):
+            if time.monotonic() >= phase_end:
+                break
+            sender.sendall(b"k")
+            assert recv_exactly(receiver, 1) == b"k"
+            gevent.sleep(0.04)
+        assert not t.done.ready()
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("idle", "proxy")
+
+
+def test_half_closed_timeout_counts_from_the_first_eof(make_rig: Any) -> None:
+    rig = make_rig(RelayTimeouts(idle=0, half_closed=0.3, lifetime=0))
+    t = rig.open()
+    t.client.shutdown(socket.SHUT_WR)
+    assert t.origin.recv(1) == b""
+
+    def trickle() -> bool:
+        # Activity after the EOF does not extend the half-closed deadline: the proxy closes
+        # while the origin is still sending (about 3 s of it would pass the deadline 10 times).
+        for _ in range(100):
+            try:
+                t.origin.sendall(b"t")
+            except OSError:
+                return True
+            gevent.sleep(0.03)
+        return False
+
+    def client_reads() -> int:
+        try:
+            return drain(t.client)[0]
+        except ConnectionResetError:
+            return -1
+
+    cut_off, received = together((trickle,), (client_reads,))
+    assert cut_off, "the tunnel outlived the half-closed timeout while bytes moved"
+    record = t.record()
+    assert (record.reason, record.first_closer, record.errno) == ("half_closed_timeout", "proxy", 0)
+    assert record.duration_s >= 0.25
+    assert received in (record.bytes_down, -1)
+
+
+def test_lifetime_ends_a_busy_tunnel(make_rig: Any) -> None:
+    rig = make_rig(RelayTimeouts(idle=0.2, half_closed=0, lifetime=0.5))
+    t = rig.open()
+
+    def ping_pong() -> None:
+        for _ in range(500):
+            try:
+                t.client.sendall(b"p")
+                if t.origin.recv(1) != b"p":
+                    return
+                t.origin.sendall(b"q")
+                if t.client.recv(1) != b"q":
+                    return
+            except OSError:
+                return
+            gevent.sleep(0.03)
+
+    together((ping_pong,))
+    record = t.record()
+    assert (record.reason, record.first_closer, record.errno) == ("lifetime", "proxy", 0)
+    assert record.duration_s >= 0.45
+
+
+# --- backpressure ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_a_slow_reader_stalls_its_writer(make_rig: Any, direction: str) -> None:
+    rig = make_rig(bufsize=32 * 1024)
+    t = rig.open()
+    writer, reader = (t.client, t.origin) if direction == "up" else (t.origin, t.client)
+    data = randbytes(16 * MiB, 9)
+    view = memoryview(data)
+    # The reader reads nothing: the writer must come to a halt well before all is sent.
+    writer.settimeout(0.5)
+    sent = 0
+    stalled = False
+    while sent < len(data):
+        try:
+            sent += writer.send(view[sent : sent + 256 * 1024])
+        except TimeoutError:
+            stalled = True
+            break
+    assert stalled, "the writer sent everything to a reader that read nothing"
+    assert sent < 4 * MiB
+    assert rig.engine.stats()[f"bytes_{direction}"] <= sent
+    # Once the reader reads, every byte arrives.
+    writer.settimeout(WAIT)
+    _, received = together((pump, writer, view[sent:]), (drain, reader))
+    assert received == (len(data), sha(data))
+    reader.shutdown(socket.SHUT_WR)
+    record = t.record()
+    assert getattr(record, f"bytes_{direction}") == len(data)
+
+
+# --- many tunnels ----------------------------------------------------------------------------
+
+
+def test_many_tunnels_at_once(make_rig: Any) -> None:
+    rig = make_rig()
+    rng = random.Random(10)
+    tunnels = [rig.open() for _ in range(200)]
+    payloads = [
+        (rng.randbytes(rng.randrange(0, 256 * 1024)), rng.randbytes(rng.randrange(0, 256 * 1024)))
+        for _ in tunnels
+    ]
+    calls: list[tuple[Any, ...]] = []
+    for t, (up, down) in zip(tunnels, payloads, strict=True):
+        calls += [
+            (pump, t.client, up),
+            (pump, t.origin, down),
+            (drain, t.origin),
+            (drain, t.client),
+        ]
+    results = together(*calls)
+    for i, (t, (up, down)) in enumerate(zip(tunnels, payloads, strict=True)):
+        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
+        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
+        record = t.record()
+        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
+    assert rig.engine.stats()["active"] == 0
+
+
+def test_no_fd_leak_whichever_way_tunnels_end(make_rig: Any) -> None:
+    rig = make_rig(NO_TIMEOUTS)
+    idle_rig = make_rig(RelayTimeouts(idle=0.3, half_closed=0, lifetime=0))
+    for warm_up in (rig, idle_rig):  # let gevent and the engines allocate what they keep
+        t = warm_up.open()
+        together((pump, t.client, b"x"), (pump, t.origin, b"y"), (drain, t.client))
+        t.record()
+        t.close()
+    before = count_fds()
+
+    def exchange(t: Tunnel) -> None:
+        together((pump, t.client, b"up"), (pump, t.origin, b"down"))
+        assert drain(t.client) == (4, sha(b"down"))
+        assert drain(t.origin) == (2, sha(b"up"))
+
+    def client_aborts(t: Tunnel) -> None:
+        abort(t.client)
+        with pytest.raises(ConnectionResetError):
+            drain(t.origin)
+
+    def origin_aborts(t: Tunnel) -> None:
+        abort(t.origin)
+        with pytest.raises(ConnectionResetError):
+            drain(t.client)
+
+    def idles_out(t: Tunnel) -> None:
+        assert drain(t.client) == (0, EMPTY_SHA)
+        assert drain(t.origin) == (0, EMPTY_SHA)
+
+    endings: list[tuple[Rig, Callable[[Tunnel], None] | None, str]] = [
+        (rig, exchange, "eof"),
+        (rig, client_aborts, "reset"),
+        (rig, origin_aborts, "reset"),
+        (idle_rig, idles_out, "idle"),
+        (rig, None, "shutdown"),  # left open until the engine shuts down
+    ]
+    plan: list[tuple[Callable[[Tunnel], None] | None, str, Tunnel]] = []
+    for i in range(200):
+        opener, ending, reason = endings[i % len(endings)]
+        plan.append((ending, reason, opener.open()))
+    together(*[(ending, t) for ending, _, t in plan if ending is not None])
+    rig.engine.shutdown(time.monotonic())
+    assert Counter(t.record().reason for _, _, t in plan) == Counter(r for _, r, _ in plan)
+    for _, _, t in plan:
+        t.close()
+    rig.tunnels.clear()
+    idle_rig.tunnels.clear()
+    assert count_fds() == before
+
+
+# --- shutdown and callbacks ------------------------------------------------------------------
+
+
+def test_shutdown_closes_what_is_left_by_the_deadline(make_rig: Any) -> None:
+    rig = make_rig()
+    lingering = [rig.open() for _ in range(5)]
+    finishing = rig.open()
+
+    def finish() -> None:
+        gevent.sleep(0.1)
+        together(
+            (pump, finishing.client, b"bye"),
+            (pump, finishing.origin, b"see you"),
+            (drain, finishing.client),
+            (drain, finishing.origin),
+        )
+
+    worker = gevent.spawn(finish)
+    rig.engine.shutdown(time.monotonic() + 0.8)
+    # shutdown() returns only once every on_done has run.
+    assert all(t.done.ready() for t in [*lingering, finishing])
+    worker.get(timeout=WAIT)
+    record = finishing.record()
+    assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", 3, 7)
+    for t in lingering:
+        record = t.record()
+        assert (record.reason, record.first_closer, record.errno) == ("shutdown", "proxy", 0)
+        assert drain(t.client) == (0, EMPTY_SHA)
+        assert drain(t.origin) == (0, EMPTY_SHA)
+    assert rig.engine.stats()["active"] == 0
+
+    # Refused after shutdown, and the fds stay the caller's.
+    client, proxy_client = rig.connect(rig.front)
+    proxy_origin, origin = rig.connect(rig.back)
+    fds = (proxy_client.detach(), proxy_origin.detach())
+    try:
+        with pytest.raises(RuntimeError):
+            rig.engine.submit(fds[0], fds[1], b"", lambda record: None)
+        assert all(fd_is_open(fd) for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        client.close()
+        origin.close()
+
+
+def test_shutdown_returns_once_tunnels_finish(make_rig: Any) -> None:
+    rig = make_rig()
+    tunnels = [rig.open() for _ in range(3)]
+
+    def finish(t: Tunnel) -> None:
+        gevent.sleep(0.05)
+        t.client.close()
+        t.origin.close()
+
+    workers = [gevent.spawn(finish, t) for t in tunnels]
+    deadline = time.monotonic() + 30
+    rig.engine.shutdown(deadline)
+    assert time.monotonic() < deadline  # it did not wait for a deadline nobody needed
+    gevent.joinall(workers, timeout=WAIT, raise_error=True)
+    assert {t.record().reason for t in tunnels} == {"eof"}
+    rig.engine.shutdown(time.monotonic() + 30)  # nothing left: returns at once
+
+
+def test_an_on_done_exception_is_logged_not_raised(
+    make_rig: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig()
+    t = rig.open(on_done_raises=True)
+    together((pump, t.client, b"a"), (pump, t.origin, b"b"), (drain, t.client))
+    assert t.record().reason == "eof"
+    gevent.sleep(0)  # the engine logs right after on_done returns
+    failures = [r for r in caplog.records if r.name == "splicegate" and r.exc_info]
+    assert failures, "the on_done exception was not logged"
+    # The engine still works.
+    t2 = rig.open()
+    _, _, at_origin = together(
+        (pump, t2.client, b"again"), (pump, t2.origin, b""), (drain, t2.origin)
+    )
+    assert at_origin == (5, sha(b"again"))
+    assert t2.record().reason == "eof"

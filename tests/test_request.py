@@ -1,0 +1,267 @@
+"""The sans-IO parser: every case fed whole, byte by byte, and with trailing bytes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splicegate import errors
+from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
+
+TRAILER = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfcCLIENTHELLO\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+
+
+def feed(data: bytes, *, bytewise: bool, close: bool = True, **limits: int):
+    """Feed data whole or one byte at a time; return (event, trailing) or the error raised."""
+    parser = RequestParser(**limits)
+    chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data][: len(data)]
+    try:
+        for chunk in chunks:
+            parser.receive_data(chunk)
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return event, parser.trailing_data
+        if not close:
+            return parser.next_event()
+        parser.receive_data(b"")
+        return parser.next_event(), parser.trailing_data
+    except errors.ProxyError as err:
+        return err
+
+
+def parse_all_ways(head: bytes, **limits: int):
+    """The one outcome of a head fed whole, byte by byte, and followed by tunnel bytes."""
+    whole = feed(head, bytewise=False, **limits)
+    dribbled = feed(head, bytewise=True, **limits)
+    if isinstance(whole, errors.ProxyError):
+        assert type(dribbled) is type(whole), (whole, dribbled)
+        return whole
+    assert dribbled == whole
+    if whole[0] is CLOSED:
+        return CLOSED
+    event, trailing = feed(head + TRAILER, bytewise=False, **limits)
+    assert trailing == TRAILER
+    assert event == whole[0]
+    return whole[0]
+
+
+GOOD = [
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "example.com", 443),
+    (b"CONNECT example.com:443 HTTP/1.1\nHost: example.com\n\n", "example.com", 443),
+    (b"CONNECT EXAMPLE.com.:8443 HTTP/1.1\r\nHost: x\r\n\r\n", "example.com", 8443),
+    (b"CONNECT 192.0.2.1:1 HTTP/1.1\r\nHost: 192.0.2.1:1\r\n\r\n", "192.0.2.1", 1),
+    (b"CONNECT [2001:db8::1]:65535 HTTP/1.1\r\nHost: [2001:db8::1]\r\n\r\n", "2001:db8::1", 65535),
+    (b"CONNECT [::ffff:10.0.0.1]:443 HTTP/1.1\r\nHost: a\r\n\r\n", "::ffff:a00:1", 443),
+    (b"CONNECT a_b.example:443 HTTP/1.0\r\n\r\n", "a_b.example", 443),
+    (b"\r\nCONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n", "a.example", 443),
+    (b"CONNECT a.example:443 HTTP/1.1\r\nHost:\r\n\r\n", "a.example", 443),
+    (
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost:   a.example  \r\nUser-Agent: x/1 (\xe9)\r\n"
+        b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\r\n",
+        "a.example",
+        443,
+    ),
+]
+
+
+@pytest.mark.parametrize(("head", "host", "port"), GOOD)
+def test_valid_connect(head: bytes, host: str, port: int) -> None:
+    event = parse_all_ways(head)
+    assert isinstance(event, Request)
+    assert (event.method, event.host, event.port) == ("CONNECT", host, port)
+
+
+def test_fields_and_ows_trimmed() -> None:
+    event = parse_all_ways(
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: \t a.example \t\r\nX-A: 1 2\r\n\r\n"
+    )
+    assert event.field(b"host") == b"a.example"
+    assert event.field(b"x-a") == b"1 2"
+    assert event.field(b"missing") is None
+
+
+def test_http10_may_omit_host_and_later_minor_is_11() -> None:
+    assert parse_all_ways(b"CONNECT a.example:443 HTTP/1.0\r\n\r\n").http_version == (1, 0)
+    event = parse_all_ways(b"CONNECT a.example:443 HTTP/1.7\r\nHost: a\r\n\r\n")
+    assert event.http_version == (1, 1)
+
+
+def test_other_methods_parse_for_a_405() -> None:
+    event = parse_all_ways(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert (event.method, event.target, event.port) == ("GET", "http://a.example/", 0)
+
+
+BAD = {
+    "no target port": b"CONNECT example.com HTTP/1.1\r\nHost: a\r\n\r\n",
+    "empty port": b"CONNECT example.com: HTTP/1.1\r\nHost: a\r\n\r\n",
+    "port zero": b"CONNECT example.com:0 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "port too big": b"CONNECT example.com:65536 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "port sign": b"CONNECT example.com:+443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "empty host": b"CONNECT :443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "origin-form": b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "absolute-form": b"CONNECT https://a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "userinfo": b"CONNECT user@a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "unbracketed v6": b"CONNECT 2001:db8::1:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "bad v6": b"CONNECT [2001:db8::g]:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "bad v4": b"CONNECT 256.1.1.1:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "numeric name": b"CONNECT 2130706433:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "short dotted": b"CONNECT 127.1:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "label dash": b"CONNECT -a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "empty label": b"CONNECT a..example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "two spaces": b"CONNECT  a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "no version": b"CONNECT a.example:443\r\nHost: a\r\n\r\n",
+    "lower version": b"CONNECT a.example:443 http/1.1\r\nHost: a\r\n\r\n",
+    "bad method": b"CON(NECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "space before colon": b"CONNECT a.example:443 HTTP/1.1\r\nHost : a\r\n\r\n",
+    "tab before colon": b"CONNECT a.example:443 HTTP/1.1\r\nHost\t: a\r\n\r\n",
+    "obs-fold": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n",
+    "obs-fold tab": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\t2\r\n\r\n",
+    "NUL in value": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n",
+    "bare CR in value": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: 1\r2\r\n\r\n",
+    "bare CR line end": b"CONNECT a.example:443 HTTP/1.1\rHost: a\r\n\r\n",
+    "CR CR LF": b"CONNECT a.example:443 HTTP/1.1\r\r\nHost: a\r\n\r\n",
+    "control in value": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: \x01\r\n\r\n",
+    "no colon": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n",
+    "bad name char": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX(A): 1\r\n\r\n",
+    "empty name": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n",
+    "missing host 1.1": b"CONNECT a.example:443 HTTP/1.1\r\n\r\n",
+    "two hosts": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    "two hosts 1.0": b"CONNECT a.example:443 HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n",
+    "bad host": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "bad host port": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a:44x\r\n\r\n",
+    "too many empty lines": b"\r\n" * 5 + b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "truncated head": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n",
+}
+
+
+@pytest.mark.parametrize("head", BAD.values(), ids=BAD.keys())
+def test_malformed_is_400(head: bytes) -> None:
+    err = parse_all_ways(head)
+    assert isinstance(err, errors.BadRequest), err
+    assert err.status == 400
+    assert err.message and err.details
+
+
+@pytest.mark.parametrize(
+    "version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0", b"HTTP/9.9"], ids=lambda v: v.decode()
+)
+def test_major_version_not_1_is_505(version: bytes) -> None:
+    err = parse_all_ways(b"CONNECT a.example:443 " + version + b"\r\nHost: a\r\n\r\n")
+    assert isinstance(err, errors.VersionNotSupported)
+    assert err.status == 505
+
+
+def test_version_refused_before_the_head_is_complete() -> None:
+    parser = RequestParser()
+    parser.receive_data(b"CONNECT a.example:443 HTTP/2.0\r\nHost: a")
+    with pytest.raises(errors.VersionNotSupported):
+        parser.next_event()
+
+
+def test_garbage_first_line_fails_early() -> None:
+    parser = RequestParser()
+    parser.receive_data(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\n")
+    with pytest.raises(errors.BadRequest):
+        parser.next_event()
+
+
+def test_head_over_limit_is_431() -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
+    err = parse_all_ways(head, max_head_bytes=1024)
+    assert isinstance(err, errors.HeadTooLarge)
+    assert err.status == 431
+    # no end of head in sight, the buffer over the limit: refused without waiting for more
+    assert isinstance(
+        feed(head[:1500], bytewise=False, close=False, max_head_bytes=1024), errors.HeadTooLarge
+    )
+
+
+def test_head_exactly_at_limit_is_accepted() -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: "
+    head += b"a" * (1024 - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == 1024
+    assert isinstance(parse_all_ways(head, max_head_bytes=1024), Request)
+    assert isinstance(parse_all_ways(head + b"", max_head_bytes=1023), errors.HeadTooLarge)
+
+
+def test_trailing_bytes_do_not_count_against_the_limit() -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n"
+    event, trailing = feed(head + b"x" * 100_000, bytewise=False, max_head_bytes=1024)
+    assert isinstance(event, Request)
+    assert len(trailing) == 100_000
+
+
+def test_too_many_fields_is_431() -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n"
+    head += b"".join(b"X-%d: 1\r\n" % i for i in range(100)) + b"\r\n"
+    err = parse_all_ways(head, max_fields=100)
+    assert isinstance(err, errors.HeadTooLarge)
+    assert isinstance(parse_all_ways(head, max_fields=101), Request)
+
+
+def test_need_data_then_closed() -> None:
+    parser = RequestParser()
+    assert parser.next_event() is NEED_DATA
+    parser.receive_data(b"")
+    assert parser.next_event() is CLOSED
+
+
+def test_trailing_data_untouched_even_if_it_looks_like_a_request() -> None:
+    smuggled = b"CONNECT internal:22 HTTP/1.1\r\nHost: internal\r\n\r\n"
+    event, trailing = feed(
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n" + smuggled, bytewise=False
+    )
+    assert event.host == "a.example"
+    assert trailing == smuggled
+
+
+# --- property-based sweep --------------------------------------------------------------
+
+HEAD_PARTS = st.sampled_from(
+    [b"CONNECT", b"GET", b" ", b"  ", b"a.example", b":443", b":0", b"[::1]", b"HTTP/1.1",
+     b"HTTP/2.0", b"\r\n", b"\n", b"\r", b"Host: a", b"Host : a", b"X: \x00", b"\t", b":",
+     b"\xff", b"1.2.3.4", b"\r\n\r\n"]
+)  # fmt: skip
+HEADS = st.one_of(
+    st.binary(max_size=300),
+    st.lists(HEAD_PARTS, max_size=20).map(b"".join),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(HEADS)
+def test_any_input_gives_request_need_data_or_typed_error(data: bytes) -> None:
+    for bytewise in (False, True):
+        outcome = feed(data, bytewise=bytewise, close=False, max_head_bytes=256)
+        assert (
+            outcome is NEED_DATA
+            or isinstance(outcome, errors.ProxyError)
+            or (isinstance(outcome, tuple) and isinstance(outcome[0], Request))
+        ), outcome
+        if isinstance(outcome, errors.ProxyError):
+            assert 400 <= outcome.status < 600
+            assert outcome.status in (400, 431, 505)
+    # fed whole and fed byte by byte, a head meets the same fate
+    parse_all_ways(data, max_head_bytes=256)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host=st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,8}){1,3}", fullmatch=True),
+    port=st.integers(1, 65535),
+    fields=st.lists(
+        st.tuples(
+            st.from_regex(r"X-[A-Za-z0-9-]{1,10}", fullmatch=True),
+            st.from_regex(r"[ -~]{0,20}", fullmatch=True).map(str.strip),
+        ),
+        max_size=5,
+    ),
+)
+def test_generated_valid_requests_round_trip(host: str, port: int, fields) -> None:
+    head = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in fields) + "\r\n"
+    event = parse_all_ways(head.encode())
+    assert isinstance(event, Request)
+    assert (event.host, event.port) == (host, port)
+    assert len(event.fields) == 1 + len(fields)
