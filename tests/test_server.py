@@ -7,6 +7,7 @@ HTTP/1.0, and no descriptor left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from dnsserver import DnsServer
 from proxyproc import (
     WAIT,
     ProxyProcess,
+    connect_head,
     open_tunnel,
     origin,
     read_reply,
@@ -322,7 +324,7 @@ def test_403_port_not_allowed(strict_proxy: ProxyProcess) -> None:
      "0.0.0.0:443", "224.0.0.1:443", "255.255.255.255:443"],
 )  # fmt: skip
 def test_403_destination_classes(strict_proxy: ProxyProcess, target: str) -> None:
-    reply = request(strict_proxy.address, f"CONNECT {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    reply = request(strict_proxy.address, connect_head(target))
     assert_refused(reply, 403, "destination_ip_prohibited", body_has="--allow-dest")
 
 
@@ -330,7 +332,7 @@ def test_403_destination_classes(strict_proxy: ProxyProcess, target: str) -> Non
 def test_403_names_resolving_to_denied_addresses(dns: DnsServer, name: str) -> None:
     proc = ProxyProcess("--nameserver", f"{dns.host}:{dns.port}")
     try:
-        reply = request(proc.address, f"CONNECT {name}:443 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        reply = request(proc.address, connect_head(f"{name}:443"))
         assert_refused(reply, 403, "destination_ip_prohibited", body_has=name)
     finally:
         proc.stop()
@@ -338,7 +340,7 @@ def test_403_names_resolving_to_denied_addresses(dns: DnsServer, name: str) -> N
 
 def test_403_proxy_loop(proxy: ProxyProcess) -> None:
     host, port = proxy.address
-    reply = request(proxy.address, f"CONNECT {host}:{port} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    reply = request(proxy.address, connect_head(f"{host}:{port}"))
     assert_refused(reply, 403, "proxy_loop_detected")
     reply = request(
         proxy.address, f"CONNECT origin.test:{port} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
@@ -392,7 +394,7 @@ def test_502_dns_errors(proxy: ProxyProcess, dns: DnsServer) -> None:
     assert_refused(reply, 502, "dns_error", body_has="nx.test")
     assert reply.fields["proxy-status"].endswith('details="no such name: nx.test"')
     for name in ("fail.test", "empty.test"):
-        reply = request(proxy.address, f"CONNECT {name}:443 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        reply = request(proxy.address, connect_head(f"{name}:443"))
         assert_refused(reply, 502, "dns_error", body_has=name)
     assert dns.count("fail.test") >= 1
 
@@ -424,10 +426,8 @@ def test_504_connect_timeout_on_full_accept_queue(proxy: ProxyProcess) -> None:
         for _ in range(8):  # fill the accept queue; later SYNs are dropped
             filler = socket.socket()
             filler.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 filler.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
             fillers.append(filler)
         started = time.monotonic()
         reply = request(
@@ -453,7 +453,7 @@ def test_502_destination_unavailable() -> None:
         code = (
             "import socket,sys;s=socket.create_connection(('127.0.0.1',%d),5);"
             "s.sendall(b'CONNECT 127.0.0.77:443 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n');"
-            "sys.stdout.buffer.write(s.recv(4096))" % proc.address[1]
+            "sys.stdout.buffer.write(s.recv(4096))".replace("%d", str(proc.address[1]))
         )
         out = subprocess.run(
             ["nsenter", f"--net=/proc/{proc.pid}/ns/net", sys.executable, "-c", code],
