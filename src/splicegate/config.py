@@ -8,7 +8,6 @@ builds the same object with keywords: ``Config(listen=["127.0.0.1:0"], allow_por
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -234,9 +233,6 @@ class Config:
             except ValueError as exc:
                 raise ValueError(f"{f.name.replace('_', '-')}: {exc}") from None
             object.__setattr__(self, f.name, coerced)
-
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
 
     @property
     def relay_timeouts(self) -> RelayTimeouts:
