@@ -25,14 +25,20 @@ def extensions() -> list:
     except ImportError:
         if REQUIRE:
             raise
-        print("WARNING: Cython is missing; splicegate installs without its native engine",
-              file=sys.stderr)
+        print(
+            "WARNING: Cython is missing; splicegate installs without its native engine",
+            file=sys.stderr,
+        )
         return []
     from setuptools import Extension
 
     exts = [
-        Extension(f"splicegate._{src.stem}", [str(src.relative_to(HERE))],
-                  include_dirs=["csrc"], extra_compile_args=["-O2"])
+        Extension(
+            f"splicegate._{src.stem}",
+            [str(src.relative_to(HERE))],
+            include_dirs=["csrc"],
+            extra_compile_args=["-O2"],
+        )
         for src in sources
     ]
     return cythonize(exts, language_level=3, compiler_directives={"embedsignature": True})
@@ -44,20 +50,23 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure means "no engine"
+        except Exception as exc:
             self._give_up(exc)
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._give_up(exc)
 
     def _give_up(self, exc: Exception) -> None:
         if REQUIRE:
             raise exc
-        print(f"WARNING: the native relay engine was not built ({exc}); splicegate will "
-              "run its pure-Python engine", file=sys.stderr)
+        print(
+            f"WARNING: the native relay engine was not built ({exc}); splicegate will "
+            "run its pure-Python engine",
+            file=sys.stderr,
+        )
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -109,6 +109,7 @@ class DnsServer:
         self._stop = threading.Event()
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
         self._thread: threading.Thread | None = None
         self._tcp_threads: list[threading.Thread] = []
 
@@ -154,7 +155,11 @@ class DnsServer:
     # -- lifecycle
 
     def start(self) -> DnsServer:
+        """Bind and start serving; every fd the server uses exists when this returns."""
         self._bind()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._udp, selectors.EVENT_READ, "udp")
+        self._selector.register(self._tcp, selectors.EVENT_READ, "tcp")
         self._thread = threading.Thread(target=self._serve, name="test-dns-server", daemon=True)
         self._thread.start()
         return self
@@ -164,6 +169,8 @@ class DnsServer:
         threads = [t for t in (self._thread, *self._tcp_threads) if t is not None]
         for thread in threads:
             thread.join(_JOIN)
+        if self._selector is not None:
+            self._selector.close()
         for sock in (self._udp, self._tcp):
             if sock is not None:
                 sock.close()
@@ -205,16 +212,13 @@ class DnsServer:
     # -- serving
 
     def _serve(self) -> None:
-        assert self._udp is not None and self._tcp is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._udp, selectors.EVENT_READ, "udp")
-            selector.register(self._tcp, selectors.EVENT_READ, "tcp")
-            while not self._stop.is_set():
-                for key, _ in selector.select(timeout=_POLL):
-                    if key.data == "udp":
-                        self._serve_udp()
-                    else:
-                        self._accept_tcp()
+        assert self._selector is not None
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=_POLL):
+                if key.data == "udp":
+                    self._serve_udp()
+                else:
+                    self._accept_tcp()
 
     def _serve_udp(self) -> None:
         assert self._udp is not None

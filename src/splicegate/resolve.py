@@ -164,23 +164,30 @@ class SystemResolver:
     def resolve(self, host: str, deadline: float) -> list[IPAddress]:
         return self.lookup(host, deadline).addresses
 
+    def _getaddrinfo_caught(self, host: str) -> tuple[list[tuple[Any, ...]], Exception | None]:
+        """Runs in the worker thread. A failure is returned, not raised: gevent's threadpool
+        prints a traceback to stderr for every exception, and NXDOMAIN is no bug."""
+        try:
+            return self._getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM), None
+        except Exception as exc:
+            return [], exc
+
     def lookup(self, host: str, deadline: float) -> Resolution:
         """Addresses in getaddrinfo's order (it already applies RFC 6724), without TTL."""
         budget = deadline - time.monotonic()
         if budget <= 0:
             raise _timeout_error(host, max(budget, 0.0))
-        job = gevent.get_hub().threadpool.spawn(
-            self._getaddrinfo, host, None, socket.AF_UNSPEC, socket.SOCK_STREAM
-        )
+        job = gevent.get_hub().threadpool.spawn(self._getaddrinfo_caught, host)
         # wait() rather than get(timeout=): a gevent.Timeout raised by the caller around us
         # must propagate as itself, not be mistaken for our own deadline.
         job.wait(timeout=max(deadline - time.monotonic(), 0.0))
         if not job.ready():
             raise _timeout_error(host, budget)
-        if not job.successful():
-            raise _map_getaddrinfo_error(host, job.exception)
+        infos, failure = job.value
+        if failure is not None:
+            raise _map_getaddrinfo_error(host, failure)
         addresses: list[IPAddress] = []
-        for family, _type, _proto, _canon, sockaddr in job.value:
+        for family, _type, _proto, _canon, sockaddr in infos:
             if family in (socket.AF_INET, socket.AF_INET6):
                 addresses.append(ipaddress.ip_address(sockaddr[0]))
         if not addresses:

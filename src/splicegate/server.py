@@ -92,6 +92,8 @@ class ProxyServer:
             deny_dest=self.config.deny_dest,
         )
         self._servers: list[StreamServer] = []
+        #: where the proxy listens, with the real ports, once started
+        self.addresses: list[tuple[str, int]] = []
         self._pool = Pool()
         self._stopped = Event()
 
@@ -113,6 +115,7 @@ class ProxyServer:
                     ) from None
                 self._servers.append(server)
                 bound = server.socket.getsockname()
+                self.addresses.append(bound[:2])
                 self.policy.listeners.append(
                     Listener(ipaddress.ip_address(bound[0].split("%")[0]), bound[1])
                 )
@@ -125,11 +128,6 @@ class ProxyServer:
             self.engine.name,
             "splice" if self.engine.splices else "copying",
         )
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """Where the proxy listens, with the real ports."""
-        return [server.socket.getsockname()[:2] for server in self._servers]
 
     @property
     def address(self) -> tuple[str, int]:
