@@ -9,6 +9,7 @@ import pytest
 
 from proxyproc import WAIT, ProxyProcess
 from splicegate.config import Config, parse_address
+from splicegate.relay import native_engine_error
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -97,3 +98,12 @@ def test_parse_address() -> None:
     for bad in ("[::1", ":80", "host:99999", "host:x"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+@pytest.mark.skipif(native_engine_error() is None, reason="the native engine is built here")
+def test_engine_native_fails_clearly_when_missing() -> None:
+    for args in (["--engine", "native", "--version"], ["--engine", "native"]):
+        out = run_cli(*args)
+        assert out.returncode == 1
+        assert "the native relay engine cannot be loaded" in out.stderr
+        assert "Traceback" not in out.stderr

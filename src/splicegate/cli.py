@@ -106,14 +106,20 @@ def raise_open_file_limit() -> None:
         log.warning("open-file limit is %d: at most about %d tunnels", soft, soft // 2)
 
 
-def print_version(config: Config) -> None:
-    engine = create_engine(config.engine, config.relay_timeouts)
+def print_version(config: Config) -> int:
+    log.addHandler(logging.NullHandler())  # the reason is printed below, not warned about
+    try:
+        engine = create_engine(config.engine, config.relay_timeouts)
+    except RuntimeError as exc:
+        print(f"splicegate: error: {exc}", file=sys.stderr)
+        return 1
     mode = "splice(2), zero-copy" if engine.splices else "recv/send copying"
     print(f"splicegate {__version__}")
     print(f"engine: {engine.name} ({mode})")
     why = native_engine_error()
     if engine.name != "native" and why:
         print(f"native engine unavailable: {why}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,8 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
     if args.version:
-        print_version(config)
-        return 0
+        return print_version(config)
     listener = setup_logging(config.log_level_number)
     try:
         return run(config)
