@@ -618,8 +618,6 @@ def test_no_fd_leak_whichever_way_tunnels_end(make_rig: Any) -> None:
     assert Counter(t.record().reason for _, _, t in plan) == Counter(r for _, r, _ in plan)
     for _, _, t in plan:
         t.close()
-    rig.tunnels.clear()
-    idle_rig.tunnels.clear()
     assert count_fds() == before
 
 
@@ -682,6 +680,7 @@ def test_shutdown_returns_once_tunnels_finish(make_rig: Any) -> None:
     deadline = time.monotonic() + 30
     rig.engine.shutdown(deadline)
     assert time.monotonic() < deadline  # it did not wait for a deadline nobody needed
+    assert all(t.done.ready() for t in tunnels)
     gevent.joinall(workers, timeout=WAIT, raise_error=True)
     assert {t.record().reason for t in tunnels} == {"eof"}
     rig.engine.shutdown(time.monotonic() + 30)  # nothing left: returns at once

@@ -18,6 +18,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import logging
 import socket
 import struct
 import time
@@ -26,7 +27,9 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord, log
+from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord
+
+log = logging.getLogger("splicegate")
 
 CHUNK = 64 * 1024
 _READ = 1
@@ -35,6 +38,9 @@ _WRITE = 2
 # reset was already reported, and as ENOTCONN on shutdown() of a connection the reset tore down.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+# A send to a reset peer must fail with EPIPE, not kill the process, even when the
+# embedding application has restored the default SIGPIPE action.
+_SEND_FLAGS = socket.MSG_NOSIGNAL
 
 
 class _Direction:
@@ -100,7 +106,7 @@ class _Direction:
             return
         # Try the write at once: a destination that keeps up then costs no watcher changes.
         try:
-            sent = self.dst.send(data)
+            sent = self.dst.send(data, _SEND_FLAGS)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -116,7 +122,7 @@ class _Direction:
         buf = self.buf
         assert buf is not None  # the writer only runs while bytes are pending
         try:
-            sent = self.dst.send(buf)
+            sent = self.dst.send(buf, _SEND_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -314,7 +320,7 @@ class _Tunnel:
             reason=reason,
             errno=code,
         )
-        self.engine.finished(self, record)
+        self.engine._tunnel_finished(self, record)
 
 
 class PythonEngine:
@@ -393,7 +399,7 @@ class PythonEngine:
         for tunnel in list(self._tunnels):
             tunnel.expire("shutdown")
 
-    def finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
+    def _tunnel_finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
         self._tunnels.remove(tunnel)
         self._bytes_up += record.bytes_up
         self._bytes_down += record.bytes_down
