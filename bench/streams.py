@@ -75,7 +75,8 @@ def payload_file(size: int = DEFAULT_FILE_SIZE) -> BinaryIO:
     """
     f = _files.get(size)
     if f is None:
-        f = tempfile.TemporaryFile(prefix="splicegate-bench-")
+        # Kept open for the life of the process: it is the cache.
+        f = tempfile.TemporaryFile(prefix="splicegate-bench-")  # noqa: SIM115
         piece = os.urandom(1024 * 1024)
         written = 0
         while written < size:
