@@ -1,0 +1,967 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The native relay engine: tunnels' bytes move with splice(2), outside the GIL.
+
+Each engine owns a few native threads (pthreads, never gevent's patched ``threading``), each
+running its own epoll loop over many tunnels. A tunnel's two sockets are registered once,
+edge-triggered, for both directions; an event only sets readiness flags and pumps the
+tunnel. Per direction, bytes go socket -> pipe -> socket with splice(); the pipe comes from a
+capped per-thread pool only while bytes are in flight, so an idle tunnel holds no pipe and
+no buffer. Where no pipe is to be had (the pool is at its cap, the pipe quota is spent) or
+splice refuses the socket, the same direction copies through a 64 KiB buffer with
+recv/send instead, one chunk at a time, so nothing is lost or reordered.
+
+Nothing on the loop touches a Python object: every function there is ``noexcept nogil`` and
+reports failures as return codes. Finished tunnels are queued with their record and an
+eventfd wakes a gevent io watcher, which drains the queue in the hub and calls each
+``on_done``. Threads start lazily, in the process that first submits a tunnel (safe across
+fork), and are stopped and joined at shutdown and at interpreter exit.
+"""
+
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy
+
+from system cimport *
+
+import atexit
+import logging
+import os
+import time
+import weakref
+
+import gevent
+from gevent.event import Event
+
+from splicegate.relay import RelayTimeouts, TunnelRecord
+
+log = logging.getLogger("splicegate")
+
+cdef extern from "<errno.h>":
+    enum:
+        EAGAIN
+        EINTR
+        EINVAL
+        ENOSYS
+        ENOMEM
+        EPIPE
+        ECONNRESET
+        ENOTCONN
+        EBADF
+
+cdef extern from "<math.h>" nogil:
+    double INFINITY
+    double ceil(double x)
+
+include "constants.pxi"
+
+REASONS = ("eof", "reset", "idle", "half_closed_timeout", "lifetime", "shutdown", "error")
+CLOSERS = ("client", "origin", "proxy")
+MAX_THREADS = 4
+
+
+cdef struct Pipe:
+    int rfd
+    int wfd
+    size_t size
+    Pipe* next
+
+
+cdef struct Dir:
+    Pipe* pipe          # held only while bytes are in it
+    size_t in_pipe
+    char* buf           # the copy path (and early_up): one chunk at a time
+    size_t buf_len
+    size_t buf_off
+    bint eof            # the source sent FIN
+    bint shut           # FIN passed on to the destination
+    bint nosplice       # splice refused this source: copy from now on
+    int64_t delivered
+
+
+cdef struct Tunnel:
+    int fd[2]           # CLIENT, ORIGIN
+    bint readable[2]
+    bint writable[2]
+    Dir dir[2]          # UP (client -> origin), DOWN
+    uint64_t id
+    double started
+    double last_activity
+    double first_eof    # 0 until one side sends FIN
+    double ended
+    double timer_at     # the heap key: no deadline can come before it
+    Py_ssize_t heap_index
+    int first_closer    # -1 until known
+    int reason
+    int err
+    bint done
+    bint queued         # on the worker's ready list
+    Tunnel* next        # inbox, graveyard and completion lists
+    Tunnel* ready_next
+
+
+cdef struct Core:
+    double idle
+    double half_closed
+    double lifetime
+    size_t pipe_size
+    int64_t max_pipes
+    int64_t pipes_total     # pipes that exist: in use or pooled
+    int64_t pipes_in_use
+    int64_t active
+    int64_t bytes_up
+    int64_t bytes_down
+    pthread_mutex_t done_lock
+    Tunnel* done_head
+    int done_fd
+
+
+cdef struct Worker:
+    Core* core
+    int epfd
+    int wake_fd
+    pthread_t thread
+    bint running
+    pthread_mutex_t lock    # guards inbox and command
+    Tunnel* inbox
+    int command
+    Tunnel** heap           # every tunnel of this worker, by timer_at
+    Py_ssize_t heap_len
+    Py_ssize_t heap_cap
+    Pipe* free_pipes
+    Tunnel* ready           # tunnels that used their budget and have more to move
+    Tunnel* graveyard       # finished in this batch, handed to the hub after it
+
+
+# --- pipes ------------------------------------------------------------------------------
+
+cdef Pipe* get_pipe(Worker* w) noexcept nogil:
+    """A pipe from this thread's pool, or a new one below the cap; NULL means copy."""
+    cdef Pipe* p = w.free_pipes
+    cdef int fds[2]
+    cdef int size
+    if p != NULL:
+        w.free_pipes = p.next
+        sg_add(&w.core.pipes_in_use, 1)
+        return p
+    if sg_load(&w.core.pipes_total) >= w.core.max_pipes:
+        return NULL
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return NULL
+    # Past the per-user pipe quota this fails with EPERM and the pipe keeps a small size:
+    # use what we got rather than nothing.
+    fcntl(fds[1], F_SETPIPE_SZ, <int>w.core.pipe_size)
+    size = fcntl(fds[1], F_GETPIPE_SZ)
+    p = <Pipe*>malloc(sizeof(Pipe))
+    if size <= 0 or p == NULL:
+        close(fds[0])
+        close(fds[1])
+        free(p)
+        return NULL
+    p.rfd = fds[0]
+    p.wfd = fds[1]
+    p.size = size
+    p.next = NULL
+    sg_add(&w.core.pipes_total, 1)
+    sg_add(&w.core.pipes_in_use, 1)
+    return p
+
+
+cdef void destroy_pipe(Worker* w, Pipe* p) noexcept nogil:
+    close(p.rfd)
+    close(p.wfd)
+    free(p)
+    sg_add(&w.core.pipes_total, -1)
+
+
+cdef void put_pipe(Worker* w, Pipe* p, bint holds_data) noexcept nogil:
+    """Back to the pool when empty; a pipe still holding bytes can only be destroyed."""
+    sg_add(&w.core.pipes_in_use, -1)
+    if holds_data:
+        destroy_pipe(w, p)
+    else:
+        p.next = w.free_pipes
+        w.free_pipes = p
+
+
+# --- moving bytes ---------------------------------------------------------------------------
+
+cdef inline bint pending(Dir* d) noexcept nogil:
+    return d.in_pipe > 0 or d.buf_off < d.buf_len
+
+
+cdef ssize_t fill(Worker* w, Dir* d, int src, int* err) noexcept nogil:
+    """Read from the source into the pipe, or into a copy buffer where there is no pipe."""
+    cdef ssize_t n
+    cdef int e
+    if d.buf != NULL:
+        return NO_ROOM  # a copied chunk is still on its way
+    if d.pipe == NULL and not d.nosplice:
+        d.pipe = get_pipe(w)
+    if d.pipe != NULL:
+        if d.in_pipe >= d.pipe.size:
+            return NO_ROOM
+        while True:
+            n = splice(src, NULL, d.pipe.wfd, NULL, d.pipe.size - d.in_pipe,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                d.in_pipe += n
+                return n
+            if n == 0:
+                return AT_EOF
+            e = sg_errno()
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                # Ambiguous: with bytes in the pipe it may be the pipe that is full (its
+                # slots hold partial pages), so only an empty pipe proves the socket drained.
+                return NO_ROOM if d.in_pipe > 0 else WOULD_BLOCK
+            if e == EINVAL or e == ENOSYS:
+                d.nosplice = True
+                if d.in_pipe > 0:
+                    return NO_ROOM  # flush what the pipe holds before copying
+                put_pipe(w, d.pipe, False)
+                d.pipe = NULL
+                break
+            err[0] = e
+            return FAILED
+    if d.pipe != NULL:
+        return NO_ROOM
+    d.buf = <char*>malloc(COPY_SIZE)
+    if d.buf == NULL:
+        err[0] = ENOMEM
+        return FAILED
+    while True:
+        n = recv(src, d.buf, COPY_SIZE, 0)
+        if n > 0:
+            d.buf_len = n
+            d.buf_off = 0
+            return n
+        e = sg_errno()
+        if n < 0 and e == EINTR:
+            continue
+        break
+    free(d.buf)
+    d.buf = NULL
+    if n == 0:
+        return AT_EOF
+    if e == EAGAIN:
+        return WOULD_BLOCK
+    err[0] = e
+    return FAILED
+
+
+cdef ssize_t flush(Worker* w, Dir* d, int dst, int* err) noexcept nogil:
+    """Write what the pipe or the copy buffer holds; give the pipe back once it is empty."""
+    cdef ssize_t n
+    cdef int e
+    while True:
+        if d.in_pipe > 0:
+            n = splice(d.pipe.rfd, NULL, dst, NULL, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                d.in_pipe -= n
+                if d.in_pipe == 0:
+                    put_pipe(w, d.pipe, False)
+                    d.pipe = NULL
+                return n
+        elif d.buf != NULL:
+            n = send(dst, d.buf + d.buf_off, d.buf_len - d.buf_off, MSG_NOSIGNAL)
+            if n > 0:
+                d.buf_off += n
+                if d.buf_off == d.buf_len:
+                    free(d.buf)
+                    d.buf = NULL
+                    d.buf_len = d.buf_off = 0
+                return n
+        else:
+            return WOULD_BLOCK
+        e = sg_errno()
+        if n < 0 and e == EINTR:
+            continue
+        if n < 0 and e == EAGAIN:
+            return WOULD_BLOCK
+        err[0] = e if n < 0 else EPIPE
+        return FAILED
+
+
+# --- tunnel lifecycle -----------------------------------------------------------------------
+
+cdef double next_deadline(Core* c, Tunnel* t, int* reason) noexcept nogil:
+    cdef double best = INFINITY
+    cdef double at
+    if c.idle > 0:
+        best = t.last_activity + c.idle
+        reason[0] = R_IDLE
+    if c.half_closed > 0 and t.first_eof > 0:
+        at = t.first_eof + c.half_closed
+        if at < best:
+            best = at
+            reason[0] = R_HALF_CLOSED
+    if c.lifetime > 0:
+        at = t.started + c.lifetime
+        if at < best:
+            best = at
+            reason[0] = R_LIFETIME
+    return best
+
+
+cdef void heap_swap(Worker* w, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    cdef Tunnel* a = w.heap[i]
+    w.heap[i] = w.heap[j]
+    w.heap[j] = a
+    w.heap[i].heap_index = i
+    w.heap[j].heap_index = j
+
+
+cdef void heap_up(Worker* w, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t parent
+    while i > 0:
+        parent = (i - 1) // 2
+        if w.heap[parent].timer_at <= w.heap[i].timer_at:
+            return
+        heap_swap(w, i, parent)
+        i = parent
+
+
+cdef void heap_down(Worker* w, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * i + 1
+        if child >= w.heap_len:
+            return
+        if child + 1 < w.heap_len and w.heap[child + 1].timer_at < w.heap[child].timer_at:
+            child += 1
+        if w.heap[i].timer_at <= w.heap[child].timer_at:
+            return
+        heap_swap(w, i, child)
+        i = child
+
+
+cdef int heap_push(Worker* w, Tunnel* t) noexcept nogil:
+    cdef Tunnel** grown
+    if w.heap_len == w.heap_cap:
+        grown = <Tunnel**>realloc(w.heap, (w.heap_cap * 2 + 64) * sizeof(Tunnel*))
+        if grown == NULL:
+            return -1
+        w.heap = grown
+        w.heap_cap = w.heap_cap * 2 + 64
+    t.heap_index = w.heap_len
+    w.heap[w.heap_len] = t
+    w.heap_len += 1
+    heap_up(w, t.heap_index)
+    return 0
+
+
+cdef void heap_remove(Worker* w, Tunnel* t) noexcept nogil:
+    cdef Py_ssize_t i = t.heap_index
+    if i < 0:
+        return
+    w.heap_len -= 1
+    if i != w.heap_len:
+        heap_swap(w, i, w.heap_len)
+        heap_up(w, i)
+        heap_down(w, w.heap[i].heap_index)
+    t.heap_index = -1
+
+
+cdef void unqueue(Worker* w, Tunnel* t) noexcept nogil:
+    cdef Tunnel** link = &w.ready
+    while link[0] != NULL:
+        if link[0] == t:
+            link[0] = t.ready_next
+            break
+        link = &link[0].ready_next
+    t.queued = False
+
+
+cdef void finish(Worker* w, Tunnel* t, int reason, int closer, int err, bint abort_client,
+                 bint abort_origin, double now) noexcept nogil:
+    """Close both sockets exactly once and queue the record for the hub."""
+    cdef linger abort
+    cdef int side
+    cdef Dir* d
+    abort.l_onoff = 1
+    abort.l_linger = 0
+    for side in range(2):
+        # Out of epoll before close: a later fd with the same number must never inherit it.
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[side], NULL)
+        if (side == CLIENT and abort_client) or (side == ORIGIN and abort_origin):
+            setsockopt(t.fd[side], SOL_SOCKET, SO_LINGER, &abort, sizeof(abort))
+        close(t.fd[side])
+        t.fd[side] = -1
+        d = &t.dir[side]
+        if d.pipe != NULL:
+            put_pipe(w, d.pipe, d.in_pipe > 0)
+            d.pipe = NULL
+            d.in_pipe = 0
+        free(d.buf)
+        d.buf = NULL
+    heap_remove(w, t)
+    if t.queued:
+        unqueue(w, t)
+    t.done = True
+    t.reason = reason
+    t.first_closer = closer
+    t.err = err
+    t.ended = now
+    sg_add(&w.core.active, -1)
+    t.next = w.graveyard
+    w.graveyard = t
+
+
+cdef void fail(Worker* w, Tunnel* t, int side, int err, double now) noexcept nogil:
+    """A socket error from ``side``: a reset is passed on as a reset, anything else aborts
+    both sides, since the stream is broken either way."""
+    if err == ECONNRESET or err == EPIPE or err == ENOTCONN:
+        finish(w, t, R_RESET, t.first_closer if t.first_closer >= 0 else side, err,
+               side == ORIGIN, side == CLIENT, now)
+    else:
+        finish(w, t, R_ERROR, PROXY, err, True, True, now)
+
+
+cdef void expire(Worker* w, Tunnel* t, int reason, double now) noexcept nogil:
+    """The proxy ends the tunnel: a clean FIN to each side, except a side still owed bytes
+    the proxy holds, which gets an abort so that a cut stream never looks complete."""
+    finish(w, t, reason, PROXY, 0, pending(&t.dir[DOWN]), pending(&t.dir[UP]), now)
+
+
+cdef void saw_eof(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
+    if t.first_closer < 0:
+        t.first_closer = side
+    if t.first_eof == 0:
+        t.first_eof = now
+        if w.core.half_closed > 0 and now + w.core.half_closed < t.timer_at:
+            t.timer_at = now + w.core.half_closed
+            heap_up(w, t.heap_index)
+
+
+cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
+    """Move bytes one way until both ends would block or the budget is spent.
+    Returns 1 when the tunnel ended."""
+    cdef Dir* d = &t.dir[which]
+    cdef int src = which              # UP reads the client, DOWN the origin
+    cdef int dst = 1 - which
+    cdef int err = 0
+    cdef ssize_t n
+    cdef ssize_t budget = PUMP_BUDGET
+    cdef bint progress
+    while True:
+        progress = False
+        if t.writable[dst] and pending(d):
+            n = flush(w, d, t.fd[dst], &err)
+            if n > 0:
+                progress = True
+                d.delivered += n
+                sg_add(&w.core.bytes_up if which == UP else &w.core.bytes_down, n)
+                budget -= n
+                t.last_activity = now
+            elif n == WOULD_BLOCK:
+                t.writable[dst] = False
+            else:
+                fail(w, t, dst, err, now)
+                return 1
+        if t.readable[src] and not d.eof:
+            n = fill(w, d, t.fd[src], &err)
+            if n > 0:
+                progress = True
+                t.last_activity = now
+            elif n == WOULD_BLOCK:
+                t.readable[src] = False
+            elif n == AT_EOF:
+                d.eof = True
+                saw_eof(w, t, src, now)
+            elif n == FAILED:
+                fail(w, t, src, err, now)
+                return 1
+        if not progress:
+            break
+        if budget <= 0:
+            if not t.queued:
+                t.queued = True
+                t.ready_next = w.ready
+                w.ready = t
+            break
+    if d.eof and not d.shut and not pending(d):
+        if d.pipe != NULL:
+            put_pipe(w, d.pipe, False)
+            d.pipe = NULL
+        if shutdown(t.fd[dst], SHUT_WR) < 0:
+            fail(w, t, dst, sg_errno(), now)
+            return 1
+        d.shut = True
+        if t.dir[1 - which].shut:
+            finish(w, t, R_EOF, t.first_closer, 0, False, False, now)
+            return 1
+    return 0
+
+
+cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:
+    if pump_dir(w, t, UP, now) == 0:
+        pump_dir(w, t, DOWN, now)
+
+
+# --- the worker thread ------------------------------------------------------------------
+
+cdef void adopt(Worker* w, Tunnel* t, double now) noexcept nogil:
+    """Register a new tunnel; edge-triggered ADD reports what is already ready."""
+    cdef epoll_event ev
+    cdef int side
+    cdef int reason = 0
+    t.timer_at = next_deadline(w.core, t, &reason)
+    if heap_push(w, t) < 0:
+        finish(w, t, R_ERROR, PROXY, ENOMEM, True, True, now)
+        return
+    for side in range(2):
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>side
+        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[side], &ev) < 0:
+            finish(w, t, R_ERROR, PROXY, sg_errno(), True, True, now)
+            return
+
+
+cdef int take_inbox(Worker* w, double now) noexcept nogil:
+    cdef uint64_t count
+    cdef Tunnel* t
+    cdef Tunnel* nxt
+    cdef int command
+    read(w.wake_fd, &count, sizeof(count))
+    pthread_mutex_lock(&w.lock)
+    t = w.inbox
+    w.inbox = NULL
+    command = w.command
+    pthread_mutex_unlock(&w.lock)
+    while t != NULL:
+        nxt = t.next
+        t.next = NULL
+        adopt(w, t, now)
+        t = nxt
+    return command
+
+
+cdef void close_all(Worker* w, int reason, double now) noexcept nogil:
+    while w.heap_len > 0:
+        expire(w, w.heap[0], reason, now)
+
+
+cdef void run_ready(Worker* w, double now) noexcept nogil:
+    cdef Tunnel* t = w.ready
+    cdef Tunnel* nxt
+    w.ready = NULL
+    while t != NULL:
+        nxt = t.ready_next
+        t.queued = False
+        if not t.done:
+            pump(w, t, now)
+        t = nxt
+
+
+cdef void run_timers(Worker* w, double now) noexcept nogil:
+    """Deadlines are checked lazily: traffic only stamps last_activity, and a timer that
+    fires early is pushed to the tunnel's real deadline. Idle tunnels cost nothing."""
+    cdef Tunnel* t
+    cdef int reason = 0
+    cdef double at
+    while w.heap_len > 0 and w.heap[0].timer_at <= now:
+        t = w.heap[0]
+        at = next_deadline(w.core, t, &reason)
+        if at <= now:
+            expire(w, t, reason, now)
+        else:
+            t.timer_at = at
+            heap_down(w, 0)
+
+
+cdef void hand_over(Worker* w) noexcept nogil:
+    """Give this batch's finished tunnels to the hub and wake its watcher."""
+    cdef Tunnel* t = w.graveyard
+    cdef Tunnel* nxt
+    cdef uint64_t one = 1
+    if t == NULL:
+        return
+    w.graveyard = NULL
+    pthread_mutex_lock(&w.core.done_lock)
+    while t != NULL:
+        nxt = t.next
+        t.next = w.core.done_head
+        w.core.done_head = t
+        t = nxt
+    pthread_mutex_unlock(&w.core.done_lock)
+    write(w.core.done_fd, &one, sizeof(one))
+
+
+cdef int wait_timeout(Worker* w, double now) noexcept nogil:
+    cdef double wait
+    if w.ready != NULL:
+        return 0
+    if w.heap_len == 0 or w.heap[0].timer_at == INFINITY:
+        return -1
+    wait = (w.heap[0].timer_at - now) * 1000.0
+    if wait <= 0:
+        return 0
+    return <int>ceil(wait) if wait < 3600000.0 else 3600000
+
+
+cdef void* worker_main(void* arg) noexcept nogil:
+    cdef Worker* w = <Worker*>arg
+    cdef epoll_event events[BATCH]
+    cdef int n, i, side, command
+    cdef uint32_t mask
+    cdef uint64_t data
+    cdef Tunnel* t
+    cdef double now = sg_monotonic()
+    cdef bint exiting = False
+    while not exiting:
+        n = epoll_wait(w.epfd, events, BATCH, wait_timeout(w, now))
+        now = sg_monotonic()
+        if n < 0:
+            if sg_errno() == EINTR:
+                continue
+            close_all(w, R_ERROR, now)  # the epoll fd itself failed: nothing can move
+            hand_over(w)
+            break
+        for i in range(n):
+            data = events[i].data.u64
+            if data == 0:
+                command = take_inbox(w, now)
+                if command == CMD_CLOSE_ALL:
+                    close_all(w, R_SHUTDOWN, now)
+                elif command == CMD_EXIT:
+                    exiting = True
+                continue
+            t = <Tunnel*><uintptr_t>(data & ~(<uint64_t>1))
+            if t.done:
+                continue  # ended earlier in this batch
+            side = <int>(data & 1)
+            mask = events[i].events
+            if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                t.readable[side] = True
+            if mask & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+                t.writable[side] = True
+            pump(w, t, now)
+        run_ready(w, now)
+        run_timers(w, now)
+        hand_over(w)
+    return NULL
+
+
+# --- the engine, in the hub ---------------------------------------------------------------
+
+_engines = weakref.WeakSet()
+
+
+def _default_threads():
+    return max(1, min(MAX_THREADS, (os.cpu_count() or 2) - 1))
+
+
+def _default_max_pipes(pipe_size):
+    """Pipes fit in the per-user pipe quota (fs.pipe-user-pages-soft, in pages); past it
+    the kernel hands out tiny pipes, so the pool stays within it."""
+    try:
+        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+            pages = int(f.read())
+    except (OSError, ValueError):
+        pages = 16384
+    if pages <= 0:
+        return 4096
+    return max(1, pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096))
+
+
+cdef class NativeEngine:
+    """The native engine; see :class:`splicegate.relay.Engine` for the contract."""
+
+    cdef Core core
+    cdef Worker* workers
+    cdef int nworkers
+    cdef int next_worker
+    cdef bint threads_started
+    cdef bint closing
+    cdef bint closed
+    cdef uint64_t next_id
+    cdef int64_t tunnels_total
+    cdef object callbacks
+    cdef object watcher
+    cdef object drained
+    cdef object __weakref__
+
+    name = "native"
+    splices = True
+
+    def __cinit__(self):
+        self.core.done_fd = -1
+        pthread_mutex_init(&self.core.done_lock, NULL)
+
+    def __init__(self, timeouts=None, threads=None, pipe_size=None, max_pipes=None):
+        cdef int i
+        timeouts = timeouts or RelayTimeouts()
+        pipe_size = int(pipe_size or DEFAULT_PIPE_SIZE)
+        if not 4096 <= pipe_size <= 64 * 1024 * 1024:
+            raise ValueError("pipe_size must be from 4096 to 67108864 bytes")
+        threads = int(threads or _default_threads())
+        if not 1 <= threads <= 64:
+            raise ValueError("threads must be from 1 to 64")
+        self.core.idle = timeouts.idle
+        self.core.half_closed = timeouts.half_closed
+        self.core.lifetime = timeouts.lifetime
+        self.core.pipe_size = pipe_size
+        self.core.max_pipes = int(max_pipes) if max_pipes else _default_max_pipes(pipe_size)
+        self.callbacks = {}
+        self.workers = <Worker*>calloc(threads, sizeof(Worker))
+        if self.workers == NULL:
+            raise MemoryError()
+        self.nworkers = threads
+        for i in range(threads):
+            self.workers[i].core = &self.core
+            self.workers[i].epfd = -1
+            self.workers[i].wake_fd = -1
+            pthread_mutex_init(&self.workers[i].lock, NULL)
+        self._open_done_channel()
+        _engines.add(self)
+
+    def __dealloc__(self):
+        if self.workers != NULL and not self.threads_started:
+            free(self.workers)
+            self.workers = NULL
+
+    cdef _open_done_channel(self):
+        self.core.done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.core.done_fd < 0:
+            raise OSError(sg_errno(), "eventfd failed")
+        self.watcher = gevent.get_hub().loop.io(self.core.done_fd, 1)
+        self.watcher.ref = False  # an idle engine must not keep the hub alive
+        self.watcher.start(self._on_done_ready)
+
+    cdef _start_threads(self):
+        cdef int i
+        cdef Worker* w
+        cdef epoll_event ev
+        cdef sigset_t all_signals, old
+        for i in range(self.nworkers):
+            w = &self.workers[i]
+            w.epfd = epoll_create1(EPOLL_CLOEXEC)
+            w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if w.epfd < 0 or w.wake_fd < 0:
+                raise OSError(sg_errno(), "cannot create the engine's epoll or eventfd")
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wake_fd, &ev) < 0:
+                raise OSError(sg_errno(), "epoll_ctl failed")
+        # Engine threads take no signals: splice has no MSG_NOSIGNAL, so a write into a reset
+        # socket raises SIGPIPE, which must not kill an application that restored SIG_DFL.
+        sigfillset(&all_signals)
+        pthread_sigmask(SIG_SETMASK, &all_signals, &old)
+        try:
+            for i in range(self.nworkers):
+                if pthread_create(&self.workers[i].thread, NULL, worker_main,
+                                  &self.workers[i]) != 0:
+                    raise OSError(EAGAIN, "cannot start a relay thread")
+                self.workers[i].running = True
+                self.threads_started = True
+        finally:
+            pthread_sigmask(SIG_SETMASK, &old, NULL)
+
+    def submit(self, int client_fd, int origin_fd, bytes early_up, on_done):
+        cdef Tunnel* t
+        cdef Worker* w
+        cdef uint64_t one = 1
+        cdef int side, flags
+        cdef int fds[2]
+        if self.closing:
+            raise RuntimeError("the relay engine is shutting down")
+        if not self.threads_started:
+            self._start_threads()
+        fds[0] = client_fd
+        fds[1] = origin_fd
+        for side in range(2):
+            flags = fcntl(fds[side], F_GETFL)
+            if flags < 0 or fcntl(fds[side], F_SETFL, flags | O_NONBLOCK) < 0:
+                raise OSError(sg_errno(), "not a usable socket")
+        t = <Tunnel*>calloc(1, sizeof(Tunnel))
+        if t == NULL:
+            raise MemoryError()
+        if early_up:
+            t.dir[UP].buf = <char*>malloc(len(early_up))
+            if t.dir[UP].buf == NULL:
+                free(t)
+                raise MemoryError()
+            memcpy(t.dir[UP].buf, <char*>early_up, len(early_up))
+            t.dir[UP].buf_len = len(early_up)
+        self.next_id += 1
+        t.id = self.next_id
+        t.fd[CLIENT] = client_fd
+        t.fd[ORIGIN] = origin_fd
+        t.first_closer = -1
+        t.heap_index = -1
+        t.started = t.last_activity = sg_monotonic()
+        self.callbacks[t.id] = on_done
+        self.tunnels_total += 1
+        sg_add(&self.core.active, 1)
+        w = &self.workers[self.next_worker]
+        self.next_worker = (self.next_worker + 1) % self.nworkers
+        pthread_mutex_lock(&w.lock)
+        t.next = w.inbox
+        w.inbox = t
+        pthread_mutex_unlock(&w.lock)
+        write(w.wake_fd, &one, sizeof(one))
+
+    def _on_done_ready(self):
+        """In the hub: drain every finished tunnel at once and report each."""
+        cdef uint64_t count
+        cdef Tunnel* head
+        cdef Tunnel* t
+        read(self.core.done_fd, &count, sizeof(count))
+        pthread_mutex_lock(&self.core.done_lock)
+        head = self.core.done_head
+        self.core.done_head = NULL
+        pthread_mutex_unlock(&self.core.done_lock)
+        while head != NULL:
+            t = head
+            head = t.next
+            record = TunnelRecord(
+                bytes_up=t.dir[UP].delivered,
+                bytes_down=t.dir[DOWN].delivered,
+                duration_s=max(0.0, t.ended - t.started),
+                first_closer=CLOSERS[t.first_closer],
+                reason=REASONS[t.reason],
+                errno=t.err,
+            )
+            on_done = self.callbacks.pop(t.id, None)
+            free(t)
+            if on_done is None:
+                continue
+            try:
+                on_done(record)
+            except Exception:
+                log.exception("on_done of a finished tunnel failed")
+        if self.drained is not None and sg_load(&self.core.active) == 0:
+            self.drained.set()
+
+    def stats(self):
+        return {
+            "active": sg_load(&self.core.active),
+            "pipes_in_use": sg_load(&self.core.pipes_in_use),
+            "bytes_up": sg_load(&self.core.bytes_up),
+            "bytes_down": sg_load(&self.core.bytes_down),
+            "tunnels_total": self.tunnels_total,
+            "threads": self.nworkers if self.threads_started else 0,
+        }
+
+    cdef _command(self, int command):
+        cdef int i
+        cdef uint64_t one = 1
+        for i in range(self.nworkers):
+            pthread_mutex_lock(&self.workers[i].lock)
+            self.workers[i].command = command
+            pthread_mutex_unlock(&self.workers[i].lock)
+            write(self.workers[i].wake_fd, &one, sizeof(one))
+
+    cdef _join_threads(self):
+        cdef int i
+        self._command(CMD_EXIT)
+        for i in range(self.nworkers):
+            if self.workers[i].running:
+                with nogil:
+                    pthread_join(self.workers[i].thread, NULL)
+                self.workers[i].running = False
+
+    def shutdown(self, double deadline):
+        """Stop taking tunnels; active ones get until ``deadline`` (time.monotonic())."""
+        self.closing = True
+        if self.closed:
+            return
+        if self.threads_started:
+            self.drained = Event()
+            if sg_load(&self.core.active) > 0:
+                self.drained.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if sg_load(&self.core.active) > 0:
+                self._command(CMD_CLOSE_ALL)
+                self.drained.wait(timeout=10)
+            self._join_threads()
+            self._on_done_ready()
+            self._release_worker_resources()
+        self.closed = True
+        self.watcher.stop()
+        self.watcher.close()
+        close(self.core.done_fd)
+        self.core.done_fd = -1
+
+    cdef _release_worker_resources(self):
+        cdef int i
+        cdef Worker* w
+        cdef Pipe* p
+        for i in range(self.nworkers):
+            w = &self.workers[i]
+            while w.free_pipes != NULL:
+                p = w.free_pipes
+                w.free_pipes = p.next
+                destroy_pipe(w, p)
+            close(w.epfd)
+            close(w.wake_fd)
+            w.epfd = w.wake_fd = -1
+            free(w.heap)
+            w.heap = NULL
+            w.heap_len = w.heap_cap = 0
+
+    def _stop_at_exit(self):
+        """Threads must be joined before the interpreter finalizes."""
+        if self.threads_started and not self.closed:
+            self._join_threads()
+
+    def _forget_after_fork(self):
+        """In a forked child: the threads did not survive the fork, and every fd the parent's
+        tunnels hold must be closed here, or the parent's closes would never reach peers."""
+        cdef int i
+        cdef Worker* w
+        cdef Tunnel* t
+        cdef Pipe* p
+        pthread_mutex_init(&self.core.done_lock, NULL)
+        for i in range(self.nworkers):
+            w = &self.workers[i]
+            pthread_mutex_init(&w.lock, NULL)
+            w.running = False
+            while w.heap_len > 0:
+                t = w.heap[w.heap_len - 1]
+                w.heap_len -= 1
+                close(t.fd[0])
+                close(t.fd[1])
+                for side in range(2):
+                    if t.dir[side].pipe != NULL:
+                        close(t.dir[side].pipe.rfd)
+                        close(t.dir[side].pipe.wfd)
+            t = w.inbox
+            while t != NULL:
+                close(t.fd[0])
+                close(t.fd[1])
+                t = t.next
+            w.inbox = NULL
+            while w.free_pipes != NULL:
+                p = w.free_pipes
+                w.free_pipes = p.next
+                close(p.rfd)
+                close(p.wfd)
+            if w.epfd >= 0:
+                close(w.epfd)
+            if w.wake_fd >= 0:
+                close(w.wake_fd)
+            w.epfd = w.wake_fd = -1
+            w.heap_len = 0
+        self.threads_started = False
+        self.core.active = self.core.pipes_total = self.core.pipes_in_use = 0
+        self.core.done_head = NULL
+        self.callbacks.clear()
+        if not self.closed:
+            self.watcher.stop()
+            close(self.core.done_fd)
+            self._open_done_channel()
+
+
+def _stop_all_at_exit():
+    for engine in list(_engines):
+        engine._stop_at_exit()
+
+
+def _forget_all_after_fork():
+    for engine in list(_engines):
+        engine._forget_after_fork()
+
+
+atexit.register(_stop_all_at_exit)
+os.register_at_fork(after_in_child=_forget_all_after_fork)

@@ -1,0 +1,29 @@
+/* Small helpers the engine's nogil code needs and Cython cannot spell directly. */
+#ifndef SG_SYS_H
+#define SG_SYS_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <time.h>
+
+/* Seconds on the monotonic clock: the same clock as Python's time.monotonic(). */
+static inline double sg_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Statistics counters: written by engine threads, read by stats() in the hub. Relaxed
+   ordering is enough, nothing is synchronised through them. */
+static inline void sg_add(int64_t *counter, int64_t n) {
+    __atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
+}
+
+static inline int64_t sg_load(int64_t *counter) {
+    return __atomic_load_n(counter, __ATOMIC_RELAXED);
+}
+
+/* errno as a function, so Cython code reads it right after the failing call. */
+static inline int sg_errno(void) { return errno; }
+
+#endif
