@@ -77,11 +77,20 @@ def native_engine_error() -> str | None:
     return None
 
 
-def create_engine(kind: str, timeouts: RelayTimeouts, threads: int | None = None) -> Engine:
+def create_engine(
+    kind: str,
+    timeouts: RelayTimeouts,
+    *,
+    threads: int | None = None,
+    pipe_size: int | None = None,
+    max_pipes: int | None = None,
+) -> Engine:
     """The engine ``kind`` asks for: native where it imports (auto), or the one named.
 
     ``--engine native`` fails clearly when the extension cannot load; ``auto`` falls back to
-    the pure-Python engine and logs why, so a missing compiler never goes unnoticed.
+    the pure-Python engine and logs why, so a missing compiler never goes unnoticed. The
+    keyword arguments tune the native engine (None: its defaults); the pure-Python engine
+    has no threads or pipes.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
@@ -90,7 +99,7 @@ def create_engine(kind: str, timeouts: RelayTimeouts, threads: int | None = None
         if why is None:
             from splicegate._engine import NativeEngine  # type: ignore[import-not-found]
 
-            return NativeEngine(timeouts, threads)
+            return NativeEngine(timeouts, threads, pipe_size, max_pipes)
         if kind == "native":
             raise RuntimeError(f"the native relay engine cannot be loaded: {why}")
         log.warning("native relay engine unavailable (%s); running the pure-Python engine", why)
