@@ -646,6 +646,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
 # --- the engine, in the hub ---------------------------------------------------------------
 
 _engines = weakref.WeakSet()
+# Engines whose threads run hold a strong reference here: the threads use memory the engine
+# object owns, so it must not be collected before they are joined.
+_running = set()
 
 
 def _default_threads():
@@ -755,6 +758,7 @@ cdef class NativeEngine:
                     raise OSError(EAGAIN, "cannot start a relay thread")
                 self.workers[i].running = True
                 self.threads_started = True
+                _running.add(self)
         finally:
             pthread_sigmask(SIG_SETMASK, &old, NULL)
 
@@ -861,6 +865,7 @@ cdef class NativeEngine:
                 with nogil:
                     pthread_join(self.workers[i].thread, NULL)
                 self.workers[i].running = False
+        _running.discard(self)
 
     def shutdown(self, double deadline):
         """Stop taking tunnels; active ones get until ``deadline`` (time.monotonic())."""
@@ -944,6 +949,7 @@ cdef class NativeEngine:
             w.epfd = w.wake_fd = -1
             w.heap_len = 0
         self.threads_started = False
+        _running.discard(self)
         self.core.active = self.core.pipes_total = self.core.pipes_in_use = 0
         self.core.done_head = NULL
         self.callbacks.clear()
