@@ -222,16 +222,50 @@ def test_no_answer_times_out_at_the_deadline(dns_server: DnsServer) -> None:
     assert caught.value.proxy_status_error == "dns_timeout"
 
 
-def test_one_family_pending_at_the_deadline_returns_the_other(dns_server: DnsServer) -> None:
+def test_aaaa_is_given_up_50_ms_after_a_positive_a(dns_server: DnsServer) -> None:
+    """RFC 8305 §3 Resolution Delay: a dropped AAAA costs 50 ms, not the DNS deadline."""
     dns_server.add("half.test", a=["127.0.0.1"], modes={"AAAA": "drop"})
+    deadline = soon(SHORT * 4)
+    started = time.monotonic()
+    result = resolver(dns_server).lookup("half.test", deadline)
+    assert result.addresses == [ip("127.0.0.1")]
+    assert result.partial  # AAAA never answered: the cache keeps this only briefly
+    assert 0.05 <= time.monotonic() - started < SHORT * 2  # waited the delay, not the deadline
+    assert dns_server.count("half.test", "AAAA") >= 1
+
+
+def test_resolution_delay_is_configurable(dns_server: DnsServer) -> None:
+    dns_server.add("half.test", a=["127.0.0.1"], modes={"AAAA": "drop"})
+    r = NameserverResolver([dns_server.address], resolution_delay=0.3)
+    started = time.monotonic()
+    assert r.resolve("half.test", soon()) == [ip("127.0.0.1")]
+    assert time.monotonic() - started >= 0.3
+
+
+def test_a_is_awaited_until_the_deadline_after_aaaa(dns_server: DnsServer) -> None:
+    """An AAAA-only answer would take the IPv4 fallback away: A gets the whole budget."""
+    dns_server.add("half6.test", aaaa=["::1"], modes={"A": "drop"})
     deadline = soon(SHORT)
-    assert resolver(dns_server).resolve("half.test", deadline) == [ip("127.0.0.1")]
-    assert time.monotonic() >= deadline  # it waited for AAAA until the deadline
+    result = resolver(dns_server).lookup("half6.test", deadline)
+    assert result.addresses == [ip("::1")]
+    assert result.partial
+    assert time.monotonic() >= deadline
+
+
+def test_both_families_answered_is_not_partial(dns_server: DnsServer) -> None:
+    dns_server.add("both.test", a=["127.0.0.1"], aaaa=["::1"], ttl=42)
+    dns_server.add("v4only.test", a=["127.0.0.1"])  # AAAA: NODATA, a definite answer
+    r = resolver(dns_server)
+    both = r.lookup("both.test", soon())
+    assert (both.partial, both.ttl) == (False, 42)
+    assert not r.lookup("v4only.test", soon()).partial
 
 
 def test_one_family_failing_returns_the_other(dns_server: DnsServer) -> None:
     dns_server.add("halfbroken.test", aaaa=["::1"], modes={"A": "servfail"})
-    assert resolver(dns_server).resolve("halfbroken.test", soon()) == [ip("::1")]
+    result = resolver(dns_server).lookup("halfbroken.test", soon())
+    assert result.addresses == [ip("::1")]
+    assert result.partial  # SERVFAIL for A is no answer about A
 
 
 def test_unreachable_nameserver(dns_server: DnsServer) -> None:

@@ -69,11 +69,15 @@ class Resolution:
 
     The cache (DESIGN.md, step 9) keeps an answer for its TTL when there is one and for a
     fixed time when there is not (getaddrinfo does not report TTLs); ``ttl`` is ``None``
-    then.
+    then. ``partial`` says that one address family had no definite answer (still pending
+    when the lookup stopped waiting for it, or a server failure): the addresses are good to
+    dial now, but the cache keeps them only briefly, so that a slow or failed AAAA query
+    does not cost a name its IPv6 addresses for a whole TTL.
     """
 
     addresses: list[IPAddress]
     ttl: int | None = None
+    partial: bool = False
 
 
 # --- error messages: the response body a person reads, and the short Proxy-Status details
@@ -245,6 +249,10 @@ def _format_server(server: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: RFC 8305 §3 "Resolution Delay": how long to wait for AAAA once a positive A answer is in.
+RESOLUTION_DELAY = 0.05
+
+
 class NameserverResolver:
     """Resolve with the given nameservers, A and AAAA in parallel, over gevent sockets.
 
@@ -254,6 +262,13 @@ class NameserverResolver:
     ``retry_interval`` the query goes to the next nameserver in turn (with one nameserver,
     it is retransmitted). SERVFAIL, REFUSED or an ICMP error from one nameserver moves on
     to the next at once; the failure is reported only when every nameserver gave one.
+
+    Happy Eyeballs v2 (RFC 8305 §3): when A answers with addresses first, AAAA gets
+    ``resolution_delay`` more (50 ms) and is then given up, so that a nameserver that drops
+    AAAA queries costs 50 ms, not the whole ``--dns-timeout``. When AAAA answers first, A is
+    still awaited until the deadline: the answer is a list handed to the dialer in one
+    piece, and returning IPv6 alone would take away the IPv4 fallback that Happy Eyeballs
+    exists for (a lost A packet costs one ``retry_interval``, after which it is resent).
     """
 
     MAX_UDP = 65535
@@ -264,6 +279,7 @@ class NameserverResolver:
         *,
         retry_interval: float = 1.0,
         udp_payload: int = 1232,
+        resolution_delay: float = RESOLUTION_DELAY,
     ) -> None:
         if not nameservers:
             raise ValueError("NameserverResolver needs at least one nameserver")
@@ -278,12 +294,17 @@ class NameserverResolver:
         # 1232 bytes: the EDNS buffer size recommended by DNS Flag Day 2020 (no IP
         # fragmentation); larger answers come back truncated and are fetched over TCP.
         self.udp_payload = udp_payload
+        self.resolution_delay = resolution_delay
 
     def resolve(self, host: str, deadline: float) -> list[IPAddress]:
         return self.lookup(host, deadline).addresses
 
     def lookup(self, host: str, deadline: float) -> Resolution:
-        """AAAA answers then A answers, deduplicated, with the smallest TTL seen."""
+        """AAAA answers then A answers, deduplicated, with the smallest TTL seen.
+
+        Ends by the deadline, or ``resolution_delay`` after a positive A answer when AAAA
+        has not answered yet (the result is then ``partial``).
+        """
         budget = deadline - time.monotonic()
         try:
             return Resolution([ipaddress.ip_address(host)], None)
@@ -300,18 +321,26 @@ class NameserverResolver:
             rdtype: gevent.spawn(self._query_guarded, qname, rdtype, deadline)
             for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A)
         }
+        aaaa_by = deadline  # when to stop waiting for AAAA: moves up once A has addresses
         try:
             # Bounded by the deadline: each pass either sees a query finish (both end by
-            # the deadline on their own) or waits until the deadline, and a pass at or
-            # after the deadline always decides.
+            # the deadline on their own) or waits until the deadline or the end of the
+            # resolution delay, and a pass at or after the deadline always decides.
             while True:
                 pending = [job for job in jobs.values() if not job.ready()]
                 done = {t: job.value for t, job in jobs.items() if job.ready()}
-                final = time.monotonic() >= deadline
+                now = time.monotonic()
+                a = done.get(dns.rdatatype.A)
+                if a is not None and a.addresses and aaaa_by == deadline:
+                    aaaa_by = min(now + self.resolution_delay, deadline)
+                final = now >= deadline or (
+                    now >= aaaa_by and pending == [jobs[dns.rdatatype.AAAA]]
+                )
                 result = self._decide(host, budget, done, pending, final=final)
                 if result is not None:
                     return result
-                gevent.wait(pending, timeout=max(deadline - time.monotonic(), 0.0), count=1)
+                wake = aaaa_by if pending == [jobs[dns.rdatatype.AAAA]] else deadline
+                gevent.wait(pending, timeout=max(wake - time.monotonic(), 0.0), count=1)
         finally:
             # Also runs when the caller is killed or times out around us: no query outlives it.
             gevent.killall([job for job in jobs.values() if not job.dead], timeout=1.0)
@@ -336,11 +365,21 @@ class NameserverResolver:
         if pending and not final:
             return None
         if have:
-            # A family still pending at the deadline is given up; what we have is returned.
+            # A family still pending now is given up; what we have is returned. Only
+            # NOERROR (with or without records) and NXDOMAIN are definite answers for a
+            # family; anything else makes the result partial (kept briefly by the cache).
             aaaa = done.get(dns.rdatatype.AAAA, _Outcome())
             a = done.get(dns.rdatatype.A, _Outcome())
             ttls = [o.ttl for o in (aaaa, a) if o.addresses and o.ttl is not None]
-            return Resolution(_dedup([*aaaa.addresses, *a.addresses]), min(ttls, default=None))
+            partial = bool(pending) or any(
+                o.timed_out
+                or o.unreachable is not None
+                or o.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+                for o in done.values()
+            )
+            return Resolution(
+                _dedup([*aaaa.addresses, *a.addresses]), min(ttls, default=None), partial
+            )
         if pending or any(o.timed_out for o in done.values()):
             raise _timeout_error(host, budget)
         # Both finished without an address: report the most telling failure.
