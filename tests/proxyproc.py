@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -234,3 +235,44 @@ def request(proxy: tuple[str, int], raw: bytes) -> Reply:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def full_accept_queue(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A black hole on loopback: a listener with backlog 0 that never accepts, its queue
+    filled first by non-blocking connects, so the kernel drops further SYNs and a connect
+    hangs until the dialer's deadline. Yields the port. An IPv6 one is IPV6_V6ONLY, so it
+    can share a port number with an IPv4 listener (bind that one first, on port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    fillers: list[socket.socket] = []
+    with socket.socket(family, socket.SOCK_STREAM) as srv:
+        if family == socket.AF_INET6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        srv.bind((host, port))
+        srv.listen(0)
+        address = srv.getsockname()
+        try:
+            for _ in range(16):  # bounded: the queue holds one or two on Linux
+                filler = socket.socket(family, socket.SOCK_STREAM)
+                fillers.append(filler)
+                filler.setblocking(False)
+                filler.connect_ex(address)
+                _, writable, _ = select.select([], [filler], [], 0.3)
+                if not writable:
+                    break  # this connect hangs: the queue is full
+            else:
+                raise RuntimeError(f"could not fill the accept queue of {address}")
+            yield address[1]
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -1,8 +1,10 @@
-"""The sequential dialer, on loopback only (127.0.0.0/8 and ::1).
+"""The Happy Eyeballs dialer (RFC 8305), on loopback only (127.0.0.0/8 and ::1).
 
 A refusal comes from a port that is bound but not listening (so nobody else can take it
 meanwhile); a timeout from a listener whose accept queue was filled first and which never
-accepts, so the kernel drops further SYNs and the connect hangs until our deadline.
+accepts, so the kernel drops further SYNs and the connect hangs until our deadline. Two
+addresses with the same port number but different fates (one black-holed, one live) are
+two listeners: 127.0.0.1 and 127.0.0.2, or 127.0.0.1 and an IPV6_V6ONLY one on ::1.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import select
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from splicegate.dial import _Failure, _failure_error, dial
+from proxyproc import full_accept_queue, ipv6_loopback
+from splicegate.dial import _Failure, _failure_error, dial, interleave
 from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
 
 ip = ipaddress.ip_address
@@ -34,15 +36,6 @@ def soon(seconds: float = 5.0) -> float:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -60,31 +53,6 @@ def closed_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def full_accept_queue() -> Iterator[int]:
-    """A listener with a tiny backlog, never accepting, its queue filled: connects hang."""
-    fillers: list[socket.socket] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(0)
-        address = srv.getsockname()
-        try:
-            for _ in range(16):  # bounded: the queue holds one or two on Linux
-                c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                fillers.append(c)
-                c.setblocking(False)
-                c.connect_ex(address)
-                _, writable, _ = select.select([], [c], [], 0.3)
-                if not writable:
-                    break  # this connect hangs: the queue is full
-            else:
-                pytest.skip("could not fill the accept queue on this kernel")
-            yield address[1]
-        finally:
-            for c in fillers:
-                c.close()
 
 
 def test_connects_to_a_listener(listener: socket.socket) -> None:
@@ -236,3 +204,150 @@ def test_other_errors_are_unavailable(code: int) -> None:
 def test_all_refused_is_refused() -> None:
     failures = [_fail("127.0.0.1", errno.ECONNREFUSED), _fail("::1", errno.ECONNREFUSED)]
     assert isinstance(_failure_error(failures, 443), ConnectionRefused)
+
+
+# --- Happy Eyeballs (RFC 8305) ------------------------------------------------------------
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+
+
+def test_interleave_alternates_families_from_the_first_one() -> None:
+    v6 = [ip("::1"), ip("::2"), ip("::3")]
+    v4 = [ip("127.0.0.1"), ip("127.0.0.2")]
+    assert interleave([*v6, *v4]) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert interleave([v4[0], *v6, v4[1]]) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert interleave(v4) == v4  # one family: the resolver's order, untouched
+    assert interleave([]) == []
+
+
+@contextlib.contextmanager
+def live(host: str, port: int = 0) -> Iterator[socket.socket]:
+    """A listener that completes handshakes through its backlog (never accepts, needn't)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as srv:
+        if family == socket.AF_INET6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        srv.bind((host, port))
+        srv.listen(64)
+        yield srv
+
+
+def pending_connections(srv: socket.socket) -> int:
+    """Connections waiting in a listener's queue (accepted here, closed at once)."""
+    srv.setblocking(False)
+    count = 0
+    for _ in range(64):  # bounded
+        try:
+            conn, _ = srv.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+    return count
+
+
+def test_black_holed_first_address_falls_back_after_the_attempt_delay() -> None:
+    with live("127.0.0.2") as srv:
+        port = srv.getsockname()[1]
+        with full_accept_queue("127.0.0.1", port):
+            before = open_fds()
+            started = time.monotonic()
+            sock = dial([ip("127.0.0.1"), ip("127.0.0.2")], port, soon(10))
+            elapsed = time.monotonic() - started
+            with sock:
+                assert sock.getpeername() == ("127.0.0.2", port)
+                assert open_fds() == before + 1  # the winner only: the loser is closed
+            assert open_fds() == before
+    assert 0.25 <= elapsed < 5  # started 250 ms after the first, not at its deadline
+
+
+@needs_ipv6
+def test_black_holed_ipv6_falls_back_to_ipv4() -> None:
+    with live("127.0.0.1") as srv:
+        port = srv.getsockname()[1]
+        with full_accept_queue("::1", port):
+            started = time.monotonic()
+            with dial([ip("::1"), ip("127.0.0.1")], port, soon(10)) as sock:
+                assert sock.family == socket.AF_INET
+                assert sock.getpeername() == ("127.0.0.1", port)
+            assert time.monotonic() - started < 5
+
+
+def test_a_failure_starts_the_next_attempt_at_once(closed_port: int) -> None:
+    with live("127.0.0.2", closed_port) as srv:
+        started = time.monotonic()
+        # A 5 s attempt delay: only starting at the failure can finish well before it.
+        with dial([ip("127.0.0.1"), ip("127.0.0.2")], closed_port, soon(10),
+                  attempt_delay=5.0) as sock:  # fmt: skip
+            assert sock.getpeername() == ("127.0.0.2", srv.getsockname()[1])
+        assert time.monotonic() - started < 2.5
+
+
+def test_first_success_wins_and_no_later_attempt_starts() -> None:
+    with live("127.0.0.1") as first:
+        port = first.getsockname()[1]
+        with live("127.0.0.2", port) as second:
+            with dial([ip("127.0.0.1"), ip("127.0.0.2")], port, soon()) as sock:
+                assert sock.getpeername() == ("127.0.0.1", port)
+            gevent.sleep(0.4)  # past the attempt delay: a second attempt would be in
+            assert pending_connections(second) == 0
+
+
+def test_every_address_black_holed_times_out_at_the_deadline() -> None:
+    with full_accept_queue("127.0.0.1") as port, full_accept_queue("127.0.0.2", port):
+        before = open_fds()
+        deadline = soon(SHORT + 0.3)
+        with pytest.raises(ConnectTimeout) as caught:
+            dial([ip("127.0.0.1"), ip("127.0.0.2")], port, deadline)
+        assert deadline <= time.monotonic() < deadline + LATE
+        assert open_fds() == before
+    err = caught.value
+    assert f"127.0.0.1, 127.0.0.2 port {port} timed out" in err.message
+    assert err.details == f"connect timeout after 0.8 s: 2 addresses, port {port}"
+
+
+@needs_ipv6
+def test_both_families_refused_is_refused() -> None:
+    with socket.socket() as v4:
+        v4.bind(("127.0.0.1", 0))
+        port = v4.getsockname()[1]
+        with socket.socket(socket.AF_INET6) as v6:
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind(("::1", port))
+            with pytest.raises(ConnectionRefused) as caught:
+                dial([ip("::1"), ip("127.0.0.1")], port, soon())
+    assert f"::1, 127.0.0.1 port {port} refused by every address" in caught.value.message
+
+
+def test_refused_then_timed_out_names_both() -> None:
+    with full_accept_queue("127.0.0.1") as port, socket.socket() as refusing:
+        refusing.bind(("127.0.0.2", port))
+        with pytest.raises(ConnectTimeout) as caught:
+            dial([ip("127.0.0.2"), ip("127.0.0.1")], port, soon(SHORT))
+    assert "besides: 127.0.0.2: Connection refused" in caught.value.message
+
+
+def test_killed_mid_race_closes_every_socket() -> None:
+    with full_accept_queue("127.0.0.1") as port, full_accept_queue("127.0.0.2", port):
+        before = open_fds()
+        racer = gevent.spawn(dial, [ip("127.0.0.1"), ip("127.0.0.2")], port, soon())
+        gevent.sleep(0.4)  # both attempts are in flight
+        assert open_fds() == before + 2
+        racer.kill(timeout=5)
+        assert racer.dead
+        assert open_fds() == before
+
+
+def test_no_fd_growth_over_many_races() -> None:
+    with live("127.0.0.2") as srv:
+        port = srv.getsockname()[1]
+        with full_accept_queue("127.0.0.1", port):
+            with dial([ip("127.0.0.2")], port, soon()):
+                pass  # warm up lazily created gevent fds
+            pending_connections(srv)
+            before = open_fds()
+            for _ in range(10):
+                with dial([ip("127.0.0.1"), ip("127.0.0.2")], port, soon(), attempt_delay=0.01):
+                    pass
+                pending_connections(srv)
+            assert open_fds() == before
