@@ -75,9 +75,13 @@ def test_custom_resolver_and_dialer(origin) -> None:
         return dial(addresses, port, deadline)
 
     proxy = ProxyServer(
-        Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"]),
-        resolver=Records(),
-        dialer=counting_dial,
+        Config(
+            listen=["127.0.0.1:0"],
+            allow_port=["any"],
+            allow_dest=["127.0.0.0/8"],
+            resolver=Records(),
+            dialer=counting_dial,
+        )
     )
     proxy.start()
     try:

@@ -24,6 +24,8 @@ from proxyproc import (
     WAIT,
     ProxyProcess,
     connect_head,
+    full_accept_queue,
+    ipv6_loopback,
     open_tunnel,
     origin,
     read_reply,
@@ -484,3 +486,93 @@ def test_no_fd_left_after_500_failed_requests(proxy: ProxyProcess) -> None:
     while proxy.fd_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proxy.fd_count() <= before
+
+
+# --- DNS cache and Happy Eyeballs (RFC 8305), end to end ---------------------------------
+# Names are unique per test: the module's proxy caches what it resolves.
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+
+
+def tunnel_echoes(proxy: ProxyProcess, target: str) -> None:
+    sock, reply = open_tunnel(proxy.address, target)
+    with sock:
+        assert reply.status == 200, (reply.status, reply.body)
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+
+
+def test_one_query_for_many_connects_to_a_name(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("cached.test", a=["127.0.0.1"])
+    with origin() as server:
+        for _ in range(10):
+            tunnel_echoes(proxy, f"cached.test:{server.port}")
+    assert dns.count("cached.test", "A") == 1
+    assert dns.count("cached.test", "AAAA") == 1
+
+
+def test_dns_failure_is_cached(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("nx-cached.test", mode="nxdomain")
+    for _ in range(5):
+        assert_refused(request(proxy.address, connect_head("nx-cached.test:443")), 502,
+                       "dns_error")  # fmt: skip
+    assert dns.count("nx-cached.test", "A") == 1
+
+
+@needs_ipv6
+def test_black_holed_ipv6_connects_over_ipv4(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("he.test", aaaa=["::1"], a=["127.0.0.1"])
+    with origin() as server, full_accept_queue("::1", server.port):
+        started = time.monotonic()
+        tunnel_echoes(proxy, f"he.test:{server.port}")
+        assert time.monotonic() - started < 1.0  # --connect-timeout 1: IPv4 after 250 ms
+        assert server.connections == 1
+
+
+@needs_ipv6
+def test_aaaa_only_name(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("aaaa-only.test", aaaa=["::1"])
+    with origin(host="::1") as server:
+        tunnel_echoes(proxy, f"aaaa-only.test:{server.port}")
+
+
+def test_a_only_name(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("a-only.test", a=["127.0.0.1"])
+    with origin() as server:
+        tunnel_echoes(proxy, f"a-only.test:{server.port}")
+
+
+@needs_ipv6
+def test_502_both_families_refused(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("refused-both.test", aaaa=["::1"], a=["127.0.0.1"])
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6:
+        v4.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        port = v4.getsockname()[1]
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind(("::1", port))
+        reply = request(proxy.address, connect_head(f"refused-both.test:{port}"))
+    assert_refused(reply, 502, "connection_refused", body_has="::1, 127.0.0.1")
+
+
+@needs_ipv6
+def test_504_both_families_black_holed(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("holes.test", aaaa=["::1"], a=["127.0.0.1"])
+    with full_accept_queue("127.0.0.1") as port, full_accept_queue("::1", port):
+        started = time.monotonic()
+        reply = request(proxy.address, connect_head(f"holes.test:{port}"))
+        assert_refused(reply, 504, "connection_timeout", body_has="::1, 127.0.0.1")
+        assert 0.9 <= time.monotonic() - started < WAIT  # --connect-timeout 1
+
+
+@needs_ipv6
+def test_losing_sockets_are_closed(proxy: ProxyProcess, dns: DnsServer) -> None:
+    dns.add("losers.test", aaaa=["::1"], a=["127.0.0.1"])
+    with origin() as server, full_accept_queue("::1", server.port):
+        tunnel_echoes(proxy, f"losers.test:{server.port}")  # warm up
+        before = proxy.fd_count()
+        for _ in range(20):
+            tunnel_echoes(proxy, f"losers.test:{server.port}")
+        deadline = time.monotonic() + WAIT
+        while proxy.fd_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.fd_count() <= before

@@ -10,13 +10,12 @@ import resource
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 
 import gevent
 from gevent.event import Event
 
 from splicegate._version import __version__
-from splicegate.config import Config
+from splicegate.config import Config, cli_fields
 from splicegate.relay import create_engine, native_engine_error
 from splicegate.server import ProxyServer
 
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print version and engine")
-    for f in fields(Config):
+    for f in cli_fields():
         meta = f.metadata
         default = meta["shown_default"]
         if default is None:
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in fields(Config)}
+    given = {f.name: getattr(args, f.name) for f in cli_fields()}
     try:
         return Config(**{name: value for name, value in given.items() if value is not None})
     except ValueError as exc:

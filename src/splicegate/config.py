@@ -4,17 +4,21 @@ Each field carries its parser (which validates and coerces, raising ValueError w
 allowed), its ``--help`` text and its metavar. The CLI builds its flags from this table, so
 a setting cannot exist in one place and be missing in another; an embedding application
 builds the same object with keywords: ``Config(listen=["127.0.0.1:0"], allow_port=["any"])``.
+A few fields are objects rather than settings (the resolver, the dialer): an embedding
+application may give them, the CLI has no flag for them (see :func:`component`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
+from splicegate.dial import Dialer
 from splicegate.policy import IPNetwork, PortRange, parse_network, parse_port_spec
 from splicegate.relay import ENGINES, RelayTimeouts
+from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
 
@@ -107,6 +111,38 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+def component(parse: Callable[[Any], Any], help: str) -> Any:
+    """A Config field for an object only an embedding application can give (a resolver, a
+    dialer): no CLI flag and no TOML key (``cli`` is False), None meaning the built-in one.
+    Not compared, so two configs with the same settings are equal."""
+    meta = {
+        "parse": parse,
+        "help": help,
+        "metavar": "",
+        "multiple": False,
+        "shown_default": "built in",
+        "cli": False,
+    }
+    return field(default=None, compare=False, metadata=meta)
+
+
+def cli_fields() -> list[Field[Any]]:
+    """The fields that are settings a user writes: one CLI flag (and TOML key) each."""
+    return [f for f in fields(Config) if f.metadata.get("cli", True)]
+
+
+def _resolver(value: Any) -> Any:
+    if value is not None and not callable(getattr(value, "resolve", None)):
+        raise ValueError(f"{value!r} has no resolve(host, deadline) method")
+    return value
+
+
+def _dialer(value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ValueError(f"{value!r} is not callable as dial(addresses, port, deadline)")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The proxy's settings; construct with keywords, values as on the command line."""
@@ -175,6 +211,30 @@ class Config:
     dns_timeout: float = setting(
         5.0, _number(float, 0.001), "seconds to resolve a name (else 504)", metavar="S"
     )
+    dns_cache_size: int = setting(
+        10_000,
+        _number(int, 0, zero_ok=True),
+        "names the DNS cache holds, least recently used evicted first (0 keeps none)",
+        metavar="N",
+    )
+    dns_min_ttl: float = setting(
+        5.0,
+        _number(float, 0.0, zero_ok=True),
+        "keep a DNS answer at least this many seconds, whatever its TTL",
+        metavar="S",
+    )
+    dns_max_ttl: float = setting(
+        300.0,
+        _number(float, 0.0, zero_ok=True),
+        "keep a DNS answer at most this many seconds, whatever its TTL",
+        metavar="S",
+    )
+    dns_negative_ttl: float = setting(
+        5.0,
+        _number(float, 0.001, zero_ok=True),
+        "keep a DNS failure (NXDOMAIN, SERVFAIL, no address) this many seconds",
+        metavar="S",
+    )
     connect_timeout: float = setting(
         10.0,
         _number(float, 0.001),
@@ -218,6 +278,11 @@ class Config:
         "how much to log on stderr: debug, info, warning, error",
         metavar="LEVEL",
     )
+    # component() returns a dataclass field, like setting(); RUF009 cannot see that here
+    # because the annotation is not a type it knows to be immutable.
+    resolver: Resolver | None = component(_resolver, "resolve(host, deadline)")  # noqa: RUF009
+    dialer: Dialer | None = component(_dialer, "dial(addresses, port, deadline)")  # noqa: RUF009
+
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -233,6 +298,10 @@ class Config:
             except ValueError as exc:
                 raise ValueError(f"{f.name.replace('_', '-')}: {exc}") from None
             object.__setattr__(self, f.name, coerced)
+        if self.dns_min_ttl > self.dns_max_ttl:
+            raise ValueError(
+                f"dns-min-ttl: {self.dns_min_ttl:g} is above --dns-max-ttl {self.dns_max_ttl:g}"
+            )
 
     @property
     def relay_timeouts(self) -> RelayTimeouts:

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gevent
@@ -24,6 +23,7 @@ from gevent.server import StreamServer
 
 from splicegate import dial as dial_module
 from splicegate.config import Config
+from splicegate.dnscache import DnsCache
 from splicegate.errors import (
     HeadTimeout,
     InternalError,
@@ -34,13 +34,11 @@ from splicegate.errors import (
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord, create_engine
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
-from splicegate.resolve import Resolver, make_resolver
+from splicegate.resolve import make_resolver
 
 log = logging.getLogger("splicegate")
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-
-Dialer = Callable[[Sequence[IPAddress], int, float], socket.socket]
 
 
 @dataclass(slots=True)
@@ -60,8 +58,9 @@ class Attempt:
 class ProxyServer:
     """A CONNECT proxy on gevent: embeddable, or run by the ``splicegate`` CLI.
 
-    ``resolver`` and ``dialer`` replace how names are looked up and targets are reached (a
-    resolver with its own records; a dialer that chains through another proxy).
+    ``config.resolver`` and ``config.dialer`` replace how names are looked up and targets
+    are reached (a resolver with its own records; a dialer that chains through another
+    proxy). The DNS cache sits in front of whichever resolver it is.
     """
 
     #: bytes read per recv while the head comes in
@@ -78,13 +77,17 @@ class ProxyServer:
         config: Config | None = None,
         *,
         engine: Engine | None = None,
-        resolver: Resolver | None = None,
-        dialer: Dialer | None = None,
     ) -> None:
         self.config = config or Config()
         self.engine = engine
-        self.resolver = resolver or make_resolver(list(self.config.nameserver))
-        self.dialer: Dialer = dialer or dial_module.dial
+        self.resolver = DnsCache(
+            self.config.resolver or make_resolver(list(self.config.nameserver)),
+            size=self.config.dns_cache_size,
+            min_ttl=self.config.dns_min_ttl,
+            max_ttl=self.config.dns_max_ttl,
+            negative_ttl=self.config.dns_negative_ttl,
+        )
+        self.dialer: dial_module.Dialer = self.config.dialer or dial_module.dial
         self.policy = Policy(
             allow_client=self.config.allow_client,
             allow_port=self.config.allow_port,
@@ -146,6 +149,7 @@ class ProxyServer:
         self._close_listeners()
         self._pool.join(timeout=max(0.0, deadline - time.monotonic()))
         self._pool.kill(block=True, timeout=1)
+        self.resolver.close()
         if self.engine is not None:
             self.engine.shutdown(deadline)
         self._stopped.set()
@@ -194,8 +198,10 @@ class ProxyServer:
             self.policy.check_not_self(addr, request.port)
         allowed = self.policy.allowed_destinations(request.host, addresses)
         started = time.monotonic()
-        origin = self.dialer(allowed, request.port, started + self.config.connect_timeout)
-        attempt.connect_s = time.monotonic() - started
+        try:
+            origin = self.dialer(allowed, request.port, started + self.config.connect_timeout)
+        finally:
+            attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
             attempt.dialled = _show_address(origin.getpeername())
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
