@@ -283,7 +283,6 @@ class Config:
     resolver: Resolver | None = component(_resolver, "resolve(host, deadline)")  # noqa: RUF009
     dialer: Dialer | None = component(_dialer, "dial(addresses, port, deadline)")  # noqa: RUF009
 
-
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
