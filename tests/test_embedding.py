@@ -1,17 +1,28 @@
-"""ProxyServer inside a gevent application: the API the README shows, and its hooks."""
+"""ProxyServer inside a gevent application: the API the README shows, its hooks, and the
+runnable example in examples/."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import subprocess
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import gevent
 import pytest
 from gevent import socket
+from gevent.event import Event
 
-from splicegate import Config, ProxyServer
+from proxyproc import full_accept_queue, ipv6_loopback
+from splicegate import Config, ProxyServer, TunnelRecord
 from splicegate.dial import dial
 from splicegate.errors import DnsError
+from splicegate.server import Attempt
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 HEAD = "CONNECT {} HTTP/1.1\r\nHost: x\r\n\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -109,3 +120,89 @@ def test_stop_closes_open_tunnels_after_the_timeout(origin) -> None:
     assert proxy.engine.stats()["active"] == 0
     assert sock.recv(10) == b""
     sock.close()
+
+
+def test_attempt_records_the_winner_and_the_times() -> None:
+    """What the access log is made of: the address that won the race, DNS and connect time."""
+    finished: list[Attempt] = []
+    done = Event()
+
+    class Recording(ProxyServer):
+        def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
+            finished.append(attempt)
+            done.set()
+
+    class BothFamilies:
+        def resolve(self, host: str, deadline: float) -> list:
+            return [ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")]
+
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    origin = echo_server()
+    port = origin.server_port
+    proxy = Recording(
+        Config(
+            listen=["127.0.0.1:0"],
+            allow_port=["any"],
+            allow_dest=["127.0.0.0/8", "::1/128"],
+            resolver=BothFamilies(),
+            connect_timeout=5,
+        )
+    )
+    proxy.start()
+    try:
+        with full_accept_queue("::1", port):  # ::1 black-holed: IPv4 wins after 250 ms
+            assert tunnel(proxy, f"both.internal:{port}") == ESTABLISHED + b"ping"
+            assert done.wait(timeout=5)
+    finally:
+        proxy.stop(timeout=1)
+        origin.stop()
+    (attempt,) = finished
+    assert attempt.target == f"both.internal:{port}"
+    assert attempt.dialled == f"127.0.0.1:{port}"
+    assert 0.25 <= attempt.connect_s < 5
+    assert 0 <= attempt.dns_s < 5
+    assert attempt.status == 200
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_chain_upstream_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "chain_upstream.py")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "HTTP/1.1 200 Connection established\\r\\n\\r\\nhello"
+
+
+def test_example_upstream_refusal_is_the_front_proxys_own() -> None:
+    example = load_example("chain_upstream")
+    loopback_ok = {"listen": ["127.0.0.1:0"], "allow_port": ["any"], "allow_dest": ["127.0.0.0/8"]}
+    upstream = ProxyServer(Config(**loopback_ok))
+    upstream.start()
+    front = ProxyServer(
+        Config(
+            **loopback_ok,
+            resolver=example.Records({"closed.internal": ["127.0.0.1"]}),
+            dialer=example.UpstreamDialer(upstream.address),
+        )
+    )
+    front.start()
+    try:
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))  # bound, never listening: refused
+            refused = tunnel(front, f"closed.internal:{unused.getsockname()[1]}")
+        assert refused.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+        assert b"error=connection_refused" in refused
+        unknown = tunnel(front, "other.internal:443")
+        assert b"error=dns_error" in unknown
+    finally:
+        front.stop(timeout=1)
+        upstream.stop(timeout=1)
