@@ -16,7 +16,7 @@ from gevent.event import Event
 
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
-from splicegate.relay import create_engine, native_engine_error
+from splicegate.relay import native_engine_error
 from splicegate.server import ProxyServer
 
 log = logging.getLogger("splicegate")
@@ -108,7 +108,7 @@ def raise_open_file_limit() -> None:
 def print_version(config: Config) -> int:
     log.addHandler(logging.NullHandler())  # the reason is printed below, not warned about
     try:
-        engine = create_engine(config.engine, config.relay_timeouts)
+        engine = config.create_engine()
     except RuntimeError as exc:
         print(f"splicegate: error: {exc}", file=sys.stderr)
         return 1

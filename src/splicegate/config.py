@@ -17,7 +17,7 @@ from typing import Any
 
 from splicegate.dial import Dialer
 from splicegate.policy import IPNetwork, PortRange, parse_network, parse_port_spec
-from splicegate.relay import ENGINES, RelayTimeouts
+from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine
 from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
@@ -272,6 +272,26 @@ class Config:
         "relay engine: auto (native where it is built), native, python",
         metavar="|".join(ENGINES),
     )
+    relay_threads: int = setting(
+        0,
+        _number(int, 1, zero_ok=True),
+        "native engine: relay threads, each with its own epoll loop",
+        metavar="N",
+        shown_default="CPUs - 1, at least 1, at most 4",
+    )
+    pipe_size: int = setting(
+        256 * 1024,
+        _number(int, 4096),
+        "native engine: bytes each splice pipe holds (more: fewer system calls per byte)",
+        metavar="BYTES",
+    )
+    max_pipes: int = setting(
+        0,
+        _number(int, 1, zero_ok=True),
+        "native engine: pipes at most; past it tunnels copy through a buffer instead",
+        metavar="N",
+        shown_default="what the per-user pipe quota holds",
+    )
     log_level: str = setting(
         "info",
         _choice("debug", "info", "warning", "error"),
@@ -308,6 +328,16 @@ class Config:
             idle=self.idle_timeout,
             half_closed=self.half_closed_timeout,
             lifetime=self.max_lifetime,
+        )
+
+    def create_engine(self) -> Engine:
+        """The relay engine these settings ask for."""
+        return create_engine(
+            self.engine,
+            self.relay_timeouts,
+            threads=self.relay_threads or None,
+            pipe_size=self.pipe_size,
+            max_pipes=self.max_pipes or None,
         )
 
     @property

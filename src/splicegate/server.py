@@ -32,7 +32,7 @@ from splicegate.errors import (
     render,
 )
 from splicegate.policy import IPAddress, Listener, Policy
-from splicegate.relay import Engine, TunnelRecord, create_engine
+from splicegate.relay import Engine, TunnelRecord
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
 from splicegate.resolve import make_resolver
 
@@ -105,7 +105,7 @@ class ProxyServer:
     def start(self) -> None:
         """Bind every listener and start accepting; raises OSError naming the address."""
         if self.engine is None:
-            self.engine = create_engine(self.config.engine, self.config.relay_timeouts)
+            self.engine = self.config.create_engine()
         try:
             for host, port in self.config.listen:
                 server = StreamServer((host, port), self.handle, spawn=self._pool)
