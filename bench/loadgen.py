@@ -1,17 +1,26 @@
-"""The client side of the benchmarks: CONNECT-rate loops and single-stream transfers.
+"""The client side of the benchmarks: CONNECT-rate loops, stream transfers, idle tunnels.
 
 Every function takes ``proxy``, the proxy's address, or ``None`` for the direct path (straight
 to the origin), so that each figure is measured the same way both ways and only the path
-differs. The functions run in the calling process; ``RateRun`` and ``run_stream`` run them in
-fresh processes instead (``python bench/loadgen.py rate|stream ...``, one JSON line on
-stdout), which is how the benchmarks use them: the load generator then competes with the
-proxy for the CPU only as a separate process would, and its own CPU time is reported.
+differs. The functions run in the calling process; ``RateRun``, ``run_stream``,
+``run_multi_stream`` and ``IdleRun`` run them in fresh processes instead (``python
+bench/loadgen.py rate|stream|streams|idle ...``, JSON lines on stdout), which is how the
+benchmarks use them: the load generator then competes with the proxy for the CPU only as a
+separate process would, and its own CPU time is reported.
+
+* ``rate``: CONNECT-rate loops (connect, CONNECT, 200, 16-byte echo, close).
+* ``stream``: one bulk transfer, up (client -> origin) or down.
+* ``streams``: N such transfers side by side in one process, one thread each, summed.
+* ``idle``: N tunnels opened (CONNECT, 200, one 16-byte echo) and then held without traffic
+  until released on stdin, for the proxy's memory per idle tunnel. One process with gevent
+  holds them all; it raises its own open-file limit to fit.
 
 Only loopback addresses are accepted (``require_loopback``): these loops open thousands of
 connections a second and must never be pointed at anything else.
 
 Meant to be imported by other benchmarks (e.g. through a peer proxy): ``connect_rate``,
-``stream_transfer``, ``RateRun``, ``run_stream``, ``open_tunnel``.
+``stream_transfer``, ``multi_stream_transfer``, ``RateRun``, ``run_stream``,
+``run_multi_stream``, ``IdleRun``, ``warm_up``, ``open_tunnel``.
 """
 
 from __future__ import annotations
@@ -21,16 +30,19 @@ import ipaddress
 import json
 import math
 import resource
+import select
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gevent
 from gevent import socket as gsocket
+from procs import raise_open_file_limit
 from streams import (
     DEFAULT_FILE_SIZE,
     SINK,
@@ -296,7 +308,7 @@ class RateRun:
                 proc.wait(10)
 
 
-# --- single-stream throughput -----------------------------------------------------------------
+# --- stream throughput: one stream, or several side by side ------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +326,25 @@ class StreamResult:
         return Window(self.bytes, self.seconds).gbit_s
 
 
+def _transfer(
+    sock: socket.socket,
+    direction: str,
+    seconds: float,
+    warmup: float,
+    file_size: int,
+) -> tuple[Window, int]:
+    """One transfer over an open connection: the receiver's window and every byte that crossed."""
+    if direction == "up":
+        sock.sendall(make_header(SINK, seconds, warmup, 0))
+        sent = send_until_stopped(sock, payload_file(file_size), warmup + seconds + STOP_SLACK)
+        return Window.from_line(finish_sender(sock)), sent
+    if direction == "down":
+        sock.sendall(make_header(SOURCE, seconds, warmup, file_size))
+        window, received = receive_window(sock, seconds, warmup)
+        return window, received + finish_receiver(sock, b"stop\n")
+    raise ValueError(f"direction must be up or down, not {direction!r}")
+
+
 def stream_transfer(
     direction: str,
     proxy: Address | None,
@@ -329,23 +360,95 @@ def stream_transfer(
     sends and this process counts with ``recv(MSG_TRUNC)``. Either way the receiver's window
     is the figure; ``total_bytes`` includes warm-up and the tail after the window.
     """
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction must be up or down, not {direction!r}")
     cpu_before = cpu_seconds_self()
     if direction == "up":
-        f = payload_file(file_size)  # before connecting: not inside anyone's window
-        with open_tunnel(proxy, target, timeout) as sock:
-            sock.sendall(make_header(SINK, seconds, warmup, 0))
-            sent = send_until_stopped(sock, f, warmup + seconds + STOP_SLACK)
-            window = Window.from_line(finish_sender(sock))
-        total = sent
-    elif direction == "down":
-        with open_tunnel(proxy, target, timeout) as sock:
-            sock.sendall(make_header(SOURCE, seconds, warmup, file_size))
-            window, received = receive_window(sock, seconds, warmup)
-            total = received + finish_receiver(sock, b"stop\n")
-    else:
-        raise ValueError(f"direction must be up or down, not {direction!r}")
+        payload_file(file_size)  # before connecting: not inside anyone's window
+    with open_tunnel(proxy, target, timeout) as sock:
+        window, total = _transfer(sock, direction, seconds, warmup, file_size)
     return StreamResult(
         direction, window.bytes, window.seconds, total, cpu_seconds_self() - cpu_before
+    )
+
+
+@dataclass(slots=True)
+class MultiStreamResult:
+    """Concurrent transfers the same way: each stream's window, summed as rates.
+
+    ``windows`` holds ``[bytes, seconds]`` per stream as its receiver measured it. The windows
+    open within milliseconds of each other (the streams start together, after every tunnel is
+    up), so the aggregate is the sum of the per-stream rates.
+    """
+
+    direction: str
+    windows: list[list[float]]
+    total_bytes: int  # every byte of every stream, warm-up and tail included
+    cpu_s: float = 0.0  # load generator process, all its threads
+
+    def stream_gbit_s(self) -> list[float]:
+        return [Window(int(b), s).gbit_s for b, s in self.windows]
+
+    @property
+    def gbit_s(self) -> float:
+        return sum(self.stream_gbit_s())
+
+
+def multi_stream_transfer(
+    direction: str,
+    proxy: Address | None,
+    target: Address,
+    streams: int = 8,
+    seconds: float = 3.0,
+    warmup: float = 0.5,
+    file_size: int = DEFAULT_FILE_SIZE,
+    timeout: float = 60.0,
+) -> MultiStreamResult:
+    """``streams`` single-stream transfers side by side, one OS thread each, in this process.
+
+    Every tunnel is opened first; the transfers start together once all are up (a barrier),
+    so their windows coincide. Threads, not greenlets: the work is inside ``sendfile`` and
+    ``recv(MSG_TRUNC)`` with the GIL released. One failed stream fails the whole measurement.
+    """
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction must be up or down, not {direction!r}")
+    if streams < 1:
+        raise ValueError("streams must be at least 1")
+    cpu_before = cpu_seconds_self()
+    if direction == "up":
+        payload_file(file_size)  # shared by the senders; sendfile takes explicit offsets
+    barrier = threading.Barrier(streams, timeout=timeout)
+    results: list[tuple[Window, int] | None] = [None] * streams
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            with open_tunnel(proxy, target, timeout) as sock:
+                barrier.wait()
+                results[i] = _transfer(sock, direction, seconds, warmup, file_size)
+        except BaseException as exc:  # reported below, in the calling thread
+            barrier.abort()  # the others must not wait for a stream that will never start
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + warmup + seconds + STOP_SLACK + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        raise TimeoutError(f"{streams} streams did not finish by their deadline")
+    if errors:
+        # A broken barrier is only the echo of another stream's failure: report the cause.
+        cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), None)
+        exc = cause or errors[0]
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed, first: {exc!r}") from exc
+    done = [r for r in results if r is not None]
+    return MultiStreamResult(
+        direction,
+        [[w.bytes, w.seconds] for w, _ in done],
+        sum(total for _, total in done),
+        cpu_seconds_self() - cpu_before,
     )
 
 
@@ -386,39 +489,299 @@ def run_stream(
     return StreamResult(**json.loads(done.stdout))
 
 
+def run_multi_stream(
+    direction: str,
+    proxy: Address | None,
+    target: Address,
+    streams: int = 8,
+    seconds: float = 3.0,
+    warmup: float = 0.5,
+    file_size: int = DEFAULT_FILE_SIZE,
+    timeout: float = 60.0,
+) -> MultiStreamResult:
+    """``multi_stream_transfer`` in a fresh process; waits for it (bounded)."""
+    cmd = [
+        sys.executable,
+        str(LOADGEN),
+        "streams",
+        "--streams",
+        str(streams),
+        "--direction",
+        direction,
+        "--proxy",
+        format_address(proxy),
+        "--target",
+        format_address(target),
+        "--seconds",
+        repr(seconds),
+        "--warmup",
+        repr(warmup),
+        "--file-size",
+        str(file_size),
+        "--timeout",
+        repr(timeout),
+    ]
+    done = subprocess.run(
+        cmd, stdout=subprocess.PIPE, timeout=warmup + seconds + STOP_SLACK + 3 * timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"streams load generator exited with {done.returncode}")
+    return MultiStreamResult(**json.loads(done.stdout))
+
+
+# --- idle tunnels ---------------------------------------------------------------------------
+
+
+def warm_up(proxy: Address | None, target: Address, seconds: float, timeout: float = 5.0) -> int:
+    """Tunnels one at a time for ``seconds``: open, 16-byte echo, close. Returns how many.
+
+    Run against a freshly started proxy before its memory is read at rest, so that one-time
+    costs (lazy imports, an engine's threads, first allocations) are paid by then; with one
+    tunnel open at a time, no pool or free list grows beyond what one tunnel needs.
+    """
+    end = time.monotonic() + seconds
+    done = 0
+    while time.monotonic() < end:
+        with open_tunnel(proxy, target, timeout) as sock:
+            sock.sendall(PAYLOAD)
+            if recv_exactly(sock, len(PAYLOAD)) != PAYLOAD:
+                raise ProtocolError("echo differs from what was sent")
+        done += 1
+    return done
+
+
+@dataclass(slots=True)
+class IdleOpened:
+    """The opening phase of an idle hold: what is held now, and what it took."""
+
+    opened: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    first_error: str | None = None
+
+
+@dataclass(slots=True)
+class IdleClosed:
+    """The end of a hold: tunnels found closed by the other side while held, then closed."""
+
+    dropped: int = 0
+    closed: int = 0
+    held_s: float = 0.0
+
+
+def open_idle_tunnels(
+    proxy: Address | None,
+    target: Address,
+    count: int,
+    concurrency: int = 50,
+    timeout: float = 5.0,
+    open_timeout: float = 60.0,
+) -> tuple[list[socket.socket], IdleOpened]:
+    """Open ``count`` tunnels with ``concurrency`` greenlets; each does CONNECT, reads the 200,
+    one 16-byte echo, and is then kept open without traffic. Raises the fd limit to fit.
+
+    The whole phase is bounded by ``open_timeout``; tunnels that failed or were not opened by
+    then are counted as errors, and the caller holds what did open.
+    """
+    raise_open_file_limit(count + 64)
+    target = require_loopback(target)
+    dial = require_loopback(proxy or target)
+    request = connect_request(target)
+    held: list[socket.socket] = []
+    result = IdleOpened()
+    todo = iter(range(count))
+    cpu_before = cpu_seconds_self()
+    start = time.monotonic()
+
+    def opener() -> None:
+        consecutive_errors = 0
+        for _ in todo:
+            sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.connect(dial)
+                if proxy is not None:
+                    sock.sendall(request)
+                    head = recv_exactly(sock, len(ESTABLISHED))  # type: ignore[arg-type]
+                    if head != ESTABLISHED:
+                        raise ProtocolError(f"proxy answered {head!r}")
+                sock.sendall(PAYLOAD)
+                if recv_exactly(sock, len(PAYLOAD)) != PAYLOAD:  # type: ignore[arg-type]
+                    raise ProtocolError("echo differs from what was sent")
+            except (OSError, ProtocolError) as exc:
+                sock.close()
+                result.errors += 1
+                if result.first_error is None:
+                    result.first_error = f"{type(exc).__name__}: {exc}"
+                consecutive_errors += 1
+                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                    return
+                gevent.sleep(0.01)
+                continue
+            consecutive_errors = 0
+            held.append(sock)
+
+    greenlets = [gevent.spawn(opener) for _ in range(min(concurrency, count))]
+    gevent.joinall(greenlets, timeout=open_timeout)
+    gevent.killall(greenlets, timeout=5)
+    result.opened = len(held)
+    result.errors = count - len(held)  # failed, or never tried within the bound
+    result.seconds = time.monotonic() - start
+    result.cpu_s = cpu_seconds_self() - cpu_before
+    return held, result
+
+
+def close_idle_tunnels(held: list[socket.socket], held_since: float) -> IdleClosed:
+    """Count the tunnels that saw EOF, a reset or a byte while held (none should), close all."""
+    poller = select.poll()
+    for sock in held:
+        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    dropped = len(poller.poll(0))  # POLLERR and POLLHUP are always reported
+    for sock in held:
+        sock.close()
+    return IdleClosed(dropped, len(held), time.monotonic() - held_since)
+
+
+class IdleRun:
+    """``count`` idle tunnels held by one fresh process (``loadgen.py idle``) until released.
+
+    ``wait_opened()`` returns once every tunnel is up (or the opening bound ran out); the
+    tunnels stay open, without traffic, until ``release()``, which has the process check and
+    close them. The process closes them by itself after ``hold_max`` s, or when this side's
+    pipe closes, so it cannot outlive its caller holding thousands of sockets.
+    """
+
+    def __init__(
+        self,
+        proxy: Address | None,
+        target: Address,
+        count: int = 2000,
+        concurrency: int = 50,
+        timeout: float = 5.0,
+        open_timeout: float = 60.0,
+        hold_max: float = 120.0,
+    ) -> None:
+        self.open_timeout = open_timeout
+        cmd = [
+            sys.executable,
+            str(LOADGEN),
+            "idle",
+            "--proxy",
+            format_address(proxy),
+            "--target",
+            format_address(target),
+            "--count",
+            str(count),
+            "--concurrency",
+            str(concurrency),
+            "--timeout",
+            repr(timeout),
+            "--open-timeout",
+            repr(open_timeout),
+            "--hold-max",
+            repr(hold_max),
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _line(self, timeout: float) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout.fileno()], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            rc = self.proc.poll()
+            raise RuntimeError(
+                "idle load generator " + (f"exited with {rc}" if rc is not None else "timed out")
+            )
+        return json.loads(line)
+
+    def wait_opened(self) -> IdleOpened:
+        return IdleOpened(**self._line(self.open_timeout + 30))  # type: ignore[arg-type]
+
+    def release(self, timeout: float = 30.0) -> IdleClosed:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"close\n")
+        self.proc.stdin.flush()
+        closed = IdleClosed(**self._line(timeout))  # type: ignore[arg-type]
+        self.proc.wait(timeout)
+        return closed
+
+    def kill(self) -> None:
+        """Stop the process if it still runs (by its pid), and close the pipes to it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def hold_idle(args: argparse.Namespace) -> int:
+    """``loadgen.py idle``: open, report, hold until told (or ``--hold-max``), check, close."""
+    proxy = None if args.proxy == "none" else parse_address(args.proxy)
+    held, opened = open_idle_tunnels(
+        proxy, parse_address(args.target), args.count, args.concurrency, args.timeout,
+        args.open_timeout,
+    )  # fmt: skip
+    sys.stdout.write(json.dumps(asdict(opened)) + "\n")
+    sys.stdout.flush()
+    held_since = time.monotonic()
+    # Plain select on stdin: nothing else needs to run while the tunnels sit idle.
+    select.select([sys.stdin.fileno()], [], [], args.hold_max)
+    closed = close_idle_tunnels(held, held_since)
+    sys.stdout.write(json.dumps(asdict(closed)) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 # --- command line (how RateRun and run_stream start the work) ------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("rate", "stream"):
+    for name in ("rate", "stream", "streams", "idle"):
         p = sub.add_parser(name)
         p.add_argument("--proxy", default="none", help="HOST:PORT, or none for direct")
         p.add_argument("--target", required=True, help="origin HOST:PORT")
-        p.add_argument("--timeout", type=float, default=5.0 if name == "rate" else 60.0)
+        p.add_argument("--timeout", type=float, default=5.0 if name in ("rate", "idle") else 60.0)
     rate = sub.choices["rate"]
     rate.add_argument("--concurrency", type=int, default=50)
     rate.add_argument("--duration", type=float, default=10.0)
     rate.add_argument("--start-at", type=float, default=None, help="time.time() to start at")
-    stream = sub.choices["stream"]
-    stream.add_argument("--direction", choices=("up", "down"), required=True)
-    stream.add_argument("--seconds", type=float, default=3.0)
-    stream.add_argument("--warmup", type=float, default=0.5)
-    stream.add_argument("--file-size", type=int, default=DEFAULT_FILE_SIZE)
+    for name in ("stream", "streams"):
+        stream = sub.choices[name]
+        stream.add_argument("--direction", choices=("up", "down"), required=True)
+        stream.add_argument("--seconds", type=float, default=3.0)
+        stream.add_argument("--warmup", type=float, default=0.5)
+        stream.add_argument("--file-size", type=int, default=DEFAULT_FILE_SIZE)
+    sub.choices["streams"].add_argument("--streams", type=int, default=8)
+    idle = sub.choices["idle"]
+    idle.add_argument("--count", type=int, default=2000)
+    idle.add_argument("--concurrency", type=int, default=50)
+    idle.add_argument("--open-timeout", type=float, default=60.0, help="bound on opening all")
+    idle.add_argument("--hold-max", type=float, default=120.0, help="close after this anyway")
     args = parser.parse_args(argv)
 
+    if args.command == "idle":
+        return hold_idle(args)
     proxy = None if args.proxy == "none" else parse_address(args.proxy)
     target = parse_address(args.target)
-    out: RateResult | StreamResult
+    out: RateResult | StreamResult | MultiStreamResult
     if args.command == "rate":
         out = connect_rate(
             proxy, target, args.concurrency, args.duration, args.start_at, args.timeout
         )
-    else:
+    elif args.command == "stream":
         out = stream_transfer(
             args.direction, proxy, target, args.seconds, args.warmup, args.file_size, args.timeout
         )
+    else:
+        out = multi_stream_transfer(
+            args.direction, proxy, target, args.streams, args.seconds, args.warmup,
+            args.file_size, args.timeout,
+        )  # fmt: skip
     sys.stdout.write(json.dumps(asdict(out)) + "\n")
     return 0
 

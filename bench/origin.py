@@ -4,8 +4,10 @@ Two listeners on 127.0.0.1, ports chosen by the kernel and printed as one JSON l
 stdout (``{"echo": PORT, "stream": PORT}``):
 
 * ``echo``: echoes every byte until EOF, then closes. Served by gevent, because the CONNECT
-  rate test opens thousands of short connections a second, 50 at a time; a greenlet each is
-  far cheaper than a thread each.
+  rate test opens thousands of short connections a second, 50 at a time, and the idle test
+  holds thousands open at once; a greenlet each is far cheaper than a thread each (an idle
+  one is a parked greenlet and a socket, with no buffer held between reads). The process
+  raises its open-file limit to the hard limit at start, so it can hold them.
 * ``stream``: the sink or source of one bulk transfer (protocol in ``streams.py``). Served
   by one plain OS thread per connection with blocking sockets, because the transfer happens
   inside ``sendfile(2)`` and ``recv(MSG_TRUNC)`` with the GIL released; gevent would add a
@@ -35,6 +37,7 @@ from types import TracebackType
 import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
+from procs import raise_open_file_limit
 from streams import (
     HEADER_SIZE,
     SINK,
@@ -165,6 +168,7 @@ def watch_stdin() -> None:
 
 
 def main() -> int:
+    raise_open_file_limit()
     echo_server = StreamServer((HOST, 0), echo, backlog=4096)
     echo_server.start()
     stream_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

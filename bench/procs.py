@@ -6,8 +6,13 @@ its own count: a process's utime/stime include all its threads). The listening p
 proxy started with ``--listen 127.0.0.1:0`` is read from ``/proc`` too, because at
 ``--log-level warning`` the proxy does not log it.
 
+Memory is read the same way: ``rss_bytes_tree`` sums ``VmRSS`` over a process and its
+descendants (a proxy with worker processes is measured whole; threads share their process's
+memory and are not counted twice).
+
 Reusable by other benchmarks: ``start_splicegate``, ``engine_available``,
-``cpu_seconds_tree``, ``describe_machine``.
+``cpu_seconds_tree``, ``rss_bytes_tree``, ``fd_kinds_tree``, ``raise_open_file_limit``,
+``describe_machine``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -68,6 +75,76 @@ def cpu_seconds_tree(pid: int) -> float:
         total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
         stack.extend(_children(current))
     return total / CLK_TCK
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants (processes, not threads)."""
+    pids = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        stack.extend(_children(current))
+    return pids
+
+
+def rss_bytes_tree(pid: int) -> int:
+    """Resident memory of ``pid`` and its live descendants, summed (``VmRSS``, in bytes).
+
+    Pages shared between the processes of a tree (after ``fork``) count once per process, as
+    ``ps`` and ``top`` show them; a single-process proxy has no such overlap.
+    """
+    total = 0
+    for current in tree_pids(pid):
+        try:
+            with open(f"/proc/{current}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+                        break
+        except OSError:
+            continue  # exited while we looked
+    return total
+
+
+def fd_kinds_tree(pid: int) -> Counter[str]:
+    """Open file descriptors of ``pid`` and its live descendants, by kind.
+
+    The kind is what the fd's ``/proc`` link names before the colon (``socket``, ``pipe``,
+    ``anon_inode``), or ``file`` for a path.
+    """
+    kinds: Counter[str] = Counter()
+    for current in tree_pids(pid):
+        fd_dir = f"/proc/{current}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            kinds["file" if link.startswith("/") else link.split(":", 1)[0]] += 1
+    return kinds
+
+
+def raise_open_file_limit(need: int = 0) -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the new soft limit.
+
+    Raises ``RuntimeError`` when even the hard limit is below ``need``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # keep what we have; checked against the need below
+    if soft < need:
+        raise RuntimeError(f"open-file limit {soft} is below the {need} needed (hard: {hard})")
+    return soft
 
 
 def listening_ports(pid: int) -> list[int]:
@@ -195,7 +272,30 @@ def start_splicegate(engine: str, extra: list[str] | None = None, timeout: float
     raise RuntimeError(f"splicegate --engine {engine} did not listen within {timeout:g} s")
 
 
-# --- the machine --------------------------------------------------------------------------------
+# --- the machine and the source ----------------------------------------------------------------
+
+
+def describe_source(repo: Path) -> str:
+    """The commit the proxy was built from, and whether its source had uncommitted changes.
+
+    The benchmark measures whatever is installed from the working tree (``pip install -e``),
+    which may differ from the commit; the report says so.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "src", "csrc"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.split("\n")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    changed = [line[3:] for line in dirty if line.strip()]
+    if not changed:
+        return f"commit {head}"
+    return f"commit {head} + uncommitted changes in {', '.join(changed)}"
 
 
 def describe_machine() -> dict[str, str]:

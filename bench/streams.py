@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
@@ -45,6 +46,7 @@ DEFAULT_FILE_SIZE = 32 * 1024 * 1024
 MAX_MESSAGE = 4096
 
 _files: dict[int, BinaryIO] = {}
+_files_lock = threading.Lock()  # several streams of one process may ask at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,19 +73,21 @@ def payload_file(size: int = DEFAULT_FILE_SIZE) -> BinaryIO:
     """An unlinked temp file of ``size`` random bytes, made once per process and size.
 
     Random rather than zeros so that no layer could ever shortcut the payload; written once
-    up front so that every ``sendfile`` reads from the page cache, not the disk.
+    up front so that every ``sendfile`` reads from the page cache, not the disk. Shared by
+    every stream of the process: ``sendfile`` is always given an explicit offset.
     """
-    f = _files.get(size)
-    if f is None:
-        # Kept open for the life of the process: it is the cache.
-        f = tempfile.TemporaryFile(prefix="splicegate-bench-")  # noqa: SIM115
-        piece = os.urandom(1024 * 1024)
-        written = 0
-        while written < size:
-            written += f.write(piece[: size - written])
-        f.flush()
-        _files[size] = f
-    return f
+    with _files_lock:
+        f = _files.get(size)
+        if f is None:
+            # Kept open for the life of the process: it is the cache.
+            f = tempfile.TemporaryFile(prefix="splicegate-bench-")  # noqa: SIM115
+            piece = os.urandom(1024 * 1024)
+            written = 0
+            while written < size:
+                written += f.write(piece[: size - written])
+            f.flush()
+            _files[size] = f
+        return f
 
 
 def make_header(role: str, seconds: float, warmup: float, file_size: int) -> bytes:
