@@ -88,17 +88,24 @@ class ProxyServer:
             negative_ttl=self.config.dns_negative_ttl,
         )
         self.dialer: dial_module.Dialer = self.config.dialer or dial_module.dial
-        self.policy = Policy(
-            allow_client=self.config.allow_client,
-            allow_port=self.config.allow_port,
-            allow_dest=self.config.allow_dest,
-            deny_dest=self.config.deny_dest,
-        )
-        self._servers: list[StreamServer] = []
-        #: where the proxy listens, with the real ports, once started
+        #: where the proxy listens (with the real ports once started), and as policy sees it
         self.addresses: list[tuple[str, int]] = []
+        self._listeners: list[Listener] = []
+        self._configure(self.config)
+        self._servers: list[StreamServer] = []
         self._pool = Pool()
         self._stopped = Event()
+
+    def _configure(self, config: Config) -> None:
+        """Build what a reload may change from the settings: the one place for it, so that
+        start-up and a reload can never derive them differently."""
+        self.policy = Policy(
+            allow_client=config.allow_client,
+            allow_port=config.allow_port,
+            allow_dest=config.allow_dest,
+            deny_dest=config.deny_dest,
+            listeners=self._listeners,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -119,7 +126,7 @@ class ProxyServer:
                 self._servers.append(server)
                 bound = server.socket.getsockname()
                 self.addresses.append(bound[:2])
-                self.policy.listeners.append(
+                self._listeners.append(
                     Listener(ipaddress.ip_address(bound[0].split("%")[0]), bound[1])
                 )
                 log.info("listening on %s", _show_address(bound))
