@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from splicegate.relay import Engine, RelayTimeouts, create_engine
+from splicegate.relay import Engine, RelayTimeouts, create_engine, native_engine_error
 
 # --- relay engines ------------------------------------------------------------------------
 # Every relay test runs against each engine that loads here: "python" always, "native" once
-# splicegate._engine builds. The pure-Python engine is the reference the native one must match.
+# splicegate._engine builds (and SPLICEGATE_PUREPYTHON is not set). The pure-Python engine is
+# the reference the native one must match.
 
-
-def _loadable_engines() -> list[str]:
-    kinds = ["python"]
-    try:
-        importlib.import_module("splicegate._engine")
-    except ImportError:
-        pass
-    else:
-        kinds.append("native")
-    return kinds
-
-
-ENGINE_KINDS = _loadable_engines()
+ENGINE_KINDS = ["python"] if native_engine_error() else ["python", "native"]
 
 
 @pytest.fixture(params=ENGINE_KINDS)

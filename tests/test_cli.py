@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from proxyproc import WAIT, ProxyProcess
 from splicegate.config import Config, cli_fields, parse_address
-from splicegate.relay import native_engine_error
+from splicegate.relay import PUREPYTHON_ENV
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "splicegate", *args], capture_output=True, text=True, timeout=WAIT
+        [sys.executable, "-m", "splicegate", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -102,10 +108,57 @@ def test_parse_address() -> None:
             parse_address(bad)
 
 
-@pytest.mark.skipif(native_engine_error() is None, reason="the native engine is built here")
+# --- without the native engine ------------------------------------------------------------
+# pip hides build warnings, so a proxy installed without its engine must say so itself. The
+# extension is made missing with SPLICEGATE_PUREPYTHON (as msgpack's MSGPACK_PUREPYTHON), or
+# with an import hook that fails the way a broken build does, so these run where it is built.
+
+MISSING = {PUREPYTHON_ENV: "1"}
+
+
 def test_engine_native_fails_clearly_when_missing() -> None:
     for args in (["--engine", "native", "--version"], ["--engine", "native"]):
-        out = run_cli(*args)
+        out = run_cli(*args, env=MISSING)
         assert out.returncode == 1
-        assert "the native relay engine cannot be loaded" in out.stderr
+        assert "the native relay engine cannot be loaded: SPLICEGATE_PUREPYTHON is set" in (
+            out.stderr
+        )
         assert "Traceback" not in out.stderr
+
+
+def test_version_says_the_fallback_runs_and_why() -> None:
+    out = run_cli("--version", env=MISSING)
+    assert out.returncode == 0
+    assert "engine: python (recv/send copying)" in out.stdout
+    assert "native engine unavailable: SPLICEGATE_PUREPYTHON is set" in out.stdout
+    assert "unavailable" not in out.stderr  # said once, on stdout, not warned about as well
+
+
+def test_startup_log_says_the_fallback_runs_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PUREPYTHON_ENV, "1")
+    proc = ProxyProcess()
+    try:
+        proc.wait_for_log(r"relay engine: python \(copying\)")
+        assert (
+            "native relay engine unavailable (SPLICEGATE_PUREPYTHON is set); "
+            "running the pure-Python engine" in proc.log()
+        )
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_failed_import_is_reported_with_its_reason(tmp_path: Path) -> None:
+    """The reason shown is the ImportError's own text, as for a wheel built for another libc."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoEngine(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'splicegate._engine':\n"
+        "            raise ImportError('_engine.so: cannot open shared object file')\n"
+        "sys.meta_path.insert(0, NoEngine())\n"
+    )
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    out = run_cli("--version", env={"PYTHONPATH": os.pathsep.join(path), PUREPYTHON_ENV: ""})
+    assert out.returncode == 0, out.stderr
+    assert "engine: python" in out.stdout
+    assert "native engine unavailable: _engine.so: cannot open shared object file" in out.stdout

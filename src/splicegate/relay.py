@@ -11,6 +11,7 @@ stay interchangeable and every relay test runs against both.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -67,9 +68,16 @@ class Engine(Protocol):
 
 ENGINES = ("auto", "native", "python")
 
+#: Set (to anything but "" or "0"), the native engine counts as missing, as msgpack's
+#: MSGPACK_PUREPYTHON does for its extension: the fallback path (its warning, ``--version``,
+#: ``--engine native`` refusing) can then be run and tested where the extension is built.
+PUREPYTHON_ENV = "SPLICEGATE_PUREPYTHON"
+
 
 def native_engine_error() -> str | None:
     """Why the native engine cannot load, or None when it can."""
+    if os.environ.get(PUREPYTHON_ENV, "") not in ("", "0"):
+        return f"{PUREPYTHON_ENV} is set"
     try:
         import splicegate._engine  # type: ignore[import-not-found]  # noqa: F401
     except ImportError as exc:
