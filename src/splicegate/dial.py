@@ -9,7 +9,7 @@ costs 250 ms over IPv4, not the whole ``--connect-timeout``; a host that refuses
 address is tried on the next at once.
 
 All attempts run in the calling greenlet as non-blocking sockets watched together through
-gevent's ``select`` (libev watchers, no fd limit), so there is no greenlet per attempt and
+gevent's ``poll`` (libev watchers, no fd limit), so there is no greenlet per attempt and
 every socket has one owner that closes it in a ``finally``, also when the caller is killed.
 
 :func:`dial` has the fixed signature of :data:`Dialer`, so that an embedding application
@@ -119,9 +119,14 @@ def dial(
                 next_start = now + attempt_delay
                 continue
             wake = min(next_start, deadline) if waiting else deadline
-            _, writable, _ = gselect.select([], list(racing), [], max(wake - time.monotonic(), 0))
-            ready = set(writable)
-            for sock in [s for s in racing if s in ready]:  # the earliest attempt first
+            # poll, not select: gevent's select first calls select(2), which refuses fds
+            # above 1023, and a busy proxy has thousands.
+            poller = gselect.poll()
+            for sock in racing:
+                poller.register(sock, gselect.POLLOUT)
+            wait_ms = max(wake - time.monotonic(), 0.0) * 1000.0
+            ready = {fd for fd, _ in poller.poll(wait_ms or 0.001)}
+            for sock in [s for s in racing if s.fileno() in ready]:  # the earliest first
                 address = racing.pop(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code == 0:
