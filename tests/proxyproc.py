@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -21,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import pytest
 
 WAIT = 15.0  # the longest any helper waits for anything
 
@@ -276,3 +279,19 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def descriptors_above_1023() -> Iterator[None]:
+    """Hold 1,100 fds, so that every socket opened inside gets a number above 1023."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the open-file hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [os.dup(0) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

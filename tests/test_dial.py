@@ -13,7 +13,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from proxyproc import full_accept_queue, ipv6_loopback
+from proxyproc import descriptors_above_1023, full_accept_queue, ipv6_loopback
 from splicegate.dial import _Failure, _failure_error, dial, interleave
 from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
 
@@ -356,18 +355,8 @@ def test_no_fd_growth_over_many_races() -> None:
 
 def test_works_with_descriptors_above_1023(listener: socket.socket) -> None:
     """A busy proxy holds thousands of fds; select(2) cannot watch one numbered 1024+."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 2048:
-        pytest.skip(f"the open-file hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    filler = [os.dup(listener.fileno()) for _ in range(1100)]
-    try:
-        sock = dial([ipaddress.ip_address("127.0.0.1")], listener.getsockname()[1],
-                    time.monotonic() + 5)  # fmt: skip
+    with descriptors_above_1023():
+        sock = dial([ip("127.0.0.1")], listener.getsockname()[1], soon())
         with sock:
             assert sock.fileno() > 1023
             assert sock.getpeername() == listener.getsockname()
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -20,6 +20,7 @@ import gevent
 import pytest
 
 from dnsserver import SPOOFED_ADDRESS, DnsServer
+from proxyproc import descriptors_above_1023
 from splicegate.errors import DnsError, DnsTimeout
 from splicegate.resolve import (
     NameserverResolver,
@@ -445,3 +446,10 @@ def test_make_resolver(dns_server: DnsServer) -> None:
     chosen: Resolver = make_resolver([dns_server.address])
     assert isinstance(chosen, NameserverResolver)
     assert chosen.nameservers == [dns_server.address]
+
+
+def test_works_with_descriptors_above_1023(dns_server: DnsServer) -> None:
+    """Under load the query sockets get numbers past select(2)'s reach."""
+    dns_server.add("busy.test", a=["127.0.0.1"])
+    with descriptors_above_1023():
+        assert resolver(dns_server).resolve("busy.test", soon()) == [ip("127.0.0.1")]

@@ -9,7 +9,7 @@ costs 250 ms over IPv4, not the whole ``--connect-timeout``; a host that refuses
 address is tried on the next at once.
 
 All attempts run in the calling greenlet as non-blocking sockets watched together through
-gevent's ``poll`` (libev watchers, no fd limit), so there is no greenlet per attempt and
+``waiting.ready`` (libev watchers, no fd limit), so there is no greenlet per attempt and
 every socket has one owner that closes it in a ``finally``, also when the caller is killed.
 
 :func:`dial` has the fixed signature of :data:`Dialer`, so that an embedding application
@@ -31,10 +31,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gevent import select as gselect
 from gevent import socket as gsocket
 
 from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
+from splicegate.waiting import WRITE, ready
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -119,14 +119,8 @@ def dial(
                 next_start = now + attempt_delay
                 continue
             wake = min(next_start, deadline) if waiting else deadline
-            # poll, not select: gevent's select first calls select(2), which refuses fds
-            # above 1023, and a busy proxy has thousands.
-            poller = gselect.poll()
-            for sock in racing:
-                poller.register(sock, gselect.POLLOUT)
-            wait_ms = max(wake - time.monotonic(), 0.0) * 1000.0
-            ready = {fd for fd, _ in poller.poll(wait_ms or 0.001)}
-            for sock in [s for s in racing if s.fileno() in ready]:  # the earliest first
+            done = ready(racing, WRITE, wake - time.monotonic())
+            for sock in [s for s in racing if s.fileno() in done]:  # the earliest first
                 address = racing.pop(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code == 0:

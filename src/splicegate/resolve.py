@@ -35,10 +35,10 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import gevent
-from gevent import select as gselect
 from gevent import socket as gsocket
 
 from splicegate.errors import DnsError, DnsTimeout
+from splicegate.waiting import READ, ready
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -439,8 +439,8 @@ class NameserverResolver:
                         continue
                 wait = max(min(next_send, deadline) - time.monotonic(), 0.0)
                 watched = [s for srv, s in sockets.items() if srv not in failed]
-                readable, _, _ = gselect.select(watched, [], [], wait)
-                for sock in readable:
+                readable = ready(watched, READ, wait)
+                for sock in [s for s in watched if s.fileno() in readable]:
                     server = owner[sock]
                     if server in failed:
                         continue
