@@ -32,3 +32,4 @@ cdef enum:
     BATCH = 256                 # epoll events per wait
     PUMP_BUDGET = 4194304       # bytes one tunnel moves per turn before others get theirs
     DEFAULT_PIPE_SIZE = 65536
+    POOL_KEEP = 16              # empty pipes each thread keeps for the next transfer

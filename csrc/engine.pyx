@@ -128,6 +128,7 @@ cdef struct Worker:
     Py_ssize_t heap_len
     Py_ssize_t heap_cap
     Pipe* free_pipes
+    int free_count
     Tunnel* ready           # tunnels that used their budget and have more to move
     Tunnel* graveyard       # finished in this batch, handed to the hub after it
 
@@ -141,6 +142,7 @@ cdef Pipe* get_pipe(Worker* w) noexcept nogil:
     cdef int size
     if p != NULL:
         w.free_pipes = p.next
+        w.free_count -= 1
         sg_add(&w.core.pipes_in_use, 1)
         return p
     if sg_load(&w.core.pipes_total) >= w.core.max_pipes:
@@ -174,13 +176,16 @@ cdef void destroy_pipe(Worker* w, Pipe* p) noexcept nogil:
 
 
 cdef void put_pipe(Worker* w, Pipe* p, bint holds_data) noexcept nogil:
-    """Back to the pool when empty; a pipe still holding bytes can only be destroyed."""
+    """Back to the pool when empty and the pool is not full; a pipe still holding bytes
+    can only be destroyed. The pool stays small: a burst of transfers must not leave
+    hundreds of idle pipes (two fds and kernel memory each) behind it."""
     sg_add(&w.core.pipes_in_use, -1)
-    if holds_data:
+    if holds_data or w.free_count >= POOL_KEEP:
         destroy_pipe(w, p)
     else:
         p.next = w.free_pipes
         w.free_pipes = p
+        w.free_count += 1
 
 
 # --- moving bytes ---------------------------------------------------------------------------
@@ -214,7 +219,13 @@ cdef ssize_t fill(Worker* w, Dir* d, int src, int* err) noexcept nogil:
             if e == EAGAIN:
                 # Ambiguous: with bytes in the pipe it may be the pipe that is full (its
                 # slots hold partial pages), so only an empty pipe proves the socket drained.
-                return NO_ROOM if d.in_pipe > 0 else WOULD_BLOCK
+                if d.in_pipe > 0:
+                    return NO_ROOM
+                # Drained, and the pipe is empty: back to the pool, so that an idle tunnel
+                # holds no pipe (else every direction that ever read would keep one).
+                put_pipe(w, d.pipe, False)
+                d.pipe = NULL
+                return WOULD_BLOCK
             if e == EINVAL or e == ENOSYS:
                 d.nosplice = True
                 if d.in_pipe > 0:
@@ -766,17 +777,23 @@ cdef class NativeEngine:
         cdef Tunnel* t
         cdef Worker* w
         cdef uint64_t one = 1
-        cdef int side, flags
+        cdef int side
         cdef int fds[2]
+        cdef int flags[2]
         if self.closing:
             raise RuntimeError("the relay engine is shutting down")
         if not self.threads_started:
             self._start_threads()
         fds[0] = client_fd
         fds[1] = origin_fd
+        # Check both before changing either: when submit raises, the caller still owns both
+        # fds, and neither may have been touched (not even made non-blocking).
         for side in range(2):
-            flags = fcntl(fds[side], F_GETFL)
-            if flags < 0 or fcntl(fds[side], F_SETFL, flags | O_NONBLOCK) < 0:
+            flags[side] = fcntl(fds[side], F_GETFL)
+            if flags[side] < 0:
+                raise OSError(sg_errno(), "not a usable socket")
+        for side in range(2):
+            if fcntl(fds[side], F_SETFL, flags[side] | O_NONBLOCK) < 0:
                 raise OSError(sg_errno(), "not a usable socket")
         t = <Tunnel*>calloc(1, sizeof(Tunnel))
         if t == NULL:
@@ -898,6 +915,7 @@ cdef class NativeEngine:
                 p = w.free_pipes
                 w.free_pipes = p.next
                 destroy_pipe(w, p)
+            w.free_count = 0
             close(w.epfd)
             close(w.wake_fd)
             w.epfd = w.wake_fd = -1
@@ -942,6 +960,7 @@ cdef class NativeEngine:
                 w.free_pipes = p.next
                 close(p.rfd)
                 close(p.wfd)
+            w.free_count = 0
             if w.epfd >= 0:
                 close(w.epfd)
             if w.wake_fd >= 0:
