@@ -452,20 +452,22 @@ def multi_stream_transfer(
     )
 
 
-def run_stream(
+def _run_transfer(
+    command: str,
     direction: str,
     proxy: Address | None,
     target: Address,
-    seconds: float = 3.0,
-    warmup: float = 0.5,
-    file_size: int = DEFAULT_FILE_SIZE,
-    timeout: float = 60.0,
-) -> StreamResult:
-    """``stream_transfer`` in a fresh process; waits for it (bounded) and returns its result."""
+    seconds: float,
+    warmup: float,
+    file_size: int,
+    timeout: float,
+    extra: list[str],
+) -> dict:
+    """One transfer command of this module in a fresh process; waits for it (bounded)."""
     cmd = [
         sys.executable,
         str(LOADGEN),
-        "stream",
+        command,
         "--direction",
         direction,
         "--proxy",
@@ -480,13 +482,30 @@ def run_stream(
         str(file_size),
         "--timeout",
         repr(timeout),
+        *extra,
     ]
     done = subprocess.run(
-        cmd, stdout=subprocess.PIPE, timeout=warmup + seconds + STOP_SLACK + 2 * timeout
+        cmd, stdout=subprocess.PIPE, timeout=warmup + seconds + STOP_SLACK + 3 * timeout
     )
     if done.returncode != 0:
-        raise RuntimeError(f"stream load generator exited with {done.returncode}")
-    return StreamResult(**json.loads(done.stdout))
+        raise RuntimeError(f"{command} load generator exited with {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def run_stream(
+    direction: str,
+    proxy: Address | None,
+    target: Address,
+    seconds: float = 3.0,
+    warmup: float = 0.5,
+    file_size: int = DEFAULT_FILE_SIZE,
+    timeout: float = 60.0,
+) -> StreamResult:
+    """``stream_transfer`` in a fresh process."""
+    return StreamResult(
+        **_run_transfer("stream", direction, proxy, target, seconds, warmup, file_size,
+                        timeout, [])
+    )  # fmt: skip
 
 
 def run_multi_stream(
@@ -499,34 +518,11 @@ def run_multi_stream(
     file_size: int = DEFAULT_FILE_SIZE,
     timeout: float = 60.0,
 ) -> MultiStreamResult:
-    """``multi_stream_transfer`` in a fresh process; waits for it (bounded)."""
-    cmd = [
-        sys.executable,
-        str(LOADGEN),
-        "streams",
-        "--streams",
-        str(streams),
-        "--direction",
-        direction,
-        "--proxy",
-        format_address(proxy),
-        "--target",
-        format_address(target),
-        "--seconds",
-        repr(seconds),
-        "--warmup",
-        repr(warmup),
-        "--file-size",
-        str(file_size),
-        "--timeout",
-        repr(timeout),
-    ]
-    done = subprocess.run(
-        cmd, stdout=subprocess.PIPE, timeout=warmup + seconds + STOP_SLACK + 3 * timeout
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"streams load generator exited with {done.returncode}")
-    return MultiStreamResult(**json.loads(done.stdout))
+    """``multi_stream_transfer`` in a fresh process."""
+    return MultiStreamResult(
+        **_run_transfer("streams", direction, proxy, target, seconds, warmup, file_size,
+                        timeout, ["--streams", str(streams)])
+    )  # fmt: skip
 
 
 # --- idle tunnels ---------------------------------------------------------------------------
