@@ -6,7 +6,6 @@ import argparse
 import logging
 import logging.handlers
 import queue
-import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from gevent.event import Event
 
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
+from splicegate.limits import raise_open_file_limit
 from splicegate.relay import native_engine_error
 from splicegate.server import ProxyServer
 
@@ -31,6 +31,8 @@ examples:
       more ports; names resolved by a chosen DNS server
   curl -p -x http://127.0.0.1:3128 https://example.com/
       use it
+  splicegate passwd users.txt alice && splicegate --auth-file users.txt
+      require a user name and password (curl --proxy-user alice:PASSWORD ...)
 """
 
 
@@ -92,19 +94,6 @@ def setup_logging(level: int) -> logging.handlers.QueueListener:
     return listener
 
 
-def raise_open_file_limit() -> None:
-    """Each tunnel holds two sockets; the usual soft limit of 1024 is far too low."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
-    if soft < 4096:
-        log.warning("open-file limit is %d: at most about %d tunnels", soft, soft // 2)
-
-
 def print_version(config: Config) -> int:
     log.addHandler(logging.NullHandler())  # the reason is printed below, not warned about
     try:
@@ -122,6 +111,11 @@ def print_version(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["passwd"]:  # splicegate passwd FILE USER: writes an --auth-file
+        from splicegate.auth import passwd_main
+
+        return passwd_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
@@ -135,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: Config) -> int:
-    raise_open_file_limit()
+    raise_open_file_limit(config.max_connections)
     try:
         server = ProxyServer(config)
         server.start()

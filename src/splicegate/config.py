@@ -15,8 +15,16 @@ from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
+from splicegate.auth import read_users
 from splicegate.dial import Dialer
-from splicegate.policy import IPNetwork, PortRange, parse_network, parse_port_spec
+from splicegate.policy import (
+    DomainRule,
+    IPNetwork,
+    PortRange,
+    parse_domain_rule,
+    parse_network,
+    parse_port_spec,
+)
 from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine
 from splicegate.resolve import Resolver
 
@@ -87,6 +95,22 @@ def _network(value: Any) -> IPNetwork:
 
 def _port(value: Any) -> PortRange:
     return value if isinstance(value, PortRange) else parse_port_spec(str(value))
+
+
+def _auth_file(value: Any) -> str:
+    """A password file, read and checked now, so that a bad one is refused at start and by a
+    reload alike, naming the line at fault; "" for no authentication."""
+    path = "" if value is None else str(value).strip()
+    if path:
+        read_users(path)
+    return path
+
+
+def _realm(value: Any) -> str:
+    text = str(value)
+    if not text or not all(" " <= c <= "~" for c in text):
+        raise ValueError(f"{value!r}: a realm is printable ASCII, not empty")
+    return text
 
 
 def setting(
@@ -166,6 +190,25 @@ class Config:
         "largest request head accepted, in bytes (else 431)",
         metavar="N",
     )
+    max_header_fields: int = setting(
+        100,
+        _number(int, 1),
+        "most header fields a request head may have (else 431)",
+        metavar="N",
+    )
+    max_connections: int = setting(
+        10_000,
+        _number(int, 1),
+        "connections at once, from accept until the tunnel closes; more get 503",
+        metavar="N",
+    )
+    max_connections_per_client: int = setting(
+        0,
+        _number(int, 1, zero_ok=True),
+        "connections at once from one client address; more get 503 (0: no limit)",
+        metavar="N",
+        shown_default="no limit",
+    )
     allow_client: tuple[IPNetwork, ...] = setting(
         [],
         _network,
@@ -199,6 +242,38 @@ class Config:
         metavar="CIDR",
         multiple=True,
         shown_default="none",
+    )
+    allow_domain: tuple[DomainRule, ...] = setting(
+        [],
+        parse_domain_rule,
+        "target name allowed, checked before DNS: example.com, or .example.com for it and its "
+        "subdomains (repeatable; once given, other names and IP literals are denied)",
+        metavar="DOMAIN",
+        multiple=True,
+        shown_default="every name",
+    )
+    deny_domain: tuple[DomainRule, ...] = setting(
+        [],
+        parse_domain_rule,
+        "target name denied, checked before DNS: example.com, or .example.com for it and its "
+        "subdomains (repeatable; wins over --allow-domain)",
+        metavar="DOMAIN",
+        multiple=True,
+        shown_default="none",
+    )
+    auth_file: str = setting(
+        "",
+        _auth_file,
+        "require Basic proxy authentication against this file of user:scrypt$N$r$p$salt$hash "
+        "lines (write it with: splicegate passwd FILE USER); re-read on reload",
+        metavar="FILE",
+        shown_default="none: no authentication",
+    )
+    auth_realm: str = setting(
+        "splicegate",
+        _realm,
+        "the realm named in the 407's Proxy-Authenticate",
+        metavar="REALM",
     )
     nameserver: tuple[Address, ...] = setting(
         [],

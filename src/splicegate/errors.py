@@ -93,8 +93,8 @@ class HeadTooLarge(ProxyError):
 class OverCapacity(ProxyError):
     """A connection cap is reached."""
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: int = 1, details: str | None = None) -> None:
+        super().__init__(message, details=details)
         self.retry_after = retry_after
 
     def headers(self) -> list[tuple[str, str]]:

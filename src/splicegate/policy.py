@@ -9,13 +9,21 @@ after resolution, so a name cannot smuggle a denied address in (DNS rebinding).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from splicegate.errors import ClientDenied, DestinationDenied, PortDenied, ProxyLoop
+from splicegate.errors import (
+    ClientDenied,
+    DestinationDenied,
+    DomainDenied,
+    PortDenied,
+    ProxyLoop,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -185,15 +193,19 @@ def _is_local_address(addr: IPAddress) -> bool:
 
 @dataclass(slots=True)
 class Policy:
-    """Client, port, destination and self-loop checks (DESIGN.md steps 5, 7, 8, 10)."""
+    """Client, port, domain, destination and self-loop checks (DESIGN.md steps 5, 7, 8, 10;
+    domain rules before resolution, step 9)."""
 
     allow_client: Sequence[IPNetwork] = ()
     allow_port: Sequence[PortRange] = ()
     allow_dest: Sequence[IPNetwork] = ()
     deny_dest: Sequence[IPNetwork] = ()
     listeners: list[Listener] = field(default_factory=list)
+    allow_domain: Sequence[DomainRule] = ()
+    deny_domain: Sequence[DomainRule] = ()
     _clients: AddressTable = field(init=False)
     _dests: AddressTable = field(init=False)
+    _domains: DomainRules = field(init=False)
 
     def __post_init__(self) -> None:
         clients = self.allow_client or [parse_network(n) for n in DEFAULT_ALLOWED_CLIENTS]
@@ -207,6 +219,7 @@ class Policy:
         rules += [Rule(n, True, "--allow-dest") for n in self.allow_dest]
         rules += [Rule(n, False, "--deny-dest") for n in self.deny_dest]
         self._dests = AddressTable(rules, Rule(ipaddress.ip_network("::/0"), True, "default"))
+        self._domains = DomainRules(self.allow_domain, self.deny_domain)
 
     def check_client(self, addr: IPAddress) -> None:
         addr = effective(addr)
@@ -223,6 +236,10 @@ class Policy:
                 f"port {port} is not allowed; allow it with --allow-port {port}",
                 details=f"port {port} not allowed",
             )
+
+    def check_domain(self, host: str, literal: bool) -> None:
+        """--allow-domain and --deny-domain, before DNS: DomainDenied names the rule."""
+        self._domains.check(host, literal)
 
     def check_not_self(self, addr: IPAddress, port: int) -> None:
         """Refuse a CONNECT to one of our own listeners, which would loop forever."""
@@ -262,4 +279,111 @@ class Policy:
         raise DestinationDenied(
             f"connecting to {shown} is not allowed: {hint}",
             details=f"{eff} is in {rule.network}",
+        )
+
+
+# --- domain rules (--allow-domain, --deny-domain) -------------------------------------------
+# Checked on the name in the CONNECT target, before any DNS query, as Squid's dstdomain: a
+# denied name is never looked up. Rules match names only, as dstdomain does: "example.com"
+# is that name, ".example.com" the name and every name under it. A deny rule never matches an
+# IP-literal target (a name rule cannot know which addresses are "its"), but an allow list
+# is a list of what may be reached, so once one exists a literal is denied like any other
+# target it does not list, unless a rule names that very address (--allow-domain
+# 192.0.2.10); otherwise writing the address would bypass the list. The destination table
+# still judges every address dialled, names and literals alike.
+
+_DOMAIN_LABEL = re.compile(r"[a-z0-9_](?:[-a-z0-9_]{0,61}[a-z0-9_])?")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRule:
+    """``example.com`` (exact), ``.example.com`` (it and its subdomains), or an address."""
+
+    name: str  # lower case, no leading or final dot; an address in its canonical form
+    subdomains: bool
+
+    def __str__(self) -> str:
+        return "." + self.name if self.subdomains else self.name
+
+
+def parse_domain_rule(text: str) -> DomainRule:
+    """A domain rule as written on the command line; ValueError says what is allowed."""
+    if isinstance(text, DomainRule):
+        return text
+    spec = str(text).strip().lower()
+    subdomains = spec.startswith(".")
+    name = spec[1:] if subdomains else spec
+    name = name.removesuffix(".")
+    if not subdomains:
+        literal = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+        with contextlib.suppress(ValueError):
+            return DomainRule(str(ipaddress.ip_address(literal)), False)
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_DOMAIN_LABEL.fullmatch(x) for x in labels):
+        raise ValueError(
+            f"{text!r} is not a domain: write example.com for that name, .example.com for it "
+            "and its subdomains (names in ASCII; internationalised ones as xn--...)"
+        )
+    if labels[-1].isdigit():
+        raise ValueError(f"{text!r}: a name's last label is not all digits; is it an address?")
+    return DomainRule(name, subdomains)
+
+
+class DomainRules:
+    """The allow and deny lists: deny wins; with any allow rule, what it does not list is
+    denied. Lookups walk the name's suffixes in sets, so the cost is per label, not per
+    rule."""
+
+    def __init__(self, allow: Iterable[DomainRule] = (), deny: Iterable[DomainRule] = ()) -> None:
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+        self._allow = self._index(self.allow)
+        self._deny = self._index(self.deny)
+
+    @staticmethod
+    def _index(rules: Sequence[DomainRule]) -> tuple[dict[str, DomainRule], dict[str, DomainRule]]:
+        exact = {r.name: r for r in rules if not r.subdomains}
+        under = {r.name: r for r in rules if r.subdomains}
+        return exact, under
+
+    @staticmethod
+    def _match(
+        host: str, index: tuple[dict[str, DomainRule], dict[str, DomainRule]]
+    ) -> DomainRule | None:
+        exact, under = index
+        rule = exact.get(host)
+        if rule is not None or not under:
+            return rule
+        name = host
+        while True:
+            rule = under.get(name)
+            if rule is not None:
+                return rule
+            dot = name.find(".")
+            if dot < 0:
+                return None
+            name = name[dot + 1 :]
+
+    def check(self, host: str, literal: bool) -> None:
+        """Raise DomainDenied naming the rule that refuses ``host``; return if allowed."""
+        if not self.allow and not self.deny:
+            return
+        if literal:  # only a rule naming this very address matches it
+            host = str(ipaddress.ip_address(host))
+            denied, allowed = self._deny[0].get(host), self._allow[0].get(host)
+        else:
+            denied, allowed = self._match(host, self._deny), self._match(host, self._allow)
+        if denied is not None:
+            raise DomainDenied(
+                f"{host} is denied by --deny-domain {denied}",
+                details=f"{host} denied by --deny-domain {denied}",
+            )
+        if not self.allow or allowed is not None:
+            return
+        shown = ", ".join(map(str, self.allow[:5])) + (", ..." if len(self.allow) > 5 else "")
+        what = "the address" if literal else "the name"
+        raise DomainDenied(
+            f"{what} {host} is not in the allowed domains ({shown}); allow it with "
+            f"--allow-domain {host}",
+            details=f"{host} not in --allow-domain",
         )

@@ -21,6 +21,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from splicegate import auth
 from splicegate import dial as dial_module
 from splicegate.config import Config
 from splicegate.dnscache import DnsCache
@@ -31,6 +32,7 @@ from splicegate.errors import (
     ProxyError,
     render,
 )
+from splicegate.limits import AcceptServer, ConnectionLimits
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
@@ -53,6 +55,7 @@ class Attempt:
     connect_s: float = 0.0
     status: int = 0
     error: str | None = None
+    user: str = ""  # who passed proxy authentication; never anything of the password
 
 
 class ProxyServer:
@@ -91,6 +94,9 @@ class ProxyServer:
         #: where the proxy listens (with the real ports once started), and as policy sees it
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[Listener] = []
+        #: connections open now, against --max-connections(-per-client); outlives reloads
+        self.connections = ConnectionLimits()
+        self.authenticator: auth.Authenticator | None = None
         self._configure(self.config)
         self._servers: list[StreamServer] = []
         self._pool = Pool()
@@ -99,13 +105,20 @@ class ProxyServer:
     def _configure(self, config: Config) -> None:
         """Build what a reload may change from the settings: the one place for it, so that
         start-up and a reload can never derive them differently."""
+        # First, as it may raise (a broken password file) before anything has changed. The
+        # same file and realm keep their authenticator, which re-reads a changed file.
+        authenticator = auth.configure(self.authenticator, config.auth_file, config.auth_realm)
         self.policy = Policy(
             allow_client=config.allow_client,
             allow_port=config.allow_port,
             allow_dest=config.allow_dest,
             deny_dest=config.deny_dest,
             listeners=self._listeners,
+            allow_domain=config.allow_domain,
+            deny_domain=config.deny_domain,
         )
+        self.authenticator = authenticator
+        self.connections.set_caps(config.max_connections, config.max_connections_per_client)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -115,7 +128,7 @@ class ProxyServer:
             self.engine = self.config.create_engine()
         try:
             for host, port in self.config.listen:
-                server = StreamServer((host, port), self.handle, spawn=self._pool)
+                server = AcceptServer((host, port), self.handle, spawn=self._pool)
                 server.backlog = self.backlog
                 try:
                     server.start()
@@ -170,8 +183,12 @@ class ProxyServer:
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
-        handed_off = False
+        handed_off = admitted = False
         try:
+            # Counted from here until the tunnel closes (on_done), or until this handler
+            # ends without a tunnel; over a cap: 503 through the refusal path, uncounted.
+            self.connections.admit(attempt.client[0])
+            admitted = True
             handed_off = self._serve(sock, attempt)
         except ProxyError as err:
             self._refuse(sock, attempt, err)
@@ -183,6 +200,8 @@ class ProxyServer:
         finally:
             if not handed_off:
                 sock.close()
+                if admitted:
+                    self.connections.release(attempt.client[0])
 
     def _serve(self, sock: socket.socket, attempt: Attempt) -> bool:
         """Run the checks in DESIGN.md's order; True once the engine owns the sockets."""
@@ -199,7 +218,10 @@ class ProxyServer:
             )
         client_ip = ipaddress.ip_address(attempt.client[0].split("%")[0])
         self.policy.check_client(client_ip)
+        if self.authenticator is not None:  # every CONNECT, whatever its version or fields
+            attempt.user = self.authenticator.check(request)
         self.policy.check_port(request.port)
+        self.policy.check_domain(request.host, request.is_ip_literal)  # before any DNS query
         addresses = self._resolve(request, attempt)
         for addr in addresses:
             self.policy.check_not_self(addr, request.port)
@@ -222,7 +244,9 @@ class ProxyServer:
 
     def _read_head(self, sock: socket.socket) -> tuple[Request, bytes] | None:
         """The request and the bytes after it, or None if the client left without one."""
-        parser = RequestParser(max_head_bytes=self.config.max_header_bytes)
+        parser = RequestParser(
+            max_head_bytes=self.config.max_header_bytes, max_fields=self.config.max_header_fields
+        )
         timeout = self.config.header_timeout
         expired = HeadTimeout(
             f"the request head was not complete within {timeout:g} s",
@@ -258,6 +282,7 @@ class ProxyServer:
         origin_fd = origin.detach()
 
         def on_done(record: TunnelRecord) -> None:
+            self.connections.release(attempt.client[0])  # the tunnel is over: uncount it
             self.tunnel_finished(attempt, record)
 
         try:
@@ -272,7 +297,7 @@ class ProxyServer:
         """Called in the hub once both sockets of a tunnel are closed."""
         log.debug(
             "tunnel %s -> %s (%s) closed: %s by %s, up %d B, down %d B, %.3f s",
-            _show_address(attempt.client),
+            _show_client(attempt),
             attempt.target,
             attempt.dialled,
             record.reason,
@@ -287,7 +312,7 @@ class ProxyServer:
         attempt.status, attempt.error = err.status, err.proxy_status_error
         log.info(
             "refused %s %s: %d %s: %s",
-            _show_address(attempt.client),
+            _show_client(attempt),
             attempt.target or "-",
             err.status,
             err.proxy_status_error or "-",
@@ -310,3 +335,9 @@ class ProxyServer:
 def _show_address(address: tuple) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show_client(attempt: Attempt) -> str:
+    """The client as log lines show it: its address, and its user once authenticated."""
+    shown = _show_address(attempt.client)
+    return f"{shown} user {attempt.user}" if attempt.user else shown

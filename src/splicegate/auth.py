@@ -1,0 +1,421 @@
+"""Basic proxy authentication (RFC 7617, RFC 9110 §11.7): the password file, the check on
+every CONNECT, and the ``splicegate passwd`` command that writes the file.
+
+The file (``--auth-file``) holds one user per line, ``#`` comments and blank lines aside::
+
+    alice:scrypt$16384$8$1$<salt>$<hash>
+
+``scrypt$N$r$p$salt$hash``: the scrypt cost (N, a power of two), block size (r) and
+parallelism (p), then the salt and the derived key in standard base64 with padding. The user
+name is UTF-8 without ``:``, whitespace or control characters. ``splicegate passwd FILE USER``
+adds or changes a line; nothing else needs to write the file, and it never holds a password.
+
+Why it is built this way:
+
+- scrypt is slow on purpose (tens of milliseconds and 16 MiB per check at the defaults), so
+  it runs in a small thread pool of its own, never in the hub, and never in the hub's
+  thread pool either, where it would starve name resolution.
+- A success is remembered for :attr:`Authenticator.cache_seconds` as an HMAC of user,
+  password and stored record under a key that lives only in this process: the cache never
+  holds a password, an entry for a changed record cannot match, and the rate with auth on
+  stays near the rate with it off. A wrong password is never cached, so each guess costs a
+  full hash.
+- An unknown user is hashed against a dummy record with the file's usual parameters, so the
+  time taken does not tell whether a name exists; every comparison is constant-time.
+- Whatever the client sends, missing, malformed or wrong, the answer is the same 407, never
+  a 400 or a crash, and nothing of the credentials is logged: the log gets the user name of
+  a successful check only (a password typed into the user field stays out of the log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import contextlib
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import re
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from splicegate.errors import AuthRequired
+from splicegate.request import Request
+
+log = logging.getLogger("splicegate")
+
+#: Parameters for new passwords: N=2^14, r=8, p=1 (16 MiB, tens of ms); RFC 7914's
+#: interactive-login example and what Python's ``hashlib.scrypt`` memory default allows.
+SCRYPT_N = 1 << 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+KEY_BYTES = 32
+#: Largest memory one stored record may ask scrypt for (128 * N * r bytes): a file that
+#: asks for more is refused when it is read, not when a client makes the proxy hash.
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
+
+_SCHEME = "scrypt"
+_USER = re.compile(r"[^\x00-\x20\x7f:]+")
+_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """scrypt's cost parameters."""
+
+    n: int
+    r: int
+    p: int
+
+    @property
+    def memory(self) -> int:
+        return 128 * self.n * self.r
+
+
+DEFAULT_PARAMS = Params(SCRYPT_N, SCRYPT_R, SCRYPT_P)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One user's stored verifier: never the password, only what scrypt made of it."""
+
+    params: Params
+    salt: bytes
+    key: bytes
+    text: str  # the record as written in the file, part of the cache's HMAC
+
+
+def _scrypt(password: bytes, salt: bytes, params: Params, length: int) -> bytes:
+    return hashlib.scrypt(
+        password,
+        salt=salt,
+        n=params.n,
+        r=params.r,
+        p=params.p,
+        maxmem=params.memory * 2 + (1 << 20),  # OpenSSL wants a little over 128*N*r
+        dklen=length,
+    )
+
+
+def hash_password(password: str, params: Params = DEFAULT_PARAMS) -> str:
+    """A new record for ``password``: ``scrypt$N$r$p$salt$hash`` with a fresh salt."""
+    salt = os.urandom(SALT_BYTES)
+    key = _scrypt(password.encode("utf-8"), salt, params, KEY_BYTES)
+    b64 = base64.b64encode
+    return f"{_SCHEME}${params.n}${params.r}${params.p}${b64(salt).decode()}${b64(key).decode()}"
+
+
+def parse_record(text: str) -> Record:
+    """Read ``scrypt$N$r$p$salt$hash``; ValueError says what is wrong with it."""
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != _SCHEME:
+        raise ValueError("the password must be stored as scrypt$N$r$p$salt$hash")
+    try:
+        n, r, p = (int(x) for x in parts[1:4])
+    except ValueError:
+        raise ValueError("scrypt's N, r and p must be numbers") from None
+    if n < 2 or n & (n - 1) or r < 1 or p < 1:
+        raise ValueError("scrypt's N must be a power of two above 1, r and p at least 1")
+    params = Params(n, r, p)
+    if params.memory > MAX_SCRYPT_MEMORY:
+        raise ValueError(f"scrypt's N and r ask for more than {MAX_SCRYPT_MEMORY >> 20} MiB")
+    decoded = []
+    for what, b64 in (("salt", parts[4]), ("hash", parts[5])):
+        if not _B64.fullmatch(b64):
+            raise ValueError(f"the {what} is not base64")
+        try:
+            decoded.append(base64.b64decode(b64, validate=True))
+        except binascii.Error:
+            raise ValueError(f"the {what} is not base64") from None
+    salt, key = decoded
+    if not salt or len(key) < 16:
+        raise ValueError("the salt is empty or the hash shorter than 16 bytes")
+    return Record(params, salt, key, text)
+
+
+def check_user_name(name: str) -> str:
+    if not _USER.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a user name: it must be non-empty, without ':', spaces or "
+            "control characters"
+        )
+    return name
+
+
+def parse_users(text: str, source: str = "the password file") -> dict[str, Record]:
+    """Every user of a password file's text; ValueError names the line at fault."""
+    users: dict[str, Record] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, record = line.partition(":")
+        try:
+            if not sep:
+                raise ValueError("a line is user:scrypt$N$r$p$salt$hash")
+            check_user_name(name)
+            if name in users:
+                raise ValueError(f"user {name!r} is listed twice")
+            users[name] = parse_record(record)
+        except ValueError as exc:
+            raise ValueError(f"{source}, line {number}: {exc}") from None
+    return users
+
+
+def read_users(path: str) -> dict[str, Record]:
+    """Read and check a password file; ValueError (with the path) for any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    return parse_users(text, path)
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    """What changes when the file is replaced or rewritten: a reload re-reads it only then."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# --- the hashing pool -----------------------------------------------------------------------
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, object] | None = None  # (pid, gevent ThreadPool)
+
+
+def _hash_pool() -> object:
+    """The process's scrypt pool, made on first use (so after any fork into workers): as
+    many threads as CPUs, at most 4, which bounds both the CPU and the memory (16 MiB per
+    hash at the defaults) that a flood of wrong passwords can take."""
+    global _pool
+    from gevent.threadpool import ThreadPool
+
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPool(max(1, min(4, os.cpu_count() or 1))))
+        return _pool[1]
+
+
+# --- checking a request -----------------------------------------------------------------------
+
+
+class Authenticator:
+    """Checks ``Proxy-Authorization`` against the password file, for every CONNECT.
+
+    Built by :meth:`splicegate.server.ProxyServer._configure`; a reload calls :meth:`reload`,
+    which re-reads the file only when it changed (inode, size or mtime), keeping the cache:
+    entries for changed records can no longer match, because the record is part of their
+    HMAC.
+    """
+
+    #: how long a successful credential is remembered (as a keyed HMAC)
+    cache_seconds = 60.0
+    #: most credentials remembered; the oldest go first
+    cache_size = 10_000
+
+    def __init__(self, path: str, realm: str = "splicegate") -> None:
+        self.path = path
+        self.realm = realm
+        self._key = os.urandom(32)  # the cache's HMAC key: never leaves this process
+        self._cache: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+        self._identity: tuple[int, int, int, int] | None = None
+        self._users: dict[str, Record] = {}
+        self._dummy = Record(DEFAULT_PARAMS, b"\0" * SALT_BYTES, b"\0" * KEY_BYTES, "")
+        self.reload()
+
+    @property
+    def users(self) -> frozenset[str]:
+        return frozenset(self._users)
+
+    def reload(self) -> bool:
+        """Re-read the file if it changed; True when it did. A bad file raises ValueError
+        and leaves the users as they were, so a reload can refuse it and keep serving."""
+        try:
+            identity = _file_identity(self.path)
+        except OSError as exc:
+            raise ValueError(f"cannot read {self.path}: {exc}") from None
+        if identity == self._identity:
+            return False
+        users = read_users(self.path)
+        common = collections.Counter(r.params for r in users.values()).most_common(1)
+        params = common[0][0] if common else DEFAULT_PARAMS
+        salt = os.urandom(SALT_BYTES)
+        # A record no password matches, with the file's usual cost: an unknown user is
+        # hashed against it, so it takes as long as a known one.
+        self._dummy = Record(params, salt, os.urandom(KEY_BYTES), "")
+        self._users = users
+        self._identity = identity
+        self._cache.clear()
+        if not users:
+            log.warning("%s lists no users: every request will get 407", self.path)
+        return True
+
+    def check(self, request: Request) -> str:
+        """The authenticated user name, or AuthRequired (407) for anything else."""
+        credentials = self._credentials(request)
+        if credentials is None:
+            raise self._required("proxy authentication required: send Basic credentials")
+        user, password = credentials
+        record = self._users.get(user)
+        mac = hmac.new(
+            self._key,
+            b"\0".join((user.encode(), password, (record.text if record else "").encode())),
+            hashlib.sha256,
+        ).digest()
+        if record is not None and self._cached(user, mac):
+            return user
+        target = record or self._dummy
+        key = _hash_pool().apply(_scrypt, (password, target.salt, target.params, len(target.key)))
+        # Both branches compare, so an unknown user does the same work as a known one.
+        matches = hmac.compare_digest(key, target.key)
+        if record is None or not matches:
+            raise self._required("proxy authentication failed: wrong user name or password")
+        self._remember(user, mac)
+        return user
+
+    def _required(self, message: str) -> AuthRequired:
+        return AuthRequired(message, realm=self.realm)
+
+    def _credentials(self, request: Request) -> tuple[str, bytes] | None:
+        """User and password from the one Proxy-Authorization field, or None for anything
+        missing, repeated or malformed: the answer is a 407 in every case."""
+        values = [v for name, v in request.fields if name == b"proxy-authorization"]
+        if len(values) != 1:
+            return None
+        scheme, _, token = values[0].strip().partition(b" ")
+        if scheme.lower() != b"basic":
+            return None
+        token = token.strip(b" \t")
+        if not token or len(token) > 4096:
+            return None
+        try:
+            decoded = base64.b64decode(token, validate=True)
+            user_text, sep, password = decoded.partition(b":")
+            user = user_text.decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+        if not sep or not _USER.fullmatch(user):
+            return None
+        return user, password
+
+    def _cached(self, user: str, mac: bytes) -> bool:
+        entry = self._cache.get(user)
+        if entry is None:
+            return False
+        remembered, expires = entry
+        if time.monotonic() >= expires:
+            del self._cache[user]
+            return False
+        return hmac.compare_digest(remembered, mac)
+
+    def _remember(self, user: str, mac: bytes) -> None:
+        self._cache[user] = (mac, time.monotonic() + self.cache_seconds)
+        self._cache.move_to_end(user)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+
+def configure(previous: Authenticator | None, path: str, realm: str) -> Authenticator | None:
+    """The authenticator for these settings: the previous one re-read when it is for the same
+    file and realm (a reload keeps its cache and re-reads only a changed file), else a new
+    one; None when auth is off."""
+    if not path:
+        return None
+    if previous is not None and (previous.path, previous.realm) == (path, realm):
+        previous.reload()
+        return previous
+    return Authenticator(path, realm)
+
+
+# --- splicegate passwd FILE USER --------------------------------------------------------------
+
+
+def read_password(stdin: TextIO, *, prompt: bool) -> str:
+    """From a terminal: asked twice, without echo, the two must match. Otherwise: the first
+    line of stdin (so scripts can pipe it in), without its line ending."""
+    if prompt:
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Password again: "):
+            raise ValueError("the two passwords differ")
+        password = first
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError("the password is empty")
+    return password
+
+
+def set_password(path: str, user: str, password: str, params: Params = DEFAULT_PARAMS) -> bool:
+    """Add ``user`` or change its password, keeping every other line; True if it was added.
+
+    Written to a temporary file beside it and renamed over it, so a reader (a reload) sees
+    the old file or the new one, never half of one. A new file is made readable by its
+    owner only; an existing one keeps its mode.
+    """
+    check_user_name(user)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        lines, mode = [], 0o600
+    parse_users("\n".join(lines), path)  # refuse to rewrite a file that is already broken
+    entry = f"{user}:{hash_password(password, params)}"
+    added = True
+    for i, line in enumerate(lines):
+        if line.strip().partition(":")[0] == user and not line.lstrip().startswith("#"):
+            lines[i] = entry
+            added = False
+            break
+    else:
+        lines.append(entry)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".splicegate-passwd-", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return added
+
+
+def passwd_main(argv: Sequence[str]) -> int:
+    """``splicegate passwd FILE USER``."""
+    parser = argparse.ArgumentParser(
+        prog="splicegate passwd",
+        description="Add a user to a password file for --auth-file, or change its password. "
+        "The password is asked twice on a terminal, or read as one line from stdin.",
+    )
+    parser.add_argument("file", metavar="FILE", help="the password file (created if missing)")
+    parser.add_argument("user", metavar="USER", help="the user name")
+    args = parser.parse_args(argv)
+    try:
+        check_user_name(args.user)
+        password = read_password(sys.stdin, prompt=sys.stdin.isatty())
+        added = set_password(args.file, args.user, password)
+    except (ValueError, OSError) as exc:
+        print(f"splicegate passwd: error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print(file=sys.stderr)
+        return 1
+    print(f"{'added' if added else 'changed'} user {args.user} in {args.file}", file=sys.stderr)
+    return 0
