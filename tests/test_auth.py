@@ -1,0 +1,528 @@
+"""Basic proxy authentication: the password file, the check, ``splicegate passwd``, and the
+407 flow end to end with raw sockets, curl --proxy-user and requests.
+
+Unit tests use cheap scrypt parameters (N=16) so that they run in milliseconds; the proxy
+processes use the defaults, as a user's file would.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+import requests
+import trustme
+
+from proxyproc import WAIT, Origin, ProxyProcess, connect_head, origin, recv_exactly, request
+from splicegate import auth
+from splicegate.config import Config
+from splicegate.errors import AuthRequired, render
+from splicegate.request import Request, parse_head
+
+CHEAP = auth.Params(16, 1, 1)
+LOOPBACK_OK = ("--allow-dest", "127.0.0.0/8", "--allow-port", "any")
+
+
+def basic(user: str | bytes, password: str | bytes) -> str:
+    raw = (user if isinstance(user, bytes) else user.encode()) + b":"
+    raw += password if isinstance(password, bytes) else password.encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+def connect(*fields: str) -> Request:
+    """A parsed CONNECT with these field lines besides Host."""
+    return parse_head("\r\n".join(["CONNECT a.example:443 HTTP/1.1", "Host: a", *fields]).encode())
+
+
+def with_auth(value: str) -> Request:
+    return connect(f"Proxy-Authorization: {value}")
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    path = tmp_path / "users"
+    auth.set_password(str(path), "alice", "wonderland", CHEAP)
+    auth.set_password(str(path), "bob", "builder:with:colons", CHEAP)
+    return path
+
+
+@pytest.fixture
+def authenticator(users: Path) -> auth.Authenticator:
+    return auth.Authenticator(str(users), realm="test realm")
+
+
+# --- the file ----------------------------------------------------------------------------------
+
+
+def test_record_round_trip_and_format() -> None:
+    text = auth.hash_password("pw", CHEAP)
+    scheme, n, r, p, salt, key = text.split("$")
+    assert (scheme, n, r, p) == ("scrypt", "16", "1", "1")
+    assert len(base64.b64decode(salt)) == auth.SALT_BYTES
+    assert len(base64.b64decode(key)) == auth.KEY_BYTES
+    record = auth.parse_record(text)
+    assert record.params == CHEAP and record.text == text
+    assert auth.hash_password("pw", CHEAP) != text  # a fresh salt each time
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ("md5$abc", "scrypt$N$r$p$salt$hash"),
+        ("scrypt$16$1$1$c2FsdA==", "scrypt$N$r$p$salt$hash"),
+        ("scrypt$x$1$1$c2FsdA==$" + "A" * 44, "must be numbers"),
+        ("scrypt$15$1$1$c2FsdA==$" + "A" * 44, "power of two"),
+        ("scrypt$16$0$1$c2FsdA==$" + "A" * 44, "power of two"),
+        ("scrypt$1048576$8$1$c2FsdA==$" + "A" * 44, "MiB"),
+        ("scrypt$16$1$1$c2FsdA!!$" + "A" * 44, "salt is not base64"),
+        ("scrypt$16$1$1$c2FsdA==$AAA", "hash is not base64"),
+        ("scrypt$16$1$1$c2FsdA==$AAAA", "shorter than 16 bytes"),
+    ],
+)
+def test_bad_records_are_refused(record: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("$", r"\$")):
+        auth.parse_record(record)
+
+
+def test_file_comments_blank_lines_and_errors_with_line_numbers() -> None:
+    good = auth.hash_password("pw", CHEAP)
+    users = auth.parse_users(f"# users\n\n  alice:{good}  \n\tbob:{good}\n")
+    assert sorted(users) == ["alice", "bob"]
+    for text, where in [
+        (f"alice:{good}\nalice:{good}\n", "line 2: user 'alice' is listed twice"),
+        (f"# x\nalice {good}\n", "line 2: a line is user:scrypt"),
+        (f":{good}\n", "line 1: '' is not a user name"),
+        ("alice:scrypt$16\n", "line 1: the password must be stored"),
+    ]:
+        with pytest.raises(ValueError, match=where.replace("$", r"\$")):
+            auth.parse_users(text, "users.txt")
+
+
+def test_config_checks_the_file_and_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text("alice:nothing-hashed\n")
+    with pytest.raises(ValueError, match=r"auth-file: .*users, line 1: the password must be"):
+        Config(auth_file=str(path))
+    with pytest.raises(ValueError, match="auth-file: cannot read"):
+        Config(auth_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="auth-realm"):
+        Config(auth_realm='a "quoted"\n realm')
+    assert Config().auth_file == "" and Config().auth_realm == "splicegate"
+
+
+# --- the check ---------------------------------------------------------------------------------
+
+
+def test_good_credentials_give_the_user(authenticator: auth.Authenticator) -> None:
+    assert authenticator.check(with_auth(basic("alice", "wonderland"))) == "alice"
+    # the password may hold colons: only the first one separates it from the user
+    assert authenticator.check(with_auth(basic("bob", "builder:with:colons"))) == "bob"
+    # the scheme is case-insensitive (RFC 9110 §11.1), extra spaces before the token too
+    token = basic("alice", "wonderland").split()[1]
+    assert authenticator.check(with_auth(f"bAsIc   {token}")) == "alice"
+
+
+MALFORMED = {
+    "absent": None,
+    "empty": "",
+    "scheme only": "Basic",
+    "scheme and space": "Basic ",
+    "bad base64": "Basic !!!notbase64!!!",
+    "bad padding": "Basic YWxpY2U6d29uZGVybGFuZA",
+    "no colon": "Basic " + base64.b64encode(b"alicewonderland").decode(),
+    "empty user": basic("", "wonderland"),
+    "not UTF-8": basic(b"\xff\xfe", "wonderland"),
+    "control in user": basic("ali\x01ce", "wonderland"),
+    "bearer": "Bearer " + base64.b64encode(b"alice:wonderland").decode(),
+    "digest": 'Digest username="alice", realm="test realm", nonce="x", response="y"',
+    "token too long": "Basic " + "A" * 8000,
+    "two tokens": basic("alice", "wonderland") + " " + basic("alice", "wonderland"),
+}
+
+
+@pytest.mark.parametrize("value", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_credentials_are_407(authenticator: auth.Authenticator, value: str) -> None:
+    request = connect() if value is None else with_auth(value)
+    with pytest.raises(AuthRequired) as caught:
+        authenticator.check(request)
+    assert caught.value.status == 407
+    response = render(caught.value).decode()
+    assert 'Proxy-Authenticate: Basic realm="test realm", charset="UTF-8"\r\n' in response
+    assert "Proxy-Status: splicegate\r\n" in response
+
+
+def test_two_authorization_fields_are_407(authenticator: auth.Authenticator) -> None:
+    good = f"Proxy-Authorization: {basic('alice', 'wonderland')}"
+    with pytest.raises(AuthRequired):
+        authenticator.check(connect(good, good))
+
+
+def test_http10_without_fields_is_407(authenticator: auth.Authenticator) -> None:
+    request = parse_head(b"CONNECT a.example:443 HTTP/1.0")
+    assert request.fields == ()
+    with pytest.raises(AuthRequired):
+        authenticator.check(request)
+
+
+def test_wrong_password_and_unknown_user_look_alike(authenticator: auth.Authenticator) -> None:
+    answers = []
+    for user, password in (("alice", "wrong"), ("mallory", "wonderland"), ("alice", "")):
+        with pytest.raises(AuthRequired) as caught:
+            authenticator.check(with_auth(basic(user, password)))
+        answers.append(render(caught.value))
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_unknown_user_costs_a_hash_like_a_known_one(
+    authenticator: auth.Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[auth.Params, int]] = []
+    real = auth._scrypt
+
+    def counting(password: bytes, salt: bytes, params: auth.Params, length: int) -> bytes:
+        calls.append((params, length))
+        return real(password, salt, params, length)
+
+    monkeypatch.setattr(auth, "_scrypt", counting)
+    for user in ("alice", "mallory"):
+        with pytest.raises(AuthRequired):
+            authenticator.check(with_auth(basic(user, "wrong")))
+    assert calls == [(CHEAP, auth.KEY_BYTES)] * 2
+
+
+def test_success_is_cached_as_an_hmac_never_the_password(
+    authenticator: auth.Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[bytes] = []
+    real = auth._scrypt
+
+    def counting(password: bytes, *args: object) -> bytes:
+        hashed.append(password)
+        return real(password, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth, "_scrypt", counting)
+    good = with_auth(basic("alice", "wonderland"))
+    for _ in range(5):
+        assert authenticator.check(good) == "alice"
+    assert len(hashed) == 1
+    # wrong passwords are never cached: each one costs a hash
+    for _ in range(3):
+        with pytest.raises(AuthRequired):
+            authenticator.check(with_auth(basic("alice", "guess")))
+    assert len(hashed) == 4
+    (mac, _expires), *_ = authenticator._cache.values()
+    assert len(mac) == 32 and b"wonderland" not in mac
+    assert b"wonderland" not in repr(authenticator.__dict__).encode()
+    # expired: hashed again
+    authenticator.cache_seconds = 0
+    authenticator._cache.clear()
+    authenticator.check(good)
+    authenticator.check(good)
+    assert len(hashed) == 6
+
+
+def test_hashing_runs_off_the_hub(users: Path) -> None:
+    """While a slow hash runs, other greenlets run: the hub is never blocked by scrypt."""
+    path = users.parent / "slow"
+    auth.set_password(str(path), "alice", "pw", auth.Params(1 << 15, 8, 1))  # ~0.1-0.3 s
+    slow = auth.Authenticator(str(path))
+    order: list[str] = []
+
+    def check() -> None:
+        slow.check(with_auth(basic("alice", "pw")))
+        order.append("hash done")
+
+    def other() -> None:
+        order.append("other ran")
+
+    checker = gevent.spawn(check)
+    gevent.sleep(0)  # the checker starts and waits on the pool
+    gevent.spawn(other).join(WAIT)
+    checker.join(WAIT)
+    assert order == ["other ran", "hash done"]
+
+
+def test_reload_rereads_only_a_changed_file(
+    users: Path, authenticator: auth.Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = with_auth(basic("alice", "wonderland"))
+    assert authenticator.check(good) == "alice"  # now cached
+    assert authenticator.reload() is False  # unchanged: not even read
+    auth.set_password(str(users), "alice", "new password", CHEAP)
+    auth.set_password(str(users), "carol", "c", CHEAP)
+    assert authenticator.reload() is True
+    with pytest.raises(AuthRequired):
+        authenticator.check(good)  # the cached old password no longer opens anything
+    assert authenticator.check(with_auth(basic("alice", "new password"))) == "alice"
+    assert authenticator.users == {"alice", "bob", "carol"}
+    # a broken file is refused and the users stay as they were
+    users.write_text(users.read_text() + "broken line\n")
+    with pytest.raises(ValueError, match="line 4"):
+        authenticator.reload()
+    assert authenticator.check(with_auth(basic("carol", "c"))) == "carol"
+
+
+def test_configure_keeps_the_authenticator_for_the_same_file(
+    users: Path, authenticator: auth.Authenticator
+) -> None:
+    assert auth.configure(authenticator, str(users), "test realm") is authenticator
+    other = auth.configure(authenticator, str(users), "another realm")
+    assert other is not authenticator and other is not None and other.realm == "another realm"
+    assert auth.configure(authenticator, "", "x") is None
+
+
+def test_server_configure_rebuilds_auth_from_the_settings(users: Path) -> None:
+    """The reload path: ProxyServer._configure with new settings turns auth on, re-reads the
+    file, and off again; a broken file raises before anything changes."""
+    from splicegate.server import ProxyServer
+
+    server = ProxyServer(Config(listen=["127.0.0.1:0"]))
+    assert server.authenticator is None
+    server._configure(Config(auth_file=str(users)))
+    first = server.authenticator
+    assert first is not None and first.users == {"alice", "bob"}
+    auth.set_password(str(users), "dave", "d", CHEAP)
+    server._configure(Config(auth_file=str(users)))
+    assert server.authenticator is first and first.users == {"alice", "bob", "dave"}
+    policy = server.policy
+    checked = Config(auth_file=str(users), allow_port=["any"])
+    users.write_text("not a user line\n")  # broken after Config checked it
+    with pytest.raises(ValueError, match="line 1"):
+        server._configure(checked)
+    assert server.authenticator is first and server.policy is policy
+    server._configure(Config())
+    assert server.authenticator is None
+    server.resolver.close()
+
+
+# --- splicegate passwd -------------------------------------------------------------------------
+
+
+def passwd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "splicegate", "passwd", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+
+
+def test_passwd_adds_and_changes_users_from_stdin(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    out = passwd(str(path), "alice", stdin="first password\n")
+    assert out.returncode == 0, out.stderr
+    assert f"added user alice in {path}" in out.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("# the proxy's users\n" + path.read_text())
+    assert passwd(str(path), "bob", stdin="bob's\n").returncode == 0
+    old_bob = path.read_text().splitlines()[2]
+    out = passwd(str(path), "alice", stdin="second password\r\n")
+    assert "changed user alice" in out.stderr
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# the proxy's users" and lines[2] == old_bob and len(lines) == 3
+    assert "password" not in path.read_text()
+    users = auth.Authenticator(str(path))
+    assert users.check(with_auth(basic("alice", "second password"))) == "alice"
+    with pytest.raises(AuthRequired):
+        users.check(with_auth(basic("alice", "first password")))
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["alice"], "\n", "the password is empty"),
+        (["al:ice"], "pw\n", "is not a user name"),
+        (["al ice"], "pw\n", "is not a user name"),
+    ],
+)
+def test_passwd_refuses_clearly(tmp_path: Path, args: list[str], stdin: str, message: str) -> None:
+    out = passwd(str(tmp_path / "users"), *args, stdin=stdin)
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "users").exists()
+
+
+def test_passwd_prompts_twice_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["secret", "secret", "one", "other"])
+    monkeypatch.setattr(auth.getpass, "getpass", lambda prompt: next(answers))
+    assert auth.read_password(sys.stdin, prompt=True) == "secret"
+    with pytest.raises(ValueError, match="differ"):
+        auth.read_password(sys.stdin, prompt=True)
+
+
+def test_passwd_keeps_a_broken_file_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text("garbage\n")
+    out = passwd(str(path), "alice", stdin="pw\n")
+    assert out.returncode == 1 and "line 1" in out.stderr
+    assert path.read_text() == "garbage\n"
+
+
+# --- end to end: the 407 flow ------------------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def user_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "users"
+    auth.set_password(str(path), "alice", PASSWORD)  # the default parameters
+    return path
+
+
+@pytest.fixture(scope="module")
+def proxy(user_file: Path) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(*LOOPBACK_OK, "--auth-file", str(user_file), "--auth-realm",
+                        "splicegate test", "--log-level", "debug")  # fmt: skip
+    yield proc
+    assert proc.stop() == 0
+
+
+def assert_407(reply) -> None:
+    assert reply.status == 407, (reply.status, reply.body)
+    assert reply.reason == "Proxy Authentication Required"
+    assert reply.fields["proxy-authenticate"] == 'Basic realm="splicegate test", charset="UTF-8"'
+    assert reply.fields["proxy-status"] == "splicegate"
+    assert reply.fields["connection"] == "close"
+
+
+def test_407_without_credentials_then_close(proxy: ProxyProcess) -> None:
+    assert_407(request(proxy.address, connect_head("127.0.0.1:9")))  # request() checks close
+
+
+def test_http10_without_any_field_is_407(proxy: ProxyProcess) -> None:
+    assert_407(request(proxy.address, b"CONNECT 127.0.0.1:9 HTTP/1.0\r\n\r\n"))
+
+
+@pytest.mark.parametrize(
+    "value", [v for v in MALFORMED.values() if v is not None], ids=list(MALFORMED)[1:]
+)
+def test_malformed_credentials_are_407_on_the_wire(proxy: ProxyProcess, value: str) -> None:
+    head = connect_head("127.0.0.1:9", extra=f"Proxy-Authorization: {value}\r\n")
+    assert_407(request(proxy.address, head))
+
+
+@pytest.mark.parametrize(("user", "password"), [("alice", "wrong"), ("mallory", PASSWORD)])
+def test_wrong_password_and_unknown_user_on_the_wire(
+    proxy: ProxyProcess, user: str, password: str
+) -> None:
+    extra = f"Proxy-Authorization: {basic(user, password)}\r\n"
+    assert_407(request(proxy.address, connect_head("127.0.0.1:9", extra=extra)))
+
+
+def test_every_connect_is_checked_and_nothing_leaks_into_the_log(proxy: ProxyProcess) -> None:
+    good = f"Proxy-Authorization: {basic('alice', PASSWORD)}\r\n"
+    with origin() as server:
+        target = f"127.0.0.1:{server.port}"
+        for _ in range(3):  # the cache answers the second and third
+            with socket.create_connection(proxy.address, timeout=WAIT) as sock:
+                sock.sendall(connect_head(target, extra=good) + b"early")
+                assert recv_exactly(sock, 39) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+                assert recv_exactly(sock, 5) == b"early"
+            # the same client right after, without credentials: no trust by address
+            assert_407(request(proxy.address, connect_head(target)))
+            assert_407(request(proxy.address, f"CONNECT {target} HTTP/1.0\r\n\r\n".encode()))
+    proxy.wait_for_log(r"tunnel 127\.0\.0\.1:\d+ user alice -> 127\.0\.0\.1:\d+ .* closed")
+    text = proxy.log()
+    assert "refused 127.0.0.1" in text and ": 407 " in text
+    for secret in (PASSWORD, basic("alice", PASSWORD).split()[1], basic("alice", "wrong")):
+        assert secret not in text
+    assert "mallory" not in text  # names of failed attempts stay out of the log too
+
+
+# --- real clients: curl --proxy-user and requests ----------------------------------------------
+
+BODY = b"hello, authenticated\n"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_origin(ca: trustme.CA) -> Iterator[Origin]:
+    def serve(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (len(BODY), BODY))  # fmt: skip
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    with origin(serve, tls=context) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def curl(proxy: ProxyProcess, ca_file: Path, port: int, *extra: str):
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-p", "-x", f"http://127.0.0.1:{proxy.address[1]}",
+         "--cacert", str(ca_file), *extra, f"https://localhost:{port}/"],
+        capture_output=True, timeout=WAIT,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_proxy_user(proxy: ProxyProcess, tls_origin: Origin, ca_file: Path) -> None:
+    out = curl(proxy, ca_file, tls_origin.port, "--proxy-user", f"alice:{PASSWORD}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == BODY
+    out = curl(proxy, ca_file, tls_origin.port, "--proxy-user", "alice:wrong")
+    assert out.returncode != 0
+    assert b"407" in out.stderr
+    out = curl(proxy, ca_file, tls_origin.port)
+    assert out.returncode != 0 and b"407" in out.stderr
+
+
+def test_requests_with_proxy_credentials(
+    proxy: ProxyProcess, tls_origin: Origin, ca_file: Path
+) -> None:
+    def get(userinfo: str) -> requests.Response:
+        url = f"http://{userinfo}127.0.0.1:{proxy.address[1]}"
+        return requests.get(f"https://localhost:{tls_origin.port}/", timeout=10,
+                            proxies={"https": url}, verify=str(ca_file))  # fmt: skip
+
+    quoted = PASSWORD.replace(" ", "%20")
+    assert get(f"alice:{quoted}@").content == BODY
+    for userinfo in ("alice:wrong@", "", "nobody:x@"):
+        with pytest.raises(requests.exceptions.ProxyError, match="407"):
+            get(userinfo)
+
+
+def test_auth_file_missing_is_a_clean_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "splicegate", "--auth-file", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--auth-file: cannot read" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_default_params_verify(tmp_path: Path) -> None:
+    """The default cost: a record made by hash_password verifies (16 MiB within maxmem)."""
+    path = tmp_path / "u"
+    path.write_text(f"eve:{auth.hash_password('x')}\n")
+    assert auth.Authenticator(str(path)).check(with_auth(basic("eve", "x"))) == "eve"
+    assert os.path.getsize(path) < 200
