@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
 
 import pytest
 
 from splicegate import errors
-from splicegate.policy import Listener, Policy, parse_network, parse_port_spec
+from splicegate.policy import (
+    Listener,
+    Policy,
+    parse_domain_rule,
+    parse_network,
+    parse_port_spec,
+)
 
 DENIED_BY_DEFAULT = [
     "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "127.255.255.254", "169.254.169.254",
@@ -125,3 +132,90 @@ def test_self_loop() -> None:
     policy.check_not_self(ip_address("127.0.0.1"), 3129)
     policy.check_not_self(ip_address("127.0.0.2"), 3128)
     policy.check_not_self(ip_address("192.0.2.1"), 8080)  # not an address of this host
+
+
+# --- domain rules (--allow-domain, --deny-domain) -------------------------------------------
+
+
+def domains(allow: Sequence[str] = (), deny: Sequence[str] = ()) -> Policy:
+    return Policy(
+        allow_domain=[parse_domain_rule(r) for r in allow],
+        deny_domain=[parse_domain_rule(r) for r in deny],
+    )
+
+
+def allowed(policy: Policy, host: str) -> bool:
+    literal = host.replace(".", "").isdigit() or ":" in host
+    try:
+        policy.check_domain(host, literal)
+    except errors.DomainDenied as err:
+        assert err.status == 403 and err.proxy_status_error == "http_request_denied"
+        return False
+    return True
+
+
+def test_domain_rule_syntax() -> None:
+    assert str(parse_domain_rule("Example.COM.")) == "example.com"
+    assert str(parse_domain_rule(" .example.com ")) == ".example.com"
+    assert parse_domain_rule(".example.com").subdomains
+    assert str(parse_domain_rule("[2001:DB8::1]")) == "2001:db8::1"
+    assert str(parse_domain_rule("192.0.2.10")) == "192.0.2.10"
+    for bad in ("", ".", "..example.com", "exa mple.com", "-a.com", "*.example.com",
+                "ex\u00e4mple.com", "a" * 64 + ".com", "http://example.com", "1.2.3",
+                ".192.0.2.10"):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_domain_rule(bad)
+
+
+def test_exact_and_subdomain_rules() -> None:
+    policy = domains(allow=["example.com", ".example.org"])
+    assert allowed(policy, "example.com")
+    assert not allowed(policy, "www.example.com")  # exact means exact
+    assert not allowed(policy, "badexample.com")
+    assert allowed(policy, "example.org") and allowed(policy, "a.b.example.org")
+    assert not allowed(policy, "example.org.evil.test")
+    assert not allowed(policy, "xexample.org")
+    assert not allowed(policy, "other.test")
+
+
+def test_no_rules_allow_everything() -> None:
+    policy = domains()
+    assert allowed(policy, "anything.test") and allowed(policy, "192.0.2.1")
+
+
+def test_deny_wins_and_names_its_rule() -> None:
+    policy = domains(allow=[".example.com"], deny=[".ads.example.com", "evil.example.com"])
+    assert allowed(policy, "www.example.com")
+    assert not allowed(policy, "evil.example.com")
+    assert allowed(policy, "www.evil.example.com")  # the deny rule was exact
+    assert not allowed(policy, "x.ads.example.com")
+    with pytest.raises(errors.DomainDenied) as info:
+        policy.check_domain("x.ads.example.com", False)
+    assert "--deny-domain .ads.example.com" in info.value.message
+    with pytest.raises(errors.DomainDenied) as info:
+        policy.check_domain("other.test", False)
+    assert "not in the allowed domains (.example.com)" in info.value.message
+    assert "--allow-domain other.test" in info.value.message
+
+
+def test_deny_only_lists_allow_the_rest() -> None:
+    policy = domains(deny=[".tracker.test"])
+    assert allowed(policy, "fine.test") and not allowed(policy, "tracker.test")
+
+
+def test_ip_literals_and_domain_rules() -> None:
+    """Deny rules never match a literal; an allow list denies literals it does not name."""
+    assert allowed(domains(deny=[".example.com"]), "192.0.2.1")
+    policy = domains(allow=[".example.com", "192.0.2.10", "2001:db8::1"])
+    assert not allowed(policy, "192.0.2.1")
+    assert allowed(policy, "192.0.2.10")
+    assert allowed(policy, "2001:db8::1") and allowed(policy, "2001:0db8:0::1")
+    assert not allowed(policy, "2001:db8::2")
+    with pytest.raises(errors.DomainDenied, match=r"the address 192\.0\.2\.1 is not in"):
+        policy.check_domain("192.0.2.1", True)
+    assert not allowed(domains(deny=["192.0.2.10"]), "192.0.2.10")
+
+
+def test_many_rules_match_by_suffix() -> None:
+    policy = domains(allow=[f".d{i}.test" for i in range(5000)])
+    assert allowed(policy, "a.b.d4999.test") and not allowed(policy, "a.b.d5000.test")
