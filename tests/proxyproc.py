@@ -45,8 +45,8 @@ class ProxyProcess:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             found = re.findall(r"listening on \[?([^\s\]]+?)\]?:(\d+)\n", self.log())
-            if len(found) == len(listen):
-                self.addresses = [(host, int(port)) for host, port in found]
+            if len(found) >= len(listen):  # more: --workers, each worker saying it
+                self.addresses = [(host, int(port)) for host, port in found[: len(listen)]]
                 return
             if self.proc.poll() is not None:
                 break

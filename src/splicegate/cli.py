@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import queue
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import gevent
-from gevent.event import Event
-
+from splicegate import configfile, daemon
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
 from splicegate.limits import raise_open_file_limit
 from splicegate.relay import native_engine_error
-from splicegate.server import ProxyServer
 
 log = logging.getLogger("splicegate")
 
@@ -44,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print version and engine")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file, each key a flag's name with _ for -; flags "
+        "given here override it; re-read on SIGHUP (check one: splicegate check-config FILE)",
+    )
     for f in cli_fields():
         meta = f.metadata
         default = meta["shown_default"]
@@ -61,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    given = {f.name: getattr(args, f.name) for f in cli_fields()}
+    """Defaults, then ``--config FILE``, then the flags given."""
     try:
-        return Config(**{name: value for name, value in given.items() if value is not None})
-    except ValueError as exc:
-        parser.error(f"--{exc}")
+        return configfile.load(args.config, flag_values(args))
+    except configfile.ConfigError as exc:
+        parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers informed
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None: not given, so the file or the default holds)."""
+    return {f.name: getattr(args, f.name) for f in cli_fields()}
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -81,11 +90,13 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             type(self).dropped += 1
 
 
-def setup_logging(level: int) -> logging.handlers.QueueListener:
-    """Log lines go through a queue to a native thread that writes them to stderr."""
+def setup_logging(level: int, *, with_pid: bool = False) -> logging.handlers.QueueListener:
+    """Log lines go through a queue to a native thread that writes them to stderr. With
+    ``with_pid`` (--workers) each line says which process wrote it: splicegate[PID]."""
     lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
     writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(asctime)s splicegate %(levelname)s %(message)s"))
+    name = "splicegate[%(process)d]" if with_pid else "splicegate"
+    writer.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
     listener = logging.handlers.QueueListener(lines, writer)
     listener.start()
     log.addHandler(_DroppingQueueHandler(lines))
@@ -116,32 +127,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         from splicegate.auth import passwd_main
 
         return passwd_main(argv[1:])
+    if argv[:1] == ["check-config"]:  # splicegate check-config FILE [FLAGS]: print settings
+        return configfile.check_config_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
     if args.version:
         return print_version(config)
-    listener = setup_logging(config.log_level_number)
+    listener = setup_logging(config.log_level_number, with_pid=config.workers > 1)
     try:
-        return run(config)
+        return run(
+            config, lambda: configfile.load(args.config, flag_values(args)), argv, args.config
+        )
     finally:
         listener.stop()
 
 
-def run(config: Config) -> int:
+def run(
+    config: Config,
+    load: Callable[[], Config] | None = None,
+    argv: Sequence[str] = (),
+    source: str | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
+    do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
     raise_open_file_limit(config.max_connections)
-    try:
-        server = ProxyServer(config)
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    stop_requested = Event()
-    # Signal callbacks only set a flag; this greenlet acts on it.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop_requested.set)
-    stop_requested.wait()
-    log.info("stopping: no new connections; open tunnels get %g s", config.drain_timeout)
-    server.stop()
-    log.info("stopped")
-    return 0
+    load = load or (lambda: config)
+    if config.workers > 1 and os.environ.get(daemon.WORKER_ENV) != "1":
+        from splicegate.workers import Supervisor
+
+        return Supervisor(config, argv, load).run()
+    return daemon.serve(config, load, source or "")

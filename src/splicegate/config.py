@@ -121,14 +121,20 @@ def setting(
     metavar: str = "",
     multiple: bool = False,
     shown_default: str | None = None,
+    restart: bool = False,
 ) -> Any:
-    """A Config field with what the CLI and validation need to know about it."""
+    """A Config field with what the CLI and validation need to know about it.
+
+    ``restart``: a running proxy cannot change it (a listener, the engine's threads), so a
+    reload (SIGHUP) reports a new value as ignored until restart instead of applying it.
+    """
     meta = {
         "parse": parse,
         "help": help,
         "metavar": metavar,
         "multiple": multiple,
         "shown_default": shown_default,
+        "restart": restart,
     }
     if multiple:
         return field(default_factory=lambda: tuple(default), metadata=meta)
@@ -167,6 +173,34 @@ def _dialer(value: Any) -> Any:
     return value
 
 
+def _hook(signature: str) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise ValueError(f"{value!r} is not callable as {signature}")
+        return value
+
+    return parse
+
+
+def _optional_address(value: Any) -> Address | None:
+    """HOST:PORT, or nothing (None or an empty string) for off."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return parse_address(value)
+
+
+def _log_destination(value: Any) -> str:
+    """A file path, ``-`` for stderr, or an empty string for off."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a path, - (stderr) or an empty string (off)")
+    return value.strip()
+
+
+#: ``authorize(request, client)``: None or True allows; a str allows as that user (it is
+#: logged); a ProxyError returned or raised refuses with that response; False refuses (403).
+Authorize = Callable[[Any, Address], Any]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The proxy's settings; construct with keywords, values as on the command line."""
@@ -177,6 +211,7 @@ class Config:
         "address to listen on (repeatable; IPv6 as [::1]:3128; port 0 picks a free one)",
         metavar="HOST:PORT",
         multiple=True,
+        restart=True,
     )
     header_timeout: float = setting(
         10.0,
@@ -282,6 +317,7 @@ class Config:
         metavar="HOST:PORT",
         multiple=True,
         shown_default="the system resolver",
+        restart=True,
     )
     dns_timeout: float = setting(
         5.0, _number(float, 0.001), "seconds to resolve a name (else 504)", metavar="S"
@@ -291,24 +327,28 @@ class Config:
         _number(int, 0, zero_ok=True),
         "names the DNS cache holds, least recently used evicted first (0 keeps none)",
         metavar="N",
+        restart=True,
     )
     dns_min_ttl: float = setting(
         5.0,
         _number(float, 0.0, zero_ok=True),
         "keep a DNS answer at least this many seconds, whatever its TTL",
         metavar="S",
+        restart=True,
     )
     dns_max_ttl: float = setting(
         300.0,
         _number(float, 0.0, zero_ok=True),
         "keep a DNS answer at most this many seconds, whatever its TTL",
         metavar="S",
+        restart=True,
     )
     dns_negative_ttl: float = setting(
         5.0,
         _number(float, 0.001, zero_ok=True),
         "keep a DNS failure (NXDOMAIN, SERVFAIL, no address) this many seconds",
         metavar="S",
+        restart=True,
     )
     connect_timeout: float = setting(
         10.0,
@@ -321,12 +361,14 @@ class Config:
         _number(float, 0.001, zero_ok=True),
         "close a tunnel after this many seconds without a byte either way",
         metavar="S",
+        restart=True,
     )
     half_closed_timeout: float = setting(
         60.0,
         _number(float, 0.001, zero_ok=True),
         "close a tunnel this many seconds after one side finished sending",
         metavar="S",
+        restart=True,
     )
     max_lifetime: float = setting(
         0.0,
@@ -334,6 +376,7 @@ class Config:
         "close any tunnel after this many seconds",
         metavar="S",
         shown_default="off",
+        restart=True,
     )
     drain_timeout: float = setting(
         30.0,
@@ -346,6 +389,7 @@ class Config:
         _choice(*ENGINES),
         "relay engine: auto (native where it is built), native, python",
         metavar="|".join(ENGINES),
+        restart=True,
     )
     relay_threads: int = setting(
         0,
@@ -353,12 +397,14 @@ class Config:
         "native engine: relay threads, each with its own epoll loop",
         metavar="N",
         shown_default="CPUs - 1, at least 1, at most 4",
+        restart=True,
     )
     pipe_size: int = setting(
         256 * 1024,
         _number(int, 4096),
         "native engine: bytes each splice pipe holds (more: fewer system calls per byte)",
         metavar="BYTES",
+        restart=True,
     )
     max_pipes: int = setting(
         0,
@@ -366,6 +412,7 @@ class Config:
         "native engine: pipes at most; past it tunnels copy through a buffer instead",
         metavar="N",
         shown_default="what the per-user pipe quota holds",
+        restart=True,
     )
     log_level: str = setting(
         "info",
@@ -373,10 +420,46 @@ class Config:
         "how much to log on stderr: debug, info, warning, error",
         metavar="LEVEL",
     )
+    access_log: str = setting(
+        "",
+        _log_destination,
+        "access log: one line per tunnel or refused request, to PATH or - for stderr "
+        "(PATH is reopened on SIGUSR1, for logrotate)",
+        metavar="PATH|-",
+        shown_default="off; refusals are still logged on stderr with their reason",
+    )
+    log_format: str = setting(
+        "text",
+        _choice("text", "json"),
+        "access-log format: text (one readable line) or json (one JSON object a line)",
+        metavar="text|json",
+    )
+    admin: Address | None = setting(  # noqa: RUF009 (setting() returns a field, as above)
+        None,
+        _optional_address,
+        "serve Prometheus /metrics and /healthz (200 serving, 503 draining) over HTTP here",
+        metavar="HOST:PORT",
+        shown_default="off",
+        restart=True,
+    )
+    workers: int = setting(
+        1,
+        _number(int, 1),
+        "processes sharing the listeners (SO_REUSEPORT) under a supervisor that restarts a "
+        "crashed one; more than 1 needs fixed ports",
+        metavar="N",
+        restart=True,
+    )
     # component() returns a dataclass field, like setting(); RUF009 cannot see that here
     # because the annotation is not a type it knows to be immutable.
     resolver: Resolver | None = component(_resolver, "resolve(host, deadline)")  # noqa: RUF009
     dialer: Dialer | None = component(_dialer, "dial(addresses, port, deadline)")  # noqa: RUF009
+    authorize: Authorize | None = component(  # noqa: RUF009
+        _hook("authorize(request, client)"), "authorize(request, client)"
+    )
+    on_tunnel_closed: Callable[[Any], None] | None = component(  # noqa: RUF009
+        _hook("on_tunnel_closed(entry)"), "on_tunnel_closed(entry)"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -395,6 +478,12 @@ class Config:
         if self.dns_min_ttl > self.dns_max_ttl:
             raise ValueError(
                 f"dns-min-ttl: {self.dns_min_ttl:g} is above --dns-max-ttl {self.dns_max_ttl:g}"
+            )
+        picked = [f"{host}:{port}" for host, port in self.listen if port == 0]
+        if self.workers > 1 and picked:
+            raise ValueError(
+                f"workers: {self.workers} processes share each listener's port, so it must be "
+                f"fixed; port 0 in --listen {picked[0]} would give each its own"
             )
 
     @property

@@ -9,6 +9,7 @@ client reads its answer instead of a reset.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -21,11 +22,14 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from splicegate import auth
+from splicegate import accesslog, auth
 from splicegate import dial as dial_module
+from splicegate.admin import AdminServer
 from splicegate.config import Config
+from splicegate.configfile import restart_only_changes
 from splicegate.dnscache import DnsCache
 from splicegate.errors import (
+    ClientDenied,
     HeadTimeout,
     InternalError,
     MethodNotAllowed,
@@ -33,6 +37,7 @@ from splicegate.errors import (
     render,
 )
 from splicegate.limits import AcceptServer, ConnectionLimits
+from splicegate.metrics import Metrics, cause_label
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
@@ -49,6 +54,7 @@ class Attempt:
 
     client: tuple[str, int]
     accepted: float
+    method: str = ""
     target: str = ""
     dialled: str = ""
     dns_s: float = 0.0
@@ -97,6 +103,13 @@ class ProxyServer:
         #: connections open now, against --max-connections(-per-client); outlives reloads
         self.connections = ConnectionLimits()
         self.authenticator: auth.Authenticator | None = None
+        self.access_log: accesslog.AccessLog | None = None
+        #: counters for --admin's /metrics; kept across reloads
+        self.metrics = Metrics()
+        self.admin: AdminServer | None = None
+        #: set when stop() begins: /healthz says 503 while tunnels drain
+        self.draining = False
+        self._observer: gevent.Greenlet | None = None
         self._configure(self.config)
         self._servers: list[StreamServer] = []
         self._pool = Pool()
@@ -108,6 +121,7 @@ class ProxyServer:
         # First, as it may raise (a broken password file) before anything has changed. The
         # same file and realm keep their authenticator, which re-reads a changed file.
         authenticator = auth.configure(self.authenticator, config.auth_file, config.auth_realm)
+        access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
         self.policy = Policy(
             allow_client=config.allow_client,
             allow_port=config.allow_port,
@@ -119,6 +133,10 @@ class ProxyServer:
         )
         self.authenticator = authenticator
         self.connections.set_caps(config.max_connections, config.max_connections_per_client)
+        if self.access_log is not access_log:
+            if self.access_log is not None:
+                self.access_log.close(wait=False)  # writes what it holds, then ends
+            self.access_log = access_log
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -128,7 +146,7 @@ class ProxyServer:
             self.engine = self.config.create_engine()
         try:
             for host, port in self.config.listen:
-                server = AcceptServer((host, port), self.handle, spawn=self._pool)
+                server = AcceptServer(self._listener(host, port), self.handle, spawn=self._pool)
                 server.backlog = self.backlog
                 try:
                     server.start()
@@ -143,9 +161,14 @@ class ProxyServer:
                     Listener(ipaddress.ip_address(bound[0].split("%")[0]), bound[1])
                 )
                 log.info("listening on %s", _show_address(bound))
+            if self.config.admin is not None:
+                self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
+                self.admin.start()
         except BaseException:
             self._close_listeners()
             raise
+        if self.metrics.multiprocess:  # a supervisor answers the scrapes: keep files fresh
+            self._observer = gevent.spawn(self._observe_engine_forever)
         log.info(
             "relay engine: %s (%s)",
             self.engine.name,
@@ -166,12 +189,19 @@ class ProxyServer:
         if timeout is None:
             timeout = self.config.drain_timeout
         deadline = time.monotonic() + timeout
+        self.draining = True
         self._close_listeners()
         self._pool.join(timeout=max(0.0, deadline - time.monotonic()))
         self._pool.kill(block=True, timeout=1)
         self.resolver.close()
         if self.engine is not None:
             self.engine.shutdown(deadline)
+        if self._observer is not None:
+            self._observer.kill()
+        if self.admin is not None:
+            self.admin.stop()
+        if self.access_log is not None:
+            self.access_log.close()  # every line of the tunnels just closed is written
         self._stopped.set()
 
     def _close_listeners(self) -> None:
@@ -183,6 +213,7 @@ class ProxyServer:
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
+        self.metrics.connections.inc()
         handed_off = admitted = False
         try:
             # Counted from here until the tunnel closes (on_done), or until this handler
@@ -209,6 +240,7 @@ class ProxyServer:
         if read is None:
             return False
         request, early = read
+        attempt.method = request.method
         attempt.target = request.authority if request.method == "CONNECT" else request.target
         if request.method != "CONNECT":
             raise MethodNotAllowed(
@@ -220,6 +252,7 @@ class ProxyServer:
         self.policy.check_client(client_ip)
         if self.authenticator is not None:  # every CONNECT, whatever its version or fields
             attempt.user = self.authenticator.check(request)
+        self._authorize(request, attempt)
         self.policy.check_port(request.port)
         self.policy.check_domain(request.host, request.is_ip_literal)  # before any DNS query
         addresses = self._resolve(request, attempt)
@@ -292,6 +325,8 @@ class ProxyServer:
             os.close(client_fd)
             os.close(origin_fd)
             raise
+        self.metrics.tunnels_active.inc()
+        self._observe_times(attempt)
 
     def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
         """Called in the hub once both sockets of a tunnel are closed."""
@@ -306,10 +341,20 @@ class ProxyServer:
             record.bytes_down,
             record.duration_s,
         )
+        self.metrics.tunnels_active.dec()
+        entry = self._finished(attempt, record)
+        hook = self.config.on_tunnel_closed
+        if hook is not None:
+            try:
+                hook(entry)
+            except Exception:
+                log.exception("on_tunnel_closed hook failed")
 
     def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
         """Answer, then close in stages so the answer is read rather than reset away."""
         attempt.status, attempt.error = err.status, err.proxy_status_error
+        self.metrics.refusals.labels(cause_label(err)).inc()
+        self._finished(attempt, None)
         log.info(
             "refused %s %s: %d %s: %s",
             _show_client(attempt),
@@ -330,6 +375,82 @@ class ProxyServer:
                     drained += len(data)
         except OSError:
             pass  # the client is gone; nothing more to tell it
+
+    # --- operating it: hooks, access log, metrics, reload --------------------------------
+
+    def _listener(self, host: str, port: int) -> tuple[str, int] | socket.socket:
+        """The address to bind, or with --workers a socket bound with SO_REUSEPORT, so that
+        every worker listens on the same port and the kernel spreads the connections."""
+        if self.config.workers <= 1:
+            return host, port
+        from splicegate.workers import reuse_port_listener
+
+        try:
+            return reuse_port_listener((host, port), self.backlog)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+    def _authorize(self, request: Request, attempt: Attempt) -> None:
+        """The application's ``authorize(request, client)``: None or True allows, a str
+        allows as that user, a ProxyError (returned or raised) refuses with its response,
+        False refuses with a 403."""
+        hook = self.config.authorize
+        if hook is None:
+            return
+        verdict = hook(request, attempt.client)
+        if verdict is None or verdict is True:
+            return
+        if isinstance(verdict, str):
+            attempt.user = verdict
+        elif isinstance(verdict, ProxyError):
+            raise verdict
+        elif verdict is False:
+            raise ClientDenied("this request is not allowed", details="refused by authorize")
+        else:
+            raise TypeError(f"authorize returned {verdict!r}: None, True, a str or a ProxyError")
+
+    def _finished(self, attempt: Attempt, record: TunnelRecord | None) -> accesslog.Entry:
+        """A request is over (a tunnel closed, or refused): its access-log line and metrics."""
+        entry = accesslog.entry_for(attempt, record)
+        self.metrics.tunnels.labels(str(attempt.status), attempt.error or "").inc()
+        if record is None:  # a tunnel's were observed when it was established
+            self._observe_times(attempt)
+        if self.access_log is not None:
+            self.access_log.write(entry)
+        return entry
+
+    def _observe_times(self, attempt: Attempt) -> None:
+        if attempt.dns_s > 0:  # 0: an IP literal, or refused before resolving
+            self.metrics.dns.observe(attempt.dns_s)
+        if attempt.connect_s > 0:
+            self.metrics.connect.observe(attempt.connect_s)
+
+    def _scrape(self) -> bytes:
+        if self.engine is not None:
+            self.metrics.observe_engine(self.engine.stats())
+        return self.metrics.render()
+
+    def _observe_engine_forever(self, every: float = 1.0) -> None:
+        while self.engine is not None:
+            self.metrics.observe_engine(self.engine.stats())
+            gevent.sleep(every)
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply new settings (policy, credentials, caps, timeouts, access log) without
+        dropping a tunnel. Settings that need a restart (``restart=True`` in the table: a
+        listener, the engine) keep their running values; their names are returned. Raises
+        ValueError or OSError, with the running settings untouched, when the new ones
+        cannot be applied. The objects only an application gives (resolver, dialer, hooks)
+        are kept when ``config`` has none."""
+        ignored = restart_only_changes(self.config, config)
+        keep = {name: getattr(self.config, name) for name in ignored}
+        for f in dataclasses.fields(Config):
+            if not f.metadata.get("cli", True) and getattr(config, f.name) is None:
+                keep[f.name] = getattr(self.config, f.name)
+        config = dataclasses.replace(config, **keep)
+        self._configure(config)
+        self.config = config
+        return ignored
 
 
 def _show_address(address: tuple) -> str:

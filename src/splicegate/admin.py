@@ -1,0 +1,68 @@
+"""``--admin HOST:PORT``: Prometheus ``/metrics`` and ``/healthz`` on gevent's WSGI server.
+
+It runs in the same hub as the proxy, as greenlets of gevent.pywsgi, so it needs no thread
+and cannot block the hub: a scrape formats counters held in memory. ``/healthz`` answers
+200 while serving and 503 once draining, so a load balancer stops sending new clients while
+open tunnels finish. A supervisor with workers answers for all of them (workers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gevent.pywsgi import WSGIServer
+
+log = logging.getLogger("splicegate")
+
+#: the Prometheus text exposition format
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminServer:
+    """Serves ``metrics()`` at /metrics and ``serving()`` as /healthz on ``address``."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        metrics: Callable[[], bytes],
+        serving: Callable[[], bool],
+    ) -> None:
+        self.metrics = metrics
+        self.serving = serving
+        # log=None: no access line per scrape; errors go to the splicegate log
+        self._server = WSGIServer(address, self._app, log=None, error_log=log)
+        self.address: tuple[str, int] = address
+
+    def start(self) -> None:
+        """Bind and serve; raises OSError naming the address."""
+        host, port = self.address
+        try:
+            self._server.start()
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot serve --admin on {host}:{port}: {exc.strerror}"
+            ) from None
+        self.address = self._server.socket.getsockname()[:2]
+        shown = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
+        log.info("admin on http://%s:%d (/metrics, /healthz)", shown, self.address[1])
+
+    def stop(self) -> None:
+        self._server.stop(timeout=1)
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
+        elif path == "/metrics":
+            status, ctype, body = "200 OK", METRICS_TYPE, self.metrics()
+        elif path == "/healthz":
+            if self.serving():
+                status, ctype, body = "200 OK", "text/plain", b"serving\n"
+            else:
+                status, ctype, body = "503 Service Unavailable", "text/plain", b"draining\n"
+        else:
+            status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /healthz\n"
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]

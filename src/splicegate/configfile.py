@@ -1,0 +1,158 @@
+"""``--config FILE``: settings from a TOML file, checked against the one settings table.
+
+Each key is a flag's name with ``_`` for ``-`` (``allow_port = ["443", "8000-8100"]``), each
+value what the flag takes: a string or a number, or a list of them for a repeatable flag
+(one value is a list of one). Flags given on the command line override the file, a
+repeatable one replacing the file's whole list. There is no second table: keys, parsing and
+messages come from the fields of :class:`~splicegate.config.Config`, so a new setting is a
+key the day it is a flag. A wrong key or value is refused with the file, the key, the value
+and what is allowed, at start, for ``splicegate check-config`` and on reload alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import Field
+from typing import Any
+
+from splicegate.config import Config, cli_fields
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used, with a message that names the file or the flag."""
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The file's settings by field name, each value checked by the field's parser (the
+    values are returned as written; :class:`Config` coerces them)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    settings = {f.name: f for f in cli_fields()}
+    for key, value in data.items():
+        f = settings.get(key)
+        if f is None:
+            raise ConfigError(f"{path}: {_unknown(key, list(settings))}")
+        _check(path, key, f, value)
+    return data
+
+
+def _unknown(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown key {key!r}{hint}; the keys are the flags' names with _ for -: " + ", ".join(
+        names
+    )
+
+
+def _check(path: str, key: str, f: Field[Any], value: Any) -> None:
+    shown = f"{key} = {_toml(value)}"
+    expected = f.metadata["metavar"] or "a value"
+    if f.metadata["multiple"]:
+        items = value if isinstance(value, list) else [value]
+    elif isinstance(value, list):
+        raise ConfigError(f"{path}: {shown}: takes one value ({expected}), not a list")
+    else:
+        items = [value]
+    for item in items:
+        # TOML has types the command line has not; refuse them rather than let str() or
+        # float() make sense of them (true would become 1.0 seconds).
+        if isinstance(item, bool | dict | list | datetime.date | datetime.time):
+            kind = {bool: "true/false", dict: "a table", list: "a nested list"}.get(
+                type(item), "a date or time"
+            )
+            raise ConfigError(f"{path}: {shown}: {kind} is not allowed; expected {expected}")
+        try:
+            f.metadata["parse"](item)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {shown}: {exc}") from None
+
+
+def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
+    """The effective settings: defaults, then the file, then the flags given (None: not
+    given). Raises ConfigError naming the file's key or the flag at fault."""
+    given = {name: value for name, value in (flags or {}).items() if value is not None}
+    merged = {**(read_file(path) if path else {}), **given}
+    try:
+        return Config(**merged)
+    except ValueError as exc:
+        # Config names the setting first ("allow-port: ..."): say where it came from.
+        name = str(exc).partition(":")[0]
+        if name.replace("-", "_") in given or not path:
+            raise ConfigError(f"--{exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Settings that differ but that a running proxy cannot change (``restart=True``)."""
+    return [
+        f.name
+        for f in cli_fields()
+        if f.metadata.get("restart") and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def _show(item: Any) -> Any:
+    """A parsed value as the command line and the file write it."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int):
+        host, port = item
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(item, int | float | str):
+        return item
+    return str(item)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render(config: Config) -> str:
+    """The settings as a TOML file that loads back to the same settings, every key written,
+    defaults described in a comment where the value alone does not say (an empty list)."""
+    lines = []
+    for f in cli_fields():
+        value = getattr(config, f.name)
+        if f.metadata["multiple"]:
+            text = _toml([_show(v) for v in value])
+        else:
+            text = _toml("" if value is None else _show(value))
+        described = f.metadata["shown_default"]
+        if described and (value in ((), None, "") or text in ("0", "0.0")):
+            text += f"  # {described}"
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def check_config_main(argv: list[str]) -> int:
+    """``splicegate check-config FILE [FLAGS]``: check the file (under any flags given, as
+    the daemon would read them) and print the effective settings as TOML; exit 0 when they
+    are good, 2 with the reason when not."""
+    from splicegate.cli import build_parser, flag_values
+
+    parser = build_parser()
+    parser.prog = "splicegate check-config"
+    parser.usage = "splicegate check-config FILE [FLAGS]"
+    parser.add_argument("file", metavar="FILE", help="the TOML file to check")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.file, flag_values(args))
+    except ConfigError as exc:
+        print(f"splicegate check-config: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(f"# the effective settings of {args.file}, all valid\n" + render(config))
+    return 0

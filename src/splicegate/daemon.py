@@ -1,0 +1,111 @@
+"""One proxy process run as a daemon: signals, reload, log reopening, systemd readiness.
+
+Signal handlers only record what was asked and wake the loop; the loop acts, one thing at
+a time, in a greenlet (gunicorn's arbiter works the same way): SIGTERM or SIGINT stops
+accepting and drains, SIGHUP reloads the settings, SIGUSR1 reopens the access log. The
+CLI runs this for a single process, and each ``--workers`` process runs it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+
+from splicegate.config import Config
+from splicegate.notify import notify, reloading
+from splicegate.server import ProxyServer
+
+log = logging.getLogger("splicegate")
+
+#: set in a worker's environment by the supervisor (workers.py)
+WORKER_ENV = "SPLICEGATE_WORKER"
+
+
+class Signals:
+    """Signals received and not yet acted on; the handlers only add to it and wake."""
+
+    NAMES = {
+        signal.SIGTERM: "stop",
+        signal.SIGINT: "stop",
+        signal.SIGHUP: "reload",
+        signal.SIGUSR1: "reopen",
+    }
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+        self.wake = Event()
+        for signum, name in self.NAMES.items():
+            gevent.signal_handler(signum, self._flag, name)
+
+    def _flag(self, name: str) -> None:
+        self.pending.add(name)
+        self.wake.set()
+
+    def take(self, name: str) -> bool:
+        if name in self.pending:
+            self.pending.discard(name)
+            return True
+        return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.wake.wait(timeout)
+        self.wake.clear()
+
+
+def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
+    """Run a proxy until SIGTERM/SIGINT, then drain for ``config.drain_timeout`` and
+    return 0. ``load`` reads the settings anew for SIGHUP (the config file under the same
+    flags); ``source`` names the file for the log."""
+    worker = os.environ.get(WORKER_ENV) == "1"
+    if worker:  # the supervisor serves --admin for all workers
+        config = dataclasses.replace(config, admin=None)
+        read = load
+
+        def load() -> Config:
+            return dataclasses.replace(read(), admin=None)
+
+    signals = Signals()  # before start: a signal during start-up waits for the loop
+    try:
+        server = ProxyServer(config)
+        server.start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))
+    while not signals.take("stop"):
+        signals.wait()
+        if signals.take("reload"):
+            reload(server, load, source, worker)
+        if signals.take("reopen") and server.access_log is not None:
+            server.access_log.reopen()
+    notify("STOPPING=1")
+    log.info("stopping: no new connections; open tunnels get %g s", server.config.drain_timeout)
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+def reload(server: ProxyServer, load: Callable[[], Config], source: str, worker: bool) -> None:
+    """SIGHUP: the new settings, or the old ones kept and the reason logged."""
+    reloading()
+    try:
+        config = load()
+        ignored = server.reload(config)
+    except (ValueError, OSError) as exc:
+        log.error("reload refused, the running settings stay: %s", exc)
+    else:
+        log.setLevel(server.config.log_level_number)
+        for name in ignored:
+            if not (worker and name in ("admin", "workers")):  # the supervisor's to say
+                log.warning(
+                    "reload: --%s changed, which needs a restart; ignored until then",
+                    name.replace("_", "-"),
+                )
+        log.info("reloaded%s", f" {source}" if source else "")
+    notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))

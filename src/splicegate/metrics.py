@@ -1,0 +1,131 @@
+"""Prometheus metrics, with ``splicegate_`` names, for ``--admin``'s ``/metrics``.
+
+Each :class:`Metrics` has a registry of its own, so two proxies embedded in one process
+never collide. Under ``--workers`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before
+it starts the workers: prometheus_client's multiprocess mode then keeps each worker's values
+in files there, and the supervisor's one endpoint adds them up (:func:`collect_multiprocess`).
+Gauges are ``livesum`` there: the files of a dead worker are dropped
+(:func:`forget_process`), its counters kept.
+
+Counts are made in the hub as things happen: a connection accepted, a tunnel handed off
+(active +1) and closed (active -1, one ``tunnels_total`` per access-log line), a refusal.
+Bytes and the engine's pipes and threads come from ``engine.stats()``: bytes as the
+increase since the last look, so a long tunnel's bytes show while it runs, not only at
+its end. They are looked at on every scrape, on every closed tunnel, and once a second in a
+worker (whose scrapes the supervisor answers).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: DNS lookups and connects on a LAN take a millisecond, across the world a few hundred;
+#: the timeouts' defaults are 5 and 10 s
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def cause_label(error: BaseException) -> str:
+    """``PortDenied`` -> ``port_denied``: finer than the Proxy-Status token, which one 403
+    shares for a denied client and a denied port."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
+
+
+def multiprocess() -> bool:
+    """Whether prometheus_client keeps values in files (chosen when it was imported)."""
+    from prometheus_client import values
+
+    return values.ValueClass is not values.MutexValue
+
+
+class Metrics:
+    """The proxy's metrics; methods are called in the hub and never block."""
+
+    def __init__(self) -> None:
+        # Imported here, not at module level: under --workers the supervisor must set
+        # PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess = multiprocess()
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = None if self.multiprocess else self.registry
+        live: dict[str, Any] = {"multiprocess_mode": "livesum", "registry": reg}
+        self.connections = Counter(
+            "splicegate_connections", "Client connections accepted", registry=reg
+        )
+        self.tunnels_active = Gauge("splicegate_tunnels_active", "Tunnels open now", **live)
+        self.tunnels = Counter(
+            "splicegate_tunnels",
+            "Requests finished (a tunnel closed, a request refused): one per access-log line",
+            ["status", "error"],
+            registry=reg,
+        )
+        self.bytes = Counter(
+            "splicegate_bytes",
+            "Bytes relayed: up is client to origin, down is origin to client",
+            ["direction"],
+            registry=reg,
+        )
+        self.dns = Histogram(
+            "splicegate_dns_seconds", "Name resolution time", buckets=TIME_BUCKETS, registry=reg
+        )
+        self.connect = Histogram(
+            "splicegate_connect_seconds",
+            "Time to connect to the target, after resolution",
+            buckets=TIME_BUCKETS,
+            registry=reg,
+        )
+        self.pipes = Gauge(
+            "splicegate_engine_pipes_in_use", "Splice pipes the relay engine holds", **live
+        )
+        self.threads = Gauge(
+            "splicegate_engine_threads", "Native relay threads running (0: python engine)", **live
+        )
+        self.refusals = Counter(
+            "splicegate_refusals",
+            "Requests refused, by cause (the error class: port_denied, dns_error, ...)",
+            ["cause"],
+            registry=reg,
+        )
+        self._up = self.bytes.labels("up")
+        self._down = self.bytes.labels("down")
+        self._seen_up = 0
+        self._seen_down = 0
+
+    def observe_engine(self, stats: Mapping[str, int]) -> None:
+        """Bring the engine's figures in: gauges as they are, bytes as the increase."""
+        self.pipes.set(stats.get("pipes_in_use", 0))
+        self.threads.set(stats.get("threads", 0))
+        up, down = stats.get("bytes_up", 0), stats.get("bytes_down", 0)
+        if up > self._seen_up:
+            self._up.inc(up - self._seen_up)
+        if down > self._seen_down:
+            self._down.inc(down - self._seen_down)
+        self._seen_up, self._seen_down = up, down
+
+    def render(self) -> bytes:
+        """This process's metrics in the Prometheus text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def collect_multiprocess(directory: str | None = None) -> bytes:
+    """Every worker's metrics, added up, in the text format (the supervisor's /metrics)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory or os.environ[MULTIPROC_ENV])
+    return generate_latest(registry)
+
+
+def forget_process(pid: int, directory: str | None = None) -> None:
+    """Drop a dead worker's gauge files; its counters stay in the sums."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, directory or os.environ[MULTIPROC_ENV])

@@ -1,0 +1,288 @@
+"""``--workers N``: N proxy processes on the same ports, under a supervisor.
+
+Each worker is ``python -m splicegate`` with the supervisor's own arguments, started fresh
+(fork and exec, not a bare fork): it imports, builds its engine and binds its listeners
+itself, with SO_REUSEPORT, so the kernel spreads new connections over the workers and a
+dead worker's share goes to the others at once. A fresh process carries no copy of the
+supervisor's greenlets or admin socket, and prometheus_client sees
+``PROMETHEUS_MULTIPROC_DIR`` when it is first imported.
+
+The supervisor serves ``--admin`` for the whole daemon (the workers' metrics added up from
+that directory), restarts a worker that dies (waiting longer each time one dies young),
+and passes SIGHUP and SIGUSR1 on; SIGTERM and SIGINT go on to the workers, which drain, and
+the supervisor exits 0 once they have. Workers tell it they are ready the way it tells
+systemd: ``READY=1`` datagrams, to a socket of its own in their ``NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gevent
+from gevent import socket
+from gevent.subprocess import DEVNULL, Popen
+
+from splicegate.admin import AdminServer
+from splicegate.config import Config
+from splicegate.daemon import WORKER_ENV, Signals
+from splicegate.notify import ENV as NOTIFY_ENV
+from splicegate.notify import notify, reloading
+
+log = logging.getLogger("splicegate")
+
+
+def reuse_port_listener(address: tuple[str, int], backlog: int) -> socket.socket:
+    """A listening gevent socket bound with SO_REUSEPORT (and SO_REUSEADDR, as gevent's own
+    listeners are), so that each worker can bind the same address."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class Worker:
+    slot: int
+    proc: Popen | None = None
+    started: float = 0.0
+    ready: bool = False
+    #: seconds to wait before the next restart; doubles while the worker keeps dying young
+    backoff: float = 0.0
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    """Starts, watches and stops the workers; acts on signals in its loop only."""
+
+    #: a worker that dies sooner than this after its start counts as dying young
+    young = 10.0
+    #: the first and the longest wait before restarting a worker that died young
+    backoff_min = 0.5
+    backoff_max = 30.0
+    #: how long the workers get to say READY=1 at start
+    start_timeout = 60.0
+    #: how often the loop looks at the workers when no signal wakes it
+    tick = 0.2
+
+    def __init__(self, config: Config, argv: Sequence[str], load: Callable[[], Config]) -> None:
+        self.config = config
+        self.argv = list(argv)
+        self.load = load
+        self.workers = [Worker(slot) for slot in range(config.workers)]
+        self.admin: AdminServer | None = None
+        self.draining = False
+        self._metrics_dir: str | None = None
+        self._own_metrics_dir = False
+        self._notify_sock: socket.socket | None = None
+        self._notify_name = f"splicegate-{os.getpid()}-{secrets.token_hex(4)}"
+        self._worker_env: dict[str, str] = {}
+
+    # --- running --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signals = Signals()
+        try:
+            self._prepare()
+            for worker in self.workers:
+                self._spawn(worker)
+            if not self._wait_ready(time.monotonic() + self.start_timeout, signals):
+                log.error("the workers did not all start; stopping")
+                self._stop_workers(signal.SIGTERM, time.monotonic() + 5)
+                return 1
+            log.info("all %d workers ready", len(self.workers))
+            notify("READY=1", f"MAINPID={os.getpid()}")
+            while not signals.take("stop"):
+                signals.wait(self.tick)
+                if signals.take("reload"):
+                    self._reload(signals)
+                if signals.take("reopen"):
+                    self._signal_all(signal.SIGUSR1)
+                self._watch()
+            self.draining = True
+            notify("STOPPING=1")
+            drain = self.config.drain_timeout
+            log.info("stopping: the workers stop accepting; open tunnels get %g s", drain)
+            ok = self._stop_workers(signal.SIGTERM, time.monotonic() + drain + 10)
+            log.info("stopped")
+            return 0 if ok else 1
+        except OSError as exc:
+            log.error("%s", exc)
+            self._stop_workers(signal.SIGTERM, time.monotonic() + 5)
+            return 1
+        finally:
+            self._cleanup()
+
+    def _prepare(self) -> None:
+        """The workers' environment: a readiness socket, and a metrics directory if there
+        is an admin endpoint to serve (before prometheus_client is imported here)."""
+        if self.config.admin is not None:
+            from splicegate.metrics import MULTIPROC_ENV, collect_multiprocess
+
+            self._metrics_dir = os.environ.get(MULTIPROC_ENV)
+            if not self._metrics_dir:
+                self._metrics_dir = tempfile.mkdtemp(prefix="splicegate-metrics-")
+                self._own_metrics_dir = True
+                os.environ[MULTIPROC_ENV] = self._metrics_dir
+            directory = self._metrics_dir
+            hub = gevent.get_hub()
+
+            def scrape() -> bytes:  # reads every worker's file: off the hub, in a thread
+                return hub.threadpool.apply(collect_multiprocess, (directory,))
+
+            self.admin = AdminServer(self.config.admin, scrape, lambda: not self.draining)
+            self.admin.start()
+        self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify_sock.bind("\0" + self._notify_name)
+        self._worker_env = {**os.environ, WORKER_ENV: "1", NOTIFY_ENV: "@" + self._notify_name}
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.proc = Popen(
+            [sys.executable, "-m", "splicegate", *self.argv],
+            env=self._worker_env,
+            stdin=DEVNULL,
+        )
+        worker.started = time.monotonic()
+        worker.ready = False
+        log.info("worker %d started (pid %d)", worker.slot + 1, worker.proc.pid)
+
+    def _readiness(self, timeout: float) -> None:
+        """Read the workers' datagrams for up to ``timeout`` seconds (cooperatively)."""
+        assert self._notify_sock is not None
+        self._notify_sock.settimeout(timeout)
+        with contextlib.suppress(TimeoutError, OSError):
+            while True:
+                data = self._notify_sock.recv(4096).decode("ascii", "replace")
+                fields = dict(line.partition("=")[::2] for line in data.splitlines())
+                pid = int(fields.get("WORKER_PID", "0") or 0)
+                for worker in self.workers:
+                    if worker.proc is not None and worker.proc.pid == pid:
+                        worker.ready = fields.get("READY") == "1"
+                self._notify_sock.settimeout(0)
+
+    def _wait_ready(self, deadline: float, signals: Signals) -> bool:
+        while time.monotonic() < deadline:
+            self._readiness(self.tick)
+            if all(w.ready for w in self.workers):
+                return True
+            if any(w.proc is None or w.proc.poll() is not None for w in self.workers):
+                return False  # a worker could not start: its error is on stderr
+            if "stop" in signals.pending:
+                return False
+        return False
+
+    def _watch(self) -> None:
+        """Restart a worker that has died, after its backoff."""
+        self._readiness(0)
+        now = time.monotonic()
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is not None and proc.poll() is not None:
+                self._forget(proc.pid)
+                lived = now - worker.started
+                if lived < self.young:
+                    doubled = max(worker.backoff * 2, self.backoff_min)
+                    worker.backoff = min(doubled, self.backoff_max)
+                else:
+                    worker.backoff = self.backoff_min
+                worker.restart_at = now + worker.backoff
+                log.warning(
+                    "worker %d (pid %d) exited with %s after %.1f s; restarting in %g s",
+                    worker.slot + 1,
+                    proc.pid,
+                    _exit_text(proc.returncode),
+                    lived,
+                    worker.backoff,
+                )
+                worker.proc = None
+            if worker.proc is None and now >= worker.restart_at:
+                self._spawn(worker)
+
+    def _reload(self, signals: Signals) -> None:
+        """Check the new settings here once, so a bad file is reported once, not by every
+        worker; pass SIGHUP on when they are good, and wait (bounded) for the workers."""
+        reloading()
+        try:
+            config = self.load()
+        except ValueError as exc:
+            log.error("reload refused, the running settings stay: %s", exc)
+        else:
+            for name in ("listen", "workers", "admin"):
+                if getattr(config, name) != getattr(self.config, name):
+                    log.warning("reload: --%s changed, which needs a restart; ignored", name)
+            for worker in self.workers:
+                worker.ready = False
+            self._signal_all(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while not all(w.ready or w.proc is None for w in self.workers):
+                if time.monotonic() > deadline or "stop" in signals.pending:
+                    break
+                self._readiness(self.tick)
+        notify("READY=1")
+
+    # --- stopping -------------------------------------------------------------------------
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signum)
+
+    def _stop_workers(self, signum: int, deadline: float) -> bool:
+        """Signal every worker, wait until ``deadline``, then kill what is left."""
+        self._signal_all(signum)
+        clean = True
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # gevent's TimeoutExpired
+                log.error("worker %d (pid %d) did not stop; killing it", worker.slot + 1, proc.pid)
+                proc.kill()
+                proc.wait(timeout=5)
+                clean = False
+            if proc.returncode not in (0, None):
+                clean = False
+            self._forget(proc.pid)
+        return clean
+
+    def _forget(self, pid: int) -> None:
+        if self._metrics_dir:
+            from splicegate.metrics import forget_process
+
+            forget_process(pid, self._metrics_dir)
+
+    def _cleanup(self) -> None:
+        if self.admin is not None:
+            self.admin.stop()
+        if self._notify_sock is not None:
+            self._notify_sock.close()
+        if self._own_metrics_dir and self._metrics_dir:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -1,0 +1,163 @@
+"""``--config FILE`` and ``splicegate check-config``: keys from the settings table, flags
+over the file, and refusals that name the file, the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxyproc import WAIT, ProxyProcess
+from splicegate.config import Config, cli_fields
+from splicegate.configfile import ConfigError, load, render, restart_only_changes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "splicegate", *args], capture_output=True, text=True, timeout=WAIT
+    )
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "splicegate.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_file_values_and_flags_over_them(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'listen = ["127.0.0.1:3129", "[::1]:3129"]\n'
+        'allow_port = ["443", "8000-8100"]\n'
+        "connect_timeout = 3\n"
+        'log_format = "json"\n'
+        'admin = "127.0.0.1:9100"\n'
+        "header_timeout = 2.5\n",
+    )
+    config = load(path)
+    assert config.listen == (("127.0.0.1", 3129), ("::1", 3129))
+    assert [str(p) for p in config.allow_port] == ["443", "8000-8100"]
+    assert config.connect_timeout == 3.0 and config.header_timeout == 2.5
+    assert config.log_format == "json" and config.admin == ("127.0.0.1", 9100)
+    # A flag replaces the file's value; a repeatable one its whole list.
+    config = load(path, {"allow_port": ["any"], "connect_timeout": "7", "listen": None})
+    assert [str(p) for p in config.allow_port] == ["any"]
+    assert config.connect_timeout == 7.0
+    assert config.listen == (("127.0.0.1", 3129), ("::1", 3129))  # None: not given
+
+
+def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None:
+    assert [str(p) for p in load(write(tmp_path, 'allow_port = "8443"\n')).allow_port] == ["8443"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'allow-port = ["443"]\n',
+            "unknown key 'allow-port' (did you mean allow_port?); the keys are the flags' "
+            "names with _ for -: listen, ",
+        ),
+        ("colour = 1\n", "unknown key 'colour'; the keys are"),
+        (
+            'allow_port = ["http"]\n',
+            "allow_port = [\"http\"]: 'http' is not a port, a range like 8000-8100, or 'any'",
+        ),
+        ("connect_timeout = 0\n", "connect_timeout = 0: 0 is too small; the least is 0.001"),
+        ('engine = "turbo"\n', "engine = \"turbo\": 'turbo' is not one of auto, native, python"),
+        ("idle_timeout = true\n", "idle_timeout = true: true/false is not allowed; expected S"),
+        ('engine = ["auto"]\n', 'engine = ["auto"]: takes one value (auto|native|python), not'),
+        ('listen = "localhost"\n', "'localhost' has no port; write HOST:PORT"),
+        ('log_format = "xml"\n', "'xml' is not one of text, json"),
+        ("workers = 0\n", "workers = 0: 0 is too small; the least is 1"),
+        ("dns_min_ttl = 10\ndns_max_ttl = 5\n", "dns-min-ttl: 10 is above --dns-max-ttl 5"),
+        (
+            'workers = 2\nlisten = ["127.0.0.1:0"]\n',
+            "workers: 2 processes share each listener's port, so it must be fixed; port 0",
+        ),
+        ("listen = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_are_refused_with_key_value_and_what_is_allowed(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+
+
+def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, "connect_timeout = 3\n")
+    with pytest.raises(ConfigError, match=r"^--connect-timeout: 'x' is not a float"):
+        load(path, {"connect_timeout": "x"})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the config file .*No such file"):
+        load(str(tmp_path / "absent.toml"))
+
+
+def test_render_loads_back_to_the_same_settings(tmp_path: Path) -> None:
+    config = Config(
+        listen=["[::1]:3128", "127.0.0.1:3129"],
+        allow_port=["443", "8000-8100"],
+        allow_dest=["10.1.0.0/16"],
+        nameserver=["127.0.0.1:5353"],
+        admin="127.0.0.1:9100",
+        access_log="/var/log/splicegate.log",
+        idle_timeout=12.5,
+    )
+    text = render(config)
+    for f in cli_fields():
+        assert f"\n{f.name} = " in "\n" + text  # every key, written once
+    assert load(write(tmp_path, text)) == config
+    assert load(write(tmp_path, render(Config()))) == Config()
+
+
+def test_restart_only_changes() -> None:
+    old = Config(listen=["127.0.0.1:3128"])
+    new = Config(listen=["127.0.0.1:3129"], allow_port=["any"], workers=2, engine="python")
+    assert restart_only_changes(old, new) == ["listen", "engine", "workers"]
+
+
+def test_check_config_prints_the_effective_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, 'allow_port = ["8443"]\nlog_format = "json"\n')
+    out = run_cli("check-config", path, "--connect-timeout", "4")
+    assert out.returncode == 0, out.stderr
+    assert 'allow_port = ["8443"]\n' in out.stdout
+    assert 'log_format = "json"\n' in out.stdout
+    assert "connect_timeout = 4.0\n" in out.stdout
+    assert 'listen = ["127.0.0.1:3128"]\n' in out.stdout  # the defaults too
+
+
+def test_check_config_refuses_a_bad_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'allow_port = ["443", "smtp"]\n')
+    out = run_cli("check-config", path)
+    assert out.returncode == 2
+    assert f'{path}: allow_port = ["443", "smtp"]: \'smtp\' is not a port' in out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+
+
+def test_daemon_refuses_a_bad_file_at_start(tmp_path: Path) -> None:
+    out = run_cli("--config", write(tmp_path, "bogus = 1\n"))
+    assert out.returncode == 2
+    assert "unknown key 'bogus'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_workers_need_a_fixed_port_on_the_command_line() -> None:
+    out = run_cli("--workers", "2", "--listen", "127.0.0.1:0")
+    assert out.returncode == 2
+    assert "port 0 in --listen 127.0.0.1:0 would give each its own" in out.stderr
+
+
+def test_daemon_runs_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'allow_port = ["8443"]\n')
+    proc = ProxyProcess("--config", path)
+    try:
+        assert proc.address[1] > 0  # --listen given as a flag beats the file's default
+    finally:
+        assert proc.stop() == 0

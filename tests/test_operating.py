@@ -1,0 +1,462 @@
+"""Running it for real: the access log, /metrics and /healthz, drain on SIGTERM, reload on
+SIGHUP, log reopening on SIGUSR1, systemd readiness and ``--workers``. Each test runs the
+``splicegate`` command as a process on loopback and stops it by its pid."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dnsserver import DnsServer
+from proxyproc import (
+    WAIT,
+    ProxyProcess,
+    connect_head,
+    echo,
+    open_tunnel,
+    origin,
+    recv_exactly,
+    recv_until_eof,
+    request,
+)
+
+LOOPBACK = ("--allow-dest", "127.0.0.0/8")
+ANY_PORT = ("--allow-port", "any")
+
+KEYS = [
+    "ts", "client", "client_port", "user", "method", "target", "dialled", "status", "error",
+    "dns_ms", "connect_ms", "bytes_up", "bytes_down", "duration_ms", "first_closer", "reason",
+]  # fmt: skip
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def log_lines(path: Path, count: int) -> list[str]:
+    """The access log's lines, once there are ``count`` of them (never more)."""
+
+    def read() -> list[str] | None:
+        lines = path.read_text().splitlines() if path.exists() else []
+        assert len(lines) <= count, lines
+        return lines if len(lines) == count else None
+
+    return wait_until(read, f"{count} access-log lines in {path}")
+
+
+def upload_download(conn: socket.socket) -> None:
+    """Origin: read to EOF, then send back 54321 bytes and close."""
+    while conn.recv(65536):
+        pass
+    conn.sendall(b"d" * 54321)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the access log -----------------------------------------------------------------------
+
+
+def test_access_log_json_one_line_per_outcome_with_byte_counts(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json")
+    try:
+        with origin(upload_download) as srv:
+            target = f"127.0.0.1:{srv.port}"
+            sock, reply = open_tunnel(proc.address, target, early=b"early")
+            assert reply.status == 200
+            sock.sendall(b"u" * 100_000)
+            sock.shutdown(socket.SHUT_WR)
+            received = recv_until_eof(sock)
+            sock.close()
+            assert len(received) == 54321
+            (line,) = log_lines(path, 1)
+        entry = json.loads(line)
+        assert list(entry) == KEYS
+        assert entry["client"] == "127.0.0.1" and entry["client_port"] > 0
+        assert entry["method"] == "CONNECT" and entry["target"] == target
+        assert entry["dialled"] == target and entry["status"] == 200
+        assert entry["error"] is None and entry["user"] is None
+        assert entry["bytes_up"] == 5 + 100_000  # the early bytes and the upload
+        assert entry["bytes_down"] == len(received)
+        assert entry["first_closer"] in ("client", "origin") and entry["reason"] == "eof"
+        assert entry["dns_ms"] == 0  # an IP literal: no lookup
+        assert 0 < entry["connect_ms"] <= entry["duration_ms"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
+
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+            refused = request(proc.address, connect_head(f"127.0.0.1:{closed.getsockname()[1]}"))
+        assert refused.status == 502
+        assert request(proc.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 405
+        assert request(proc.address, b"CONNECT nonsense HTTP/1.1\r\n\r\n").status == 400
+        lines = [json.loads(line) for line in log_lines(path, 4)]
+        assert [(e["status"], e["error"]) for e in lines[1:]] == [
+            (502, "connection_refused"),
+            (405, "http_request_denied"),
+            (400, "http_request_error"),
+        ]
+        assert [e["method"] for e in lines[1:]] == ["CONNECT", "GET", None]  # None: unparsed
+        for e in lines[1:]:
+            assert (e["bytes_up"], e["bytes_down"], e["first_closer"], e["reason"]) == (
+                0, 0, None, None,
+            )  # fmt: skip
+    finally:
+        assert proc.stop() == 0
+
+
+def test_access_log_text_and_reopen_on_sigusr1(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--access-log", str(path))
+    try:
+        with origin(echo) as srv:
+            sock, _ = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"ping")
+            assert recv_exactly(sock, 4) == b"ping"
+            sock.close()
+            (line,) = log_lines(path, 1)
+            assert line.startswith("ts=")
+            fields = dict(pair.split("=", 1) for pair in line.split(" "))
+            assert list(fields) == KEYS
+            assert fields["status"] == "200" and fields["user"] == "-"
+            assert fields["bytes_up"] == "4" and fields["bytes_down"] == "4"
+            assert fields["target"] == f"127.0.0.1:{srv.port}"
+
+            rotated = tmp_path / "access.log.1"
+            path.rename(rotated)  # what logrotate does, then it signals
+            proc.proc.send_signal(signal.SIGUSR1)
+            proc.wait_for_log(r"access log .* reopened")
+            sock, _ = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"pong")
+            assert recv_exactly(sock, 4) == b"pong"
+            sock.close()
+            log_lines(path, 1)
+        assert len(rotated.read_text().splitlines()) == 1
+    finally:
+        assert proc.stop() == 0
+
+
+def test_text_line_quotes_what_the_client_chose() -> None:
+    from splicegate.accesslog import Entry, format_text
+
+    entry = Entry(
+        ts="t", client="::1", client_port=1, user='a b"c', method="GET", target="/x=1",
+        dialled=None, status=405, error="http_request_denied", dns_ms=0, connect_ms=0,
+        bytes_up=0, bytes_down=0, duration_ms=1.5, first_closer=None, reason=None,
+    )  # fmt: skip
+    text = format_text(entry)
+    assert 'user="a b\\"c"' in text and 'target="/x=1"' in text and "dialled=-" in text
+    assert "\n" not in text
+
+
+# --- metrics and health -------------------------------------------------------------------
+
+
+def admin_address(proc: ProxyProcess) -> tuple[str, int]:
+    match = proc.wait_for_log(r"admin on http://([\d.]+):(\d+)")
+    return match.group(1), int(match.group(2))
+
+
+def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(*address, timeout=WAIT)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def scrape(address: tuple[str, int]) -> dict[tuple[str, tuple], float]:
+    status, text = http_get(address, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        server.add("origin.test", a=["127.0.0.1"])
+        yield server
+
+
+def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer) -> None:
+    proc = ProxyProcess(
+        *LOOPBACK, "--allow-port", "1024-65535", "--admin", "127.0.0.1:0",
+        "--nameserver", f"{dns.host}:{dns.port}",
+    )  # fmt: skip
+    try:
+        admin = admin_address(proc)
+        assert http_get(admin, "/healthz") == (200, "serving\n")
+        assert http_get(admin, "/nothing")[0] == 404
+        before = scrape(admin)
+        assert metric(before, "splicegate_tunnels_active") == 0
+        assert metric(before, "splicegate_connections_total") == 0
+        with origin(echo) as srv:
+            sock, reply = open_tunnel(proc.address, f"origin.test:{srv.port}", early=b"x" * 1000)
+            assert reply.status == 200 and recv_exactly(sock, 1000) == b"x" * 1000
+            opened = scrape(admin)
+            assert metric(opened, "splicegate_tunnels_active") == 1
+            assert metric(opened, "splicegate_connections_total") == 1
+            assert metric(opened, "splicegate_dns_seconds_count") == 1
+            assert metric(opened, "splicegate_connect_seconds_count") == 1
+            assert metric(opened, "splicegate_bytes_total", direction="up") == 1000
+            assert metric(opened, "splicegate_tunnels_total", status="200", error="") == 0
+            sock.sendall(b"y" * 2000)
+            assert recv_exactly(sock, 2000) == b"y" * 2000
+            sock.close()
+
+            def closed() -> dict | None:
+                now = scrape(admin)
+                return now if metric(now, "splicegate_tunnels_active") == 0 else None
+
+            after = wait_until(closed, "the tunnel counted as closed")
+        assert metric(after, "splicegate_tunnels_total", status="200", error="") == 1
+        assert metric(after, "splicegate_bytes_total", direction="up") == 3000
+        assert metric(after, "splicegate_bytes_total", direction="down") == 3000
+        assert ("splicegate_engine_pipes_in_use", ()) in after
+        assert ("splicegate_engine_threads", ()) in after
+
+        assert request(proc.address, connect_head("127.0.0.1:80")).status == 403
+        refused = scrape(admin)
+        assert metric(refused, "splicegate_refusals_total", cause="port_denied") == 1
+        assert (
+            metric(refused, "splicegate_tunnels_total", status="403", error="http_request_denied")
+            == 1
+        )
+        assert metric(refused, "splicegate_connections_total") == 2
+    finally:
+        assert proc.stop() == 0
+
+
+# --- SIGTERM: drain -----------------------------------------------------------------------
+
+BLOCK = os.urandom(1 << 20)
+BIG = 64  # MiB
+
+
+def send_big(conn: socket.socket) -> None:
+    for _ in range(BIG):
+        conn.sendall(BLOCK)
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(65536):  # until the client closes
+        pass
+
+
+def test_sigterm_drains_an_active_64mib_transfer_byte_exact() -> None:
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "30", "--admin", "127.0.0.1:0")
+    try:
+        admin = admin_address(proc)
+        with origin(send_big) as srv:
+            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}")
+            assert reply.status == 200
+            digest = hashlib.sha256(recv_exactly(sock, 1 << 20))
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.wait_for_log("stopping: no new connections")
+            assert http_get(admin, "/healthz") == (503, "draining\n")
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(proc.address, timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            wait_until(refused, "new connections refused while draining")
+            rest = recv_until_eof(sock, limit=BIG << 20)
+            sock.close()
+            digest.update(rest)
+            assert (1 << 20) + len(rest) == BIG << 20
+            expected = hashlib.sha256()
+            for _ in range(BIG):
+                expected.update(BLOCK)
+            assert digest.hexdigest() == expected.hexdigest()
+            assert proc.proc.wait(WAIT) == 0
+            assert "INFO stopped" in proc.log()
+    finally:
+        proc.stop()
+
+
+# --- SIGHUP: reload -----------------------------------------------------------------------
+
+
+def test_sighup_applies_a_new_allow_list_and_keeps_open_tunnels(tmp_path: Path) -> None:
+    config = tmp_path / "splicegate.toml"
+    with origin(echo) as first, origin(echo) as second:
+        config.write_text(f'allow_port = ["{first.port}"]\nallow_dest = ["127.0.0.0/8"]\n')
+        proc = ProxyProcess("--config", str(config))
+        try:
+            tunnel, reply = open_tunnel(proc.address, f"127.0.0.1:{first.port}")
+            assert reply.status == 200
+            assert request(proc.address, connect_head(f"127.0.0.1:{second.port}")).status == 403
+
+            config.write_text(f'allow_port = ["{second.port}"]\nallow_dest = ["127.0.0.0/8"]\n')
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log("reloaded " + re.escape(str(config)))
+            assert request(proc.address, connect_head(f"127.0.0.1:{first.port}")).status == 403
+            ok, reply = open_tunnel(proc.address, f"127.0.0.1:{second.port}", early=b"new")
+            assert reply.status == 200 and recv_exactly(ok, 3) == b"new"
+            ok.close()
+            for _ in range(3):  # the tunnel opened before the reload flows on
+                tunnel.sendall(b"still here")
+                assert recv_exactly(tunnel, 10) == b"still here"
+
+            # A bad file: refused with the reason, the running settings kept.
+            config.write_text('allow_port = ["smtp"]\n')
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log(r"reload refused, the running settings stay: .*'smtp' is not a port")
+            assert request(proc.address, connect_head(f"127.0.0.1:{first.port}")).status == 403
+            ok, reply = open_tunnel(proc.address, f"127.0.0.1:{second.port}")
+            assert reply.status == 200
+            ok.close()
+            tunnel.sendall(b"and still")
+            assert recv_exactly(tunnel, 9) == b"and still"
+
+            # A setting that needs a restart is reported and left alone.
+            config.write_text(
+                f'allow_port = ["{second.port}"]\nallow_dest = ["127.0.0.0/8"]\n'
+                'engine = "python"\naccess_log = "-"\n'
+            )
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log("--engine changed, which needs a restart; ignored until then")
+            proc.wait_for_log(r"reloaded .*\n(.|\n)*reloaded ")
+            ok, reply = open_tunnel(proc.address, f"127.0.0.1:{second.port}")
+            ok.close()
+            # the access log, a setting a reload does change, now writes to stderr
+            proc.wait_for_log(rf"ts=\S+ client=127\.0\.0\.1 .* target=127\.0\.0\.1:{second.port}")
+            tunnel.close()
+        finally:
+            assert proc.stop() == 0
+
+
+# --- systemd readiness ----------------------------------------------------------------------
+
+
+def test_systemd_notifications(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(path)
+        manager.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        proc = ProxyProcess()
+        try:
+            assert manager.recv(4096) == b"READY=1"
+            proc.proc.send_signal(signal.SIGHUP)
+            assert re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=\d+", manager.recv(4096))
+            assert manager.recv(4096) == b"READY=1"
+        finally:
+            assert proc.stop() == 0
+        assert manager.recv(4096) == b"STOPPING=1"
+
+
+# --- workers ------------------------------------------------------------------------------
+
+
+def worker_pids(proc: ProxyProcess) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", proc.log())]
+
+
+def served_by(proc: ProxyProcess) -> set[int]:
+    """The pids whose debug line says they closed a tunnel."""
+    return {int(pid) for pid in re.findall(r"splicegate\[(\d+)\] DEBUG tunnel ", proc.log())}
+
+
+def one_tunnel(proc: ProxyProcess, port: int) -> bool:
+    try:
+        sock, reply = open_tunnel(proc.address, f"127.0.0.1:{port}", early=b"hi")
+        with sock:
+            return reply.status == 200 and recv_exactly(sock, 2) == b"hi"
+    except OSError:
+        return False  # a connection queued at a worker as it was killed
+
+
+def test_two_workers_serve_and_survive_one_killed() -> None:
+    port = free_port()
+    proc = ProxyProcess(
+        *LOOPBACK, *ANY_PORT, "--workers", "2", "--admin", "127.0.0.1:0", "--log-level", "debug",
+        listen=[f"127.0.0.1:{port}"],
+    )  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        admin = admin_address(proc)
+        pids = worker_pids(proc)
+        assert len(pids) == 2
+        with origin(echo) as srv:
+            for _ in range(40):  # bounded: SO_REUSEPORT hashes each connection to a worker
+                assert one_tunnel(proc, srv.port)
+                if served_by(proc) == set(pids):
+                    break
+            wait_until(lambda: served_by(proc) == set(pids), "both workers served")
+            closed = wait_until(
+                lambda: (m := scrape(admin)) and metric(m, "splicegate_tunnels_active") == 0 and m,
+                "every tunnel closed",
+            )  # one endpoint for the daemon: both workers' tunnels added up
+            total = metric(closed, "splicegate_tunnels_total", status="200", error="")
+            assert total == len(re.findall(r"DEBUG tunnel ", proc.log()))
+            assert metric(closed, "splicegate_engine_threads") >= 0
+
+            os.kill(pids[0], signal.SIGKILL)  # our child's child: started by this test
+            proc.wait_for_log(rf"worker 1 \(pid {pids[0]}\) exited with signal SIGKILL")
+            for _ in range(20):
+                assert one_tunnel(proc, srv.port) or one_tunnel(proc, srv.port)
+            proc.wait_for_log(r"worker 1 started \(pid \d+\)(.|\n)*worker 1 started")
+            new = worker_pids(proc)[-1]
+            assert new not in pids
+            proc.wait_for_log(rf"splicegate\[{new}\] INFO listening on ")
+            for _ in range(40):  # bounded, as above
+                assert one_tunnel(proc, srv.port)
+                if new in served_by(proc):
+                    break
+            wait_until(lambda: new in served_by(proc), "the new worker served")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "splicegate.toml"
+    config.write_text('allow_port = ["443"]\n')
+    proc = ProxyProcess(
+        *LOOPBACK, "--workers", "2", "--config", str(config), listen=[f"127.0.0.1:{port}"]
+    )
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        with origin(echo) as srv:
+            assert request(proc.address, connect_head(f"127.0.0.1:{srv.port}")).status == 403
+            config.write_text(f'allow_port = ["{srv.port}"]\n')
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
+            for _ in range(6):
+                assert one_tunnel(proc, srv.port)
+            config.write_text("allow_port = 1\nbogus = 2\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log("reload refused, the running settings stay: .*unknown key 'bogus'")
+            assert one_tunnel(proc, srv.port)
+    finally:
+        assert proc.stop() == 0
