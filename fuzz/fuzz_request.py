@@ -3,7 +3,7 @@
     pip install atheris
     mkdir -p fuzz/corpus
     python fuzz/fuzz_request.py -max_total_time=60 -dict=fuzz/request.dict fuzz/corpus fuzz/seeds
-    python fuzz/fuzz_request.py -runs=100000 fuzz/seeds          # a number of inputs
+    python fuzz/fuzz_request.py -runs=100000 fuzz/corpus fuzz/seeds    # a number of inputs
 
 The invariant, as in h11's fuzz target: whatever the bytes and however they are split, the
 parser returns a Request, NEED_DATA or CLOSED, or raises a splicegate ProxyError that knows
