@@ -161,3 +161,10 @@ def test_daemon_runs_from_the_file(tmp_path: Path) -> None:
         assert proc.address[1] > 0  # --listen given as a flag beats the file's default
     finally:
         assert proc.stop() == 0
+
+
+def test_the_contrib_example_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "contrib" / "splicegate.toml"
+    out = run_cli("check-config", str(example))
+    assert out.returncode == 0, out.stderr
+    assert "workers = 2\n" in out.stdout and 'log_format = "json"\n' in out.stdout
