@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -23,7 +24,16 @@ import pytest
 import requests
 import trustme
 
-from proxyproc import WAIT, Origin, ProxyProcess, connect_head, origin, recv_exactly, request
+from proxyproc import (
+    WAIT,
+    Origin,
+    ProxyProcess,
+    connect_head,
+    open_tunnel,
+    origin,
+    recv_exactly,
+    request,
+)
 from splicegate import auth
 from splicegate.config import Config
 from splicegate.errors import AuthRequired, render
@@ -526,3 +536,33 @@ def test_default_params_verify(tmp_path: Path) -> None:
     path.write_text(f"eve:{auth.hash_password('x')}\n")
     assert auth.Authenticator(str(path)).check(with_auth(basic("eve", "x"))) == "eve"
     assert os.path.getsize(path) < 200
+
+
+def test_sighup_rereads_the_password_file(tmp_path: Path) -> None:
+    """A changed password and a new user take effect on SIGHUP, without a restart; a file
+    broken meanwhile is refused by the reload and the users stay as they were."""
+    path = tmp_path / "users"
+    auth.set_password(str(path), "alice", "old", CHEAP)
+    proc = ProxyProcess(*LOOPBACK_OK, "--auth-file", str(path))
+
+    def status(user: str, password: str) -> int:
+        extra = f"Proxy-Authorization: {basic(user, password)}\r\n"
+        sock, reply = open_tunnel(proc.address, f"127.0.0.1:{server.port}", extra=extra)
+        sock.close()
+        return reply.status
+
+    try:
+        with origin() as server:
+            assert status("alice", "old") == 200
+            auth.set_password(str(path), "alice", "new", CHEAP)
+            auth.set_password(str(path), "carol", "c", CHEAP)
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log(r"INFO reloaded")
+            assert status("alice", "old") == 407  # its cache entry no longer matches
+            assert status("alice", "new") == 200 and status("carol", "c") == 200
+            path.write_text(path.read_text() + "broken\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log(r"reload refused, the running settings stay: .*line 3")
+            assert status("carol", "c") == 200
+    finally:
+        assert proc.stop() == 0
