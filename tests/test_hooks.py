@@ -170,6 +170,13 @@ def test_embedded_reload_keeps_hooks_and_reports_restart_settings(origin: Stream
         proxy.reload(Config(**LOOPBACK_OK))
         assert exchange(proxy, target).endswith(b"ping")
         wait_for(closed)  # the hook given at start outlived both reloads
+
+        later: list[Entry] = []
+        ignored = proxy.reload(Config(**LOOPBACK_OK, dialer=dial, on_tunnel_closed=later.append))
+        assert ignored == ["dialer"]  # the server dials with what it started with
+        assert exchange(proxy, target).endswith(b"ping")
+        wait_for(later)  # a new hook applies at once
+        assert len(closed) == 1
     finally:
         proxy.stop(timeout=1)
 

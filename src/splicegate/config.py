@@ -141,10 +141,11 @@ def setting(
     return field(default=default, metadata=meta)
 
 
-def component(parse: Callable[[Any], Any], help: str) -> Any:
+def component(parse: Callable[[Any], Any], help: str, *, restart: bool = False) -> Any:
     """A Config field for an object only an embedding application can give (a resolver, a
     dialer): no CLI flag and no TOML key (``cli`` is False), None meaning the built-in one.
-    Not compared, so two configs with the same settings are equal."""
+    Not compared, so two configs with the same settings are equal. ``restart`` as for
+    :func:`setting`: the server builds on it at start, so a reload cannot swap it."""
     meta = {
         "parse": parse,
         "help": help,
@@ -152,6 +153,7 @@ def component(parse: Callable[[Any], Any], help: str) -> Any:
         "multiple": False,
         "shown_default": "built in",
         "cli": False,
+        "restart": restart,
     }
     return field(default=None, compare=False, metadata=meta)
 
@@ -452,8 +454,12 @@ class Config:
     )
     # component() returns a dataclass field, like setting(); RUF009 cannot see that here
     # because the annotation is not a type it knows to be immutable.
-    resolver: Resolver | None = component(_resolver, "resolve(host, deadline)")  # noqa: RUF009
-    dialer: Dialer | None = component(_dialer, "dial(addresses, port, deadline)")  # noqa: RUF009
+    resolver: Resolver | None = component(  # noqa: RUF009
+        _resolver, "resolve(host, deadline)", restart=True
+    )
+    dialer: Dialer | None = component(  # noqa: RUF009
+        _dialer, "dial(addresses, port, deadline)", restart=True
+    )
     authorize: Authorize | None = component(  # noqa: RUF009
         _hook("authorize(request, client)"), "authorize(request, client)"
     )

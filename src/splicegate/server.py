@@ -440,9 +440,15 @@ class ProxyServer:
         dropping a tunnel. Settings that need a restart (``restart=True`` in the table: a
         listener, the engine) keep their running values; their names are returned. Raises
         ValueError or OSError, with the running settings untouched, when the new ones
-        cannot be applied. The objects only an application gives (resolver, dialer, hooks)
-        are kept when ``config`` has none."""
+        cannot be applied. The objects only an application gives are kept when ``config``
+        has none; new hooks apply, a new resolver or dialer needs a restart."""
         ignored = restart_only_changes(self.config, config)
+        for f in dataclasses.fields(Config):
+            new, old = getattr(config, f.name), getattr(self.config, f.name)
+            if f.metadata.get("cli", True) or new is None or new is old:
+                continue
+            if f.metadata.get("restart"):
+                ignored.append(f.name)
         keep = {name: getattr(self.config, name) for name in ignored}
         for f in dataclasses.fields(Config):
             if not f.metadata.get("cli", True) and getattr(config, f.name) is None:
