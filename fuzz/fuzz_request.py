@@ -11,8 +11,9 @@ its status (400, 431 or 505); anything else, an IndexError, a UnicodeDecodeError
 RuntimeError, is a bug and stops the run with the input that caused it. Fed whole and fed
 in the fuzzer's chunks, the same head must meet the same fate.
 
-The first bytes of each input choose the limits and where the head is split; the rest is
-the head. ``fuzz/seeds`` holds valid heads to start from (with their limit bytes in front);
+The last four bytes of each input choose the limits and where the head is split (see
+:func:`layout`); the bytes before them are the head. ``fuzz/seeds`` holds valid heads to
+start from, each followed by such four bytes;
 ``fuzz/corpus`` (not committed) grows with what the fuzzer finds, and a crashing input is
 written as ``crash-*``. libFuzzer's options (-max_total_time, -runs, -jobs ...) all apply.
 Not part of the test suite: the suite runs a bounded hypothesis sweep of the same invariant
@@ -22,6 +23,7 @@ Not part of the test suite: the suite runs a bounded hypothesis sweep of the sam
 from __future__ import annotations
 
 import itertools
+import random
 import sys
 
 import atheris
@@ -59,14 +61,20 @@ def run(data: bytes, cuts: list[int], max_head_bytes: int, max_fields: int):
     return event
 
 
+def layout(raw: bytes) -> tuple[bytes, list[int], int, int]:
+    """Head, cuts, max_head_bytes, max_fields from an input: the last four bytes are the
+    parameters (two for the head limit, 64..4096; one for the field limit, 1..100; one
+    seeding up to six cut points), so a seed is a plain head followed by four bytes."""
+    data, params = raw[:-4], raw[-4:].rjust(4, b"\0")
+    max_head_bytes = 64 + int.from_bytes(params[:2], "big") % 4033
+    max_fields = 1 + params[2] % 100
+    rng = random.Random(params[3])
+    cuts = [rng.randrange(len(data) + 1) for _ in range(params[3] % 7)]
+    return data, cuts, max_head_bytes, max_fields
+
+
 def test_one_input(raw: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(raw)
-    max_head_bytes = fdp.ConsumeIntInRange(64, 4096)
-    max_fields = fdp.ConsumeIntInRange(1, 100)
-    cut_count = fdp.ConsumeIntInRange(0, 6)
-    cut_at = [fdp.ConsumeIntInRange(0, 4096) for _ in range(cut_count)]
-    data = fdp.ConsumeBytes(fdp.remaining_bytes())
-    cuts = [c % (len(data) + 1) for c in cut_at]
+    data, cuts, max_head_bytes, max_fields = layout(raw)
     split = run(data, cuts, max_head_bytes, max_fields)
     whole = run(data, [], max_head_bytes, max_fields)
     if split != whole:
