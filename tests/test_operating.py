@@ -303,6 +303,21 @@ def test_sigterm_drains_an_active_64mib_transfer_byte_exact() -> None:
         proc.stop()
 
 
+def test_sigterm_closes_what_is_left_at_the_drain_deadline() -> None:
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "0.5")
+    try:
+        with origin(echo) as srv:
+            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"idle")
+            assert reply.status == 200 and recv_exactly(sock, 4) == b"idle"
+            proc.proc.send_signal(signal.SIGTERM)  # the tunnel stays open, idle
+            assert proc.proc.wait(WAIT) == 0
+            sock.settimeout(WAIT)
+            assert recv_until_eof(sock) == b""  # closed by the proxy at the deadline
+            sock.close()
+    finally:
+        proc.stop()
+
+
 # --- SIGHUP: reload -----------------------------------------------------------------------
 
 
@@ -460,3 +475,28 @@ def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
             assert one_tunnel(proc, srv.port)
     finally:
         assert proc.stop() == 0
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: its parent, the supervisor, is dead and cannot reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_stop_when_the_supervisor_is_killed() -> None:
+    proc = ProxyProcess(*LOOPBACK, "--workers", "2", listen=[f"127.0.0.1:{free_port()}"])
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        pids = worker_pids(proc)
+        proc.proc.kill()  # SIGKILL: no chance to pass anything on
+        proc.proc.wait(WAIT)
+        wait_until(lambda: all(gone(pid) for pid in pids), "the orphaned workers stopped")
+        assert "the supervisor (pid " in proc.log()
+    finally:
+        for pid in worker_pids(proc):  # only if the test failed: the workers it started
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.stop()

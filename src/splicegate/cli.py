@@ -31,6 +31,10 @@ examples:
       use it
   splicegate passwd users.txt alice && splicegate --auth-file users.txt
       require a user name and password (curl --proxy-user alice:PASSWORD ...)
+  splicegate check-config /etc/splicegate.toml
+      check a settings file (keys: the flags' names with _ for -) and print the result
+  splicegate --config /etc/splicegate.toml --workers 4 --admin 127.0.0.1:9128
+      run from it in 4 processes, with Prometheus /metrics; SIGHUP reloads the file
 """
 
 
@@ -153,7 +157,7 @@ def run(
     do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
     raise_open_file_limit(config.max_connections)
     load = load or (lambda: config)
-    if config.workers > 1 and os.environ.get(daemon.WORKER_ENV) != "1":
+    if config.workers > 1 and not os.environ.get(daemon.WORKER_ENV):
         from splicegate.workers import Supervisor
 
         return Supervisor(config, argv, load).run()

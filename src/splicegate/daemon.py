@@ -23,7 +23,7 @@ from splicegate.server import ProxyServer
 
 log = logging.getLogger("splicegate")
 
-#: set in a worker's environment by the supervisor (workers.py)
+#: set in a worker's environment by the supervisor (workers.py): the supervisor's pid
 WORKER_ENV = "SPLICEGATE_WORKER"
 
 
@@ -62,7 +62,8 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
     """Run a proxy until SIGTERM/SIGINT, then drain for ``config.drain_timeout`` and
     return 0. ``load`` reads the settings anew for SIGHUP (the config file under the same
     flags); ``source`` names the file for the log."""
-    worker = os.environ.get(WORKER_ENV) == "1"
+    supervisor = int(os.environ.get(WORKER_ENV) or 0)
+    worker = supervisor != 0
     if worker:  # the supervisor serves --admin for all workers
         config = dataclasses.replace(config, admin=None)
         read = load
@@ -79,7 +80,10 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         return 1
     notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))
     while not signals.take("stop"):
-        signals.wait()
+        signals.wait(1.0 if worker else None)
+        if worker and os.getppid() != supervisor:  # it was killed: no one would stop us
+            log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
+            break
         if signals.take("reload"):
             reload(server, load, source, worker)
         if signals.take("reopen") and server.access_log is not None:

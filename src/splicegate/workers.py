@@ -152,7 +152,11 @@ class Supervisor:
             self.admin.start()
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_sock.bind("\0" + self._notify_name)
-        self._worker_env = {**os.environ, WORKER_ENV: "1", NOTIFY_ENV: "@" + self._notify_name}
+        self._worker_env = {
+            **os.environ,
+            WORKER_ENV: str(os.getpid()),
+            NOTIFY_ENV: "@" + self._notify_name,
+        }
 
     def _spawn(self, worker: Worker) -> None:
         worker.proc = Popen(
