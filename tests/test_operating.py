@@ -77,9 +77,15 @@ def free_port() -> int:
 # --- the access log -----------------------------------------------------------------------
 
 
-def test_access_log_json_one_line_per_outcome_with_byte_counts(tmp_path: Path) -> None:
+def test_access_log_json_one_line_per_outcome_with_byte_counts(
+    tmp_path: Path, engine_kind: str
+) -> None:
+    """Both engines report a closed tunnel in the hub (on_done): one line each way."""
     path = tmp_path / "access.log"
-    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json")
+    proc = ProxyProcess(
+        *LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json",
+        "--engine", engine_kind,
+    )  # fmt: skip
     try:
         with origin(upload_download) as srv:
             target = f"127.0.0.1:{srv.port}"
@@ -206,10 +212,10 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
-def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer) -> None:
+def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str) -> None:
     proc = ProxyProcess(
         *LOOPBACK, "--allow-port", "1024-65535", "--admin", "127.0.0.1:0",
-        "--nameserver", f"{dns.host}:{dns.port}",
+        "--nameserver", f"{dns.host}:{dns.port}", "--engine", engine_kind,
     )  # fmt: skip
     try:
         admin = admin_address(proc)
