@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args()
+    machine = describe_machine()  # the load before this run adds its own
 
     with tempfile.TemporaryDirectory() as tmp, Origin.start() as origin:
         users = Path(tmp) / "users"
@@ -97,7 +98,6 @@ def main() -> int:
         finally:
             plain.stop()
             authed.stop()
-    machine = describe_machine()
     print(f"## Tunnels per second, proxy auth off and on ({args.engine} engine)\n")
     print(f"{machine['CPU']}, {machine['cores']}, load {machine['load average at start']}; "
           f"{args.concurrency} loops at once, {args.duration:g} s "
