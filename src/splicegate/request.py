@@ -77,6 +77,8 @@ class Request:
     fields: tuple[tuple[bytes, bytes], ...]
     host: str = ""
     port: int = 0
+    #: the target's address when the host is an IP literal (no DNS for it)
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     def field(self, name: bytes) -> bytes | None:
         """The value of a field that may occur once; None when absent."""
@@ -87,7 +89,7 @@ class Request:
 
     @property
     def is_ip_literal(self) -> bool:
-        return _ip(self.host) is not None
+        return self.address is not None
 
     @property
     def authority(self) -> str:
@@ -96,15 +98,11 @@ class Request:
         return f"{host}:{self.port}"
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def parse_authority(target: bytes) -> tuple[str, int]:
-    """Split a CONNECT target into host and port, or raise BadRequest."""
+def parse_authority(
+    target: bytes,
+) -> tuple[str, int, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """Split a CONNECT target into host, port and (for an IP literal) address, or raise
+    BadRequest."""
     shown = target.decode("latin-1")
     host_part, sep, port_part = target.rpartition(b":")
     if not sep or not host_part:
@@ -121,14 +119,18 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     bracketed = _IPV6_BRACKETED.fullmatch(host_part)
     if bracketed:
         try:
-            return str(ipaddress.IPv6Address(bracketed["addr"].decode())), port
+            v6 = ipaddress.IPv6Address(bracketed["addr"].decode())
         except ValueError:
             pass
+        else:
+            return str(v6), port, v6
     elif _IPV4.fullmatch(host_part):
         try:
-            return str(ipaddress.IPv4Address(host_part.decode())), port
+            v4 = ipaddress.IPv4Address(host_part.decode())
         except ValueError:
             pass
+        else:
+            return str(v4), port, v4
     elif (
         len(host_part) <= 253
         and _REG_NAME.fullmatch(host_part)
@@ -136,7 +138,7 @@ def parse_authority(target: bytes) -> tuple[str, int]:
         # or "127.1" as an address (RFC 3696 §2)
         and not host_part.rstrip(b".").rpartition(b".")[2].isdigit()
     ):
-        return host_part.decode("ascii").rstrip(".").lower(), port
+        return host_part.decode("ascii").rstrip(".").lower(), port, None
     raise BadRequest(
         f"{host_part.decode('latin-1')!r} is not a valid host name or address "
         "(IPv6 addresses go in brackets: [2001:db8::1]:443)",
@@ -229,7 +231,7 @@ def parse_head(head: bytes, max_fields: int = DEFAULT_MAX_FIELDS) -> Request:
             http_version=version,
             fields=fields,
         )
-    host, port = parse_authority(target)
+    host, port, address = parse_authority(target)
     return Request(
         method=method,
         target=target.decode("latin-1"),
@@ -237,6 +239,7 @@ def parse_head(head: bytes, max_fields: int = DEFAULT_MAX_FIELDS) -> Request:
         fields=fields,
         host=host,
         port=port,
+        address=address,
     )
 
 

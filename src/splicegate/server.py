@@ -10,6 +10,7 @@ client reads its answer instead of a reset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -248,7 +249,7 @@ class ProxyServer:
                 "forwarding) is not supported",
                 details=f"method {request.method} not allowed",
             )
-        client_ip = ipaddress.ip_address(attempt.client[0].split("%")[0])
+        client_ip = _client_address(attempt.client[0])
         self.policy.check_client(client_ip)
         if self.authenticator is not None:  # every CONNECT, whatever its version or fields
             attempt.user = self.authenticator.check(request)
@@ -298,10 +299,9 @@ class ProxyServer:
                     return event, parser.trailing_data
 
     def _resolve(self, request: Request, attempt: Attempt) -> list[IPAddress]:
-        if request.is_ip_literal:
-            addr = ipaddress.ip_address(request.host)
-            self.policy.check_not_self(addr, request.port)
-            return [addr]
+        if request.address is not None:
+            self.policy.check_not_self(request.address, request.port)
+            return [request.address]
         started = time.monotonic()
         try:
             return self.resolver.resolve(request.host, started + self.config.dns_timeout)
@@ -342,13 +342,7 @@ class ProxyServer:
             record.duration_s,
         )
         self.metrics.tunnels_active.dec()
-        entry = self._finished(attempt, record)
-        hook = self.config.on_tunnel_closed
-        if hook is not None:
-            try:
-                hook(entry)
-            except Exception:
-                log.exception("on_tunnel_closed hook failed")
+        self._finished(attempt, record)
 
     def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
         """Answer, then close in stages so the answer is read rather than reset away."""
@@ -409,15 +403,24 @@ class ProxyServer:
         else:
             raise TypeError(f"authorize returned {verdict!r}: None, True, a str or a ProxyError")
 
-    def _finished(self, attempt: Attempt, record: TunnelRecord | None) -> accesslog.Entry:
-        """A request is over (a tunnel closed, or refused): its access-log line and metrics."""
-        entry = accesslog.entry_for(attempt, record)
+    def _finished(self, attempt: Attempt, record: TunnelRecord | None) -> None:
+        """A request is over (a tunnel closed, or refused): its metrics, access-log line and
+        ``on_tunnel_closed`` hook. The line is only built when someone reads it: this runs
+        once per CONNECT."""
         self.metrics.tunnels.labels(str(attempt.status), attempt.error or "").inc()
         if record is None:  # a tunnel's were observed when it was established
             self._observe_times(attempt)
+        hook = self.config.on_tunnel_closed if record is not None else None
+        if self.access_log is None and hook is None:
+            return
+        entry = accesslog.entry_for(attempt, record)
         if self.access_log is not None:
             self.access_log.write(entry)
-        return entry
+        if hook is not None:
+            try:
+                hook(entry)
+            except Exception:
+                log.exception("on_tunnel_closed hook failed")
 
     def _observe_times(self, attempt: Attempt) -> None:
         if attempt.dns_s > 0:  # 0: an IP literal, or refused before resolving
@@ -468,3 +471,9 @@ def _show_client(attempt: Attempt) -> str:
     """The client as log lines show it: its address, and its user once authenticated."""
     shown = _show_address(attempt.client)
     return f"{shown} user {attempt.user}" if attempt.user else shown
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_address(host: str) -> IPAddress:
+    """Clients come back: parsing their address once saves work on every CONNECT."""
+    return ipaddress.ip_address(host.split("%")[0])
