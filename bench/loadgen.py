@@ -30,6 +30,7 @@ import base64
 import ipaddress
 import json
 import math
+import os
 import resource
 import select
 import socket
@@ -62,6 +63,11 @@ Address = tuple[str, int]
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 assert len(ESTABLISHED) == 39
+#: Another proxy's 200 differs (HTTP/1.0, extra fields): a benchmark of a peer proxy sets the
+#: exact bytes, hex, in this variable for the load-generator processes it starts (and sets
+#: ESTABLISHED for calls in its own process); every tunnel then reads exactly them.
+ESTABLISHED_ENV = "SPLICEGATE_BENCH_ESTABLISHED"
+ESTABLISHED = bytes.fromhex(os.environ.get(ESTABLISHED_ENV, "")) or ESTABLISHED
 #: What each rate loop sends through the tunnel and expects back.
 PAYLOAD = b"splicegate-bench"
 assert len(PAYLOAD) == 16
