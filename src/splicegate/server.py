@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from splicegate import accesslog, auth
@@ -37,6 +36,7 @@ from splicegate.errors import (
     ProxyError,
     render,
 )
+from splicegate.handlers import HandlerPool
 from splicegate.limits import AcceptServer, ConnectionLimits
 from splicegate.metrics import Metrics, cause_label
 from splicegate.policy import IPAddress, Listener, Policy
@@ -113,7 +113,7 @@ class ProxyServer:
         self._observer: gevent.Greenlet | None = None
         self._configure(self.config)
         self._servers: list[StreamServer] = []
-        self._pool = Pool()
+        self._pool = HandlerPool()
         self._stopped = Event()
 
     def _configure(self, config: Config) -> None:
@@ -147,7 +147,9 @@ class ProxyServer:
             self.engine = self.config.create_engine()
         try:
             for host, port in self.config.listen:
-                server = AcceptServer(self._listener(host, port), self.handle, spawn=self._pool)
+                server = AcceptServer(
+                    self._listener(host, port), self.handle, spawn=self._pool.spawn
+                )
                 server.backlog = self.backlog
                 try:
                     server.start()
