@@ -31,5 +31,5 @@ cdef enum:
     COPY_SIZE = 65536           # the copy path's chunk
     BATCH = 256                 # epoll events per wait
     PUMP_BUDGET = 4194304       # bytes one tunnel moves per turn before others get theirs
-    DEFAULT_PIPE_SIZE = 65536
+    DEFAULT_PIPE_SIZE = 1048576  # the most an unprivileged process may ask for (pipe-max-size)
     POOL_KEEP = 16              # empty pipes each thread keeps for the next transfer

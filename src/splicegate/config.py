@@ -402,7 +402,7 @@ class Config:
         restart=True,
     )
     pipe_size: int = setting(
-        256 * 1024,
+        1024 * 1024,
         _number(int, 4096),
         "native engine: bytes each splice pipe holds (more: fewer system calls per byte)",
         metavar="BYTES",
