@@ -295,3 +295,21 @@ def descriptors_above_1023() -> Iterator[None]:
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def http_responder(body: bytes, content_type: str) -> Callable[[socket.socket], None]:
+    """An origin behaviour: read one request head, answer ``body`` with a 200, close."""
+
+    def serve(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (content_type.encode(), len(body), body)
+        )
+
+    return serve

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dnsserver import DnsServer
-from proxyproc import Origin, ProxyProcess, origin
+from proxyproc import Origin, ProxyProcess, http_responder, origin
 
 BROWSER = next(
     (
@@ -53,18 +53,7 @@ PAGE = (
 ).encode()
 
 
-def serve_page(conn: socket.socket) -> None:
-    """One HTTPS request (any path: the page, or the favicon Chromium asks for), one page."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = conn.recv(4096)
-        if not chunk:
-            return
-        head += chunk
-    conn.sendall(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(PAGE), PAGE)
-    )
+serve_page = http_responder(PAGE, "text/html; charset=utf-8")
 
 
 @dataclass

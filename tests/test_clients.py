@@ -15,7 +15,7 @@ import pytest
 import requests
 import trustme
 
-from proxyproc import WAIT, Origin, ProxyProcess, origin, recv_exactly
+from proxyproc import WAIT, Origin, ProxyProcess, http_responder, origin, recv_exactly
 
 BODY = b"hello through the tunnel\n"
 
@@ -32,18 +32,7 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve_http(conn: socket.socket) -> None:
-    """A minimal HTTPS origin: read one request head, answer BODY, close."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = conn.recv(4096)
-        if not chunk:
-            return
-        head += chunk
-    conn.sendall(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n%s" % (len(BODY), BODY)
-    )
+serve_http = http_responder(BODY, "text/plain")
 
 
 @pytest.fixture(scope="module")
