@@ -313,3 +313,18 @@ def http_responder(body: bytes, content_type: str) -> Callable[[socket.socket], 
         )
 
     return serve
+
+
+def exchange(sock: socket.socket, payload: bytes, timeout: float = WAIT) -> bytes:
+    """Send ``payload`` and half-close from a thread while reading until EOF: both
+    directions move at once, so neither side's buffers can fill and stall the other."""
+
+    def send() -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    received = recv_until_eof(sock)
+    sender.join(timeout)
+    return received

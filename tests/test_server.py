@@ -24,6 +24,7 @@ from proxyproc import (
     WAIT,
     ProxyProcess,
     connect_head,
+    exchange,
     full_accept_queue,
     ipv6_loopback,
     open_tunnel,
@@ -115,11 +116,7 @@ def test_half_close_client_first(proxy: ProxyProcess) -> None:
         sock, reply = open_tunnel(proxy.address, f"127.0.0.1:{server.port}")
         with sock:
             assert reply.status == 200
-            sender = threading.Thread(target=lambda: (sock.sendall(payload),
-                                                      sock.shutdown(socket.SHUT_WR)))  # fmt: skip
-            sender.start()
-            received = recv_until_eof(sock)
-            sender.join(WAIT)
+            received = exchange(sock, payload)
     assert sha256(received) == sha256(payload)
     assert not server.errors
 
@@ -214,11 +211,7 @@ def test_64_mib_both_ways_at_once(proxy: ProxyProcess) -> None:
         sock.settimeout(60)
         with sock:
             assert reply.status == 200
-            sender = threading.Thread(target=lambda: (sock.sendall(sent_up),
-                                                      sock.shutdown(socket.SHUT_WR)))  # fmt: skip
-            sender.start()
-            received = recv_until_eof(sock)
-            sender.join(60)
+            received = exchange(sock, sent_up, timeout=60)
         server.close()
     assert sha256(received) == sha256(sent_down)
     assert got_up == [sha256(sent_up)]
