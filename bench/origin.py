@@ -37,7 +37,7 @@ from types import TracebackType
 import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
-from procs import raise_open_file_limit
+from procs import raise_open_file_limit, terminate
 from streams import (
     HEADER_SIZE,
     SINK,
@@ -92,13 +92,7 @@ class Origin:
         return cls(proc, (HOST, int(ports["echo"])), (HOST, int(ports["stream"])))
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        terminate(self.proc, timeout, timeout)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()

@@ -60,17 +60,17 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import loadgen
-from loadgen import ESTABLISHED_ENV, PAYLOAD, IdleRun, RateRun, run_multi_stream, run_stream
+import measure
+from loadgen import ESTABLISHED_ENV, PAYLOAD, RateRun
+from measure import IDLE_SETTLE_S
 from origin import Origin
 from procs import (
     cpu_seconds_tree,
     describe_machine,
     describe_source,
     engine_available,
-    fd_kinds_tree,
     listening_ports,
     raise_open_file_limit,
-    rss_bytes_tree,
     start_splicegate,
     tree_pids,
 )
@@ -79,7 +79,6 @@ from streams import recv_exactly
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 TESTS = REPO / "tests"
-GIB = 1024**3
 MIB = 1024**2
 Address = tuple[str, int]
 
@@ -88,8 +87,6 @@ DIRECT = "direct"
 PATHS = ("direct", "native", "python", "squid", "tinyproxy", "proxy.py", "pproxy")
 #: The parts of a run; ``--only`` picks some.
 PARTS = ("rate", "stream", "streams8", "idle", "errors")
-#: After the warm-up and after the idle tunnels are up, before memory is read (as run.py).
-IDLE_SETTLE_S = 0.5
 #: The longest any proxy may take to start listening.
 START_TIMEOUT = 30.0
 #: The largest response head read from a proxy.
@@ -821,48 +818,14 @@ class Bench:
             result = run.collect()
         finally:
             run.kill()
-        if result.first_error:
-            self.notes.append(
-                f"rate via {key}: {result.errors} failed loops, first: {result.first_error}"
-            )
-        add = self.samples
-        add["rate", key].append(result.per_second)
-        add["rate_errors", key].append(result.errors)
-        text = f"{result.per_second:8.0f}/s  errors {result.errors}"
-        if proxy:
-            add["rate_cpu_proxy", key].append(100 * (p1 - p0) / args.duration)
-            p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
-            if p50 is not None and p99 is not None:
-                add["p50", key].append(p50)
-                add["p99", key].append(p99)
-                text += f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+        proxy_cpu = 100 * (p1 - p0) / args.duration if proxy else None
+        text = measure.record_rate(self.samples, self.notes, key, result, proxy_cpu)
         if not result.completed:
             raise RuntimeError(f"no loop completed; first error: {result.first_error}")
         return text
 
     def transfer(self, part: str, key: str, proxy: Running | None) -> str:
-        args = self.args
-        direction = part.removesuffix("8")
-        p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        where = proxy.address if proxy else None
-        size = args.file_mib * MIB
-        if part.endswith("8"):
-            result = run_multi_stream(
-                direction, where, self.origin.stream, args.streams, args.seconds, args.warmup, size
-            )
-        else:
-            result = run_stream(
-                direction, where, self.origin.stream, args.seconds, args.warmup, size
-            )
-        time.sleep(0.05)  # let the proxy finish closing what it relayed
-        p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        self.samples[part, key].append(result.gbit_s)
-        text = f"{result.gbit_s:8.2f} Gbit/s"
-        if proxy and result.total_bytes:
-            per_gib = (p1 - p0) / (result.total_bytes / GIB)
-            self.samples[f"cpu_{part}", key].append(per_gib)
-            text += f"  proxy {per_gib:.3f} CPU s/GiB"
-        return text
+        return measure.transfer(self.samples, part, key, proxy, self.origin.stream, self.args)
 
     def idle(self, peer: Peer) -> str:
         """Memory per idle tunnel on a fresh instance of ``peer`` (bench/run.py's definition)."""
@@ -872,49 +835,22 @@ class Bench:
         try:
             head = learn_established(proxy.address, self.origin.echo)
             with expecting(head):
-                loadgen.warm_up(proxy.address, self.origin.echo, args.idle_warmup, args.timeout)
-                time.sleep(IDLE_SETTLE_S)
-                rest, fds_rest = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
-                run = IdleRun(
-                    proxy.address,
-                    self.origin.echo,
-                    args.idle_tunnels,
-                    args.concurrency,
-                    args.timeout,
-                )
-                try:
-                    opened = run.wait_opened()
-                    time.sleep(IDLE_SETTLE_S)
-                    held, fds_held = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
-                    closed = run.release()
-                finally:
-                    run.kill()
+                hold = measure.hold_idle(proxy, self.origin.echo, args)
             if proxy.proc.poll() is not None:
                 raise RuntimeError(f"the fresh {peer.key} exited ({proxy.proc.returncode})")
         finally:
             proxy.stop()
-        if opened.errors:
-            self.notes.append(
-                f"idle via {peer.key}: {opened.errors} of {args.idle_tunnels} tunnels did not "
-                f"open, first error: {opened.first_error}; per tunnel is over the "
-                f"{opened.opened} that did"
-            )
-        if closed.dropped:
-            self.notes.append(
-                f"idle via {peer.key}: {closed.dropped} of {closed.closed} tunnels were closed "
-                "by the other side while held"
-            )
+        self.notes.extend(hold.notes(peer.key, args.idle_tunnels))
+        opened, rest, held = hold.opened, hold.rest, hold.held
         if not opened.opened:
             raise RuntimeError(f"no idle tunnel opened: {opened.first_error}")
-        per_tunnel = (held - rest) / opened.opened
+        per_tunnel = hold.per_tunnel
         add = self.samples
         add["idle_kib", peer.key].append(per_tunnel / 1024)
         add["idle_opened", peer.key].append(opened.opened)
         add["idle_rss_rest", peer.key].append(rest / MIB)
         add["idle_rss_held", peer.key].append(held / MIB)
-        add["idle_sockets", peer.key].append(
-            (fds_held["socket"] - fds_rest["socket"]) / opened.opened
-        )
+        add["idle_sockets", peer.key].append(hold.sockets)
         return (
             f"{per_tunnel:8.0f} B/tunnel  RSS rest {rest / MIB:.1f}, with {opened.opened} "
             f"{held / MIB:.1f} MiB; opened in {opened.seconds:.1f} s"

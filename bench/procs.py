@@ -219,15 +219,21 @@ class Proxy:
 
     def stop(self, timeout: float = 45.0) -> int:
         """SIGTERM by pid (open tunnels get the drain timeout), SIGKILL if that runs out."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, timeout)
         self.stderr.close()
         return self.proc.returncode
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float, kill_wait: float = 10.0) -> None:
+    """SIGTERM ``proc`` by pid if it still runs; SIGKILL if it outlives ``timeout`` s, then wait
+    up to ``kill_wait`` s for it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_wait)
 
 
 def start_splicegate(engine: str, extra: list[str] | None = None, timeout: float = 30.0) -> Proxy:

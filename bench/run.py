@@ -36,7 +36,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from loadgen import IdleRun, RateRun, run_multi_stream, run_stream, warm_up
+from loadgen import RateRun
+from measure import IDLE_SETTLE_S, hold_idle, record_rate, transfer
 from origin import Origin
 from procs import (
     Proxy,
@@ -44,20 +45,15 @@ from procs import (
     describe_machine,
     describe_source,
     engine_available,
-    fd_kinds_tree,
     rss_bytes_tree,
     start_splicegate,
 )
 
 BENCH = Path(__file__).resolve().parent
-GIB = 1024**3
 MIB = 1024**2
 DIRECT = "direct"
 #: The parts of a run, in the order they run; ``--only`` picks some.
 PARTS = ("rate", "stream", "streams8", "idle")
-#: After the warm-up, and after the idle tunnels are up, before memory is read: time for the
-#: proxy to finish closing the warm-up tunnels, or handing the new ones to its engine.
-IDLE_SETTLE_S = 0.5
 
 #: (key, label, proxied paths only, has a ratio to direct, decimals); {streams} and {tunnels}
 #: in a label are filled in from the settings.
@@ -210,71 +206,25 @@ class Bench:
                 f"a rate load generator ({column}) started {result.late_s:.1f} s late; "
                 "its loops ran that much less of the window"
             )
-        if result.first_error:
-            self.notes.append(
-                f"rate via {column}: {result.errors} failed loops, first: {result.first_error}"
-            )
-        add = self.samples
-        add["rate", column].append(result.per_second)
-        add["rate_errors", column].append(result.errors)
-        add["rate_cpu_client", column].append(100 * result.cpu_s / args.duration)
-        add["rate_cpu_origin", column].append(100 * (o1 - o0) / args.duration)
-        text = f"{result.per_second:8.0f}/s  errors {result.errors}"
-        if proxy:
-            add["rate_cpu_proxy", column].append(100 * (p1 - p0) / args.duration)
-            p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
-            if p50 is not None and p99 is not None:
-                add["p50", column].append(p50)
-                add["p99", column].append(p99)
-                text += f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
-        return text
+        return record_rate(
+            self.samples,
+            self.notes,
+            column,
+            result,
+            100 * (p1 - p0) / args.duration if proxy else None,
+            {
+                "rate_cpu_client": 100 * result.cpu_s / args.duration,
+                "rate_cpu_origin": 100 * (o1 - o0) / args.duration,
+            },
+        )
 
     def stream(self, direction: str, column: str, proxy: Proxy | None) -> str:
-        args = self.args
-        p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        result = run_stream(
-            direction,
-            proxy.address if proxy else None,
-            self.origin.stream,
-            args.seconds,
-            args.warmup,
-            args.file_mib * 1024 * 1024,
-        )
-        time.sleep(0.05)  # let the proxy finish closing the tunnel it just relayed
-        p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        self.samples[direction, column].append(result.gbit_s)
-        text = f"{result.gbit_s:8.2f} Gbit/s"
-        if proxy and result.total_bytes:
-            per_gib = (p1 - p0) / (result.total_bytes / GIB)
-            self.samples[f"cpu_{direction}", column].append(per_gib)
-            text += f"  proxy {per_gib:.3f} CPU s/GiB"
-        return text
+        return transfer(self.samples, direction, column, proxy, self.origin.stream, self.args)
 
     def streams8(self, direction: str, column: str, proxy: Proxy | None) -> str:
-        args = self.args
-        p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        result = run_multi_stream(
-            direction,
-            proxy.address if proxy else None,
-            self.origin.stream,
-            args.streams,
-            args.seconds,
-            args.warmup,
-            args.file_mib * 1024 * 1024,
+        return transfer(
+            self.samples, f"{direction}8", column, proxy, self.origin.stream, self.args, each=True
         )
-        time.sleep(0.05)  # let the proxy finish closing the tunnels it just relayed
-        p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-        self.samples[f"{direction}8", column].append(result.gbit_s)
-        each = result.stream_gbit_s()
-        text = (
-            f"{result.gbit_s:8.2f} Gbit/s  ({len(each)} streams, "
-            f"{min(each):.2f}..{max(each):.2f} each)"
-        )
-        if proxy and result.total_bytes:
-            per_gib = (p1 - p0) / (result.total_bytes / GIB)
-            self.samples[f"cpu_{direction}8", column].append(per_gib)
-            text += f"  proxy {per_gib:.3f} CPU s/GiB"
-        return text
 
     def idle(self, engine: str) -> str:
         """Memory per idle tunnel, on a proxy of ``engine`` started for this alone."""
@@ -282,20 +232,7 @@ class Bench:
         proxy = start_splicegate(engine)
         try:
             fresh = rss_bytes_tree(proxy.pid)
-            warm_up(proxy.address, self.origin.echo, args.idle_warmup, args.timeout)
-            time.sleep(IDLE_SETTLE_S)
-            rest, fds_rest = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
-            run = IdleRun(
-                proxy.address, self.origin.echo, args.idle_tunnels, args.concurrency,
-                args.timeout,
-            )  # fmt: skip
-            try:
-                opened = run.wait_opened()
-                time.sleep(IDLE_SETTLE_S)
-                held, fds_held = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
-                closed = run.release()
-            finally:
-                run.kill()
+            hold = hold_idle(proxy, self.origin.echo, args)
             if proxy.proc.poll() is not None:
                 raise RuntimeError(
                     f"the fresh {engine} proxy exited ({proxy.proc.returncode}):\n"
@@ -305,20 +242,11 @@ class Bench:
             rc = proxy.stop()
         if rc != 0:
             self.notes.append(f"the idle-test {engine} proxy exited with {rc} on SIGTERM")
-        if opened.errors:
-            self.notes.append(
-                f"idle via {engine}: {opened.errors} of {args.idle_tunnels} tunnels did not "
-                f"open, first error: {opened.first_error}; per tunnel is over the "
-                f"{opened.opened} that did"
-            )
-        if closed.dropped:
-            self.notes.append(
-                f"idle via {engine}: {closed.dropped} of {closed.closed} tunnels were closed "
-                "by the other side while held"
-            )
+        self.notes.extend(hold.notes(engine, args.idle_tunnels))
+        opened, rest, held = hold.opened, hold.rest, hold.held
         if not opened.opened:
             raise RuntimeError("no idle tunnel opened")
-        per_tunnel = (held - rest) / opened.opened
+        per_tunnel = hold.per_tunnel
         add = self.samples
         add["idle_bytes", engine].append(per_tunnel)
         add["idle_kib", engine].append(per_tunnel / 1024)
@@ -326,11 +254,9 @@ class Bench:
         add["idle_rss_rest", engine].append(rest / MIB)
         add["idle_rss_held", engine].append(held / MIB)
         add["idle_opened", engine].append(opened.opened)
-        add["idle_sockets", engine].append(
-            (fds_held["socket"] - fds_rest["socket"]) / opened.opened
-        )
-        add["idle_pipes_rest", engine].append(fds_rest["pipe"] / 2)
-        add["idle_pipes_held", engine].append(fds_held["pipe"] / 2)
+        add["idle_sockets", engine].append(hold.sockets)
+        add["idle_pipes_rest", engine].append(hold.fds_rest["pipe"] / 2)
+        add["idle_pipes_held", engine].append(hold.fds_held["pipe"] / 2)
         return (
             f"{per_tunnel:8.0f} B/tunnel  RSS fresh {fresh / MIB:.1f}, rest {rest / MIB:.1f}, "
             f"with {opened.opened} {held / MIB:.1f} MiB; opened in {opened.seconds:.1f} s"

@@ -147,30 +147,33 @@ def receive_window(sock: socket.socket, seconds: float, warmup: float) -> tuple[
     received so far.
     """
     buf = bytearray(RECV_SIZE)
-    recv_into = sock.recv_into
-    trunc = socket.MSG_TRUNC
-    n = recv_into(buf, RECV_SIZE, trunc)  # blocks until the first byte
+    n = sock.recv_into(buf, RECV_SIZE, socket.MSG_TRUNC)  # blocks until the first byte
     if not n:
         raise ConnectionError("EOF before any data")
-    total = n
     now = time.monotonic()
-    opens = now + warmup
-    while now < opens:
+    warmed, start = _discard_until(sock, buf, now + warmup, now, "during warm-up")
+    counted, now = _discard_until(
+        sock, buf, start + seconds, start, "during the measurement window"
+    )
+    return Window(counted, now - start), n + warmed + counted
+
+
+def _discard_until(
+    sock: socket.socket, buf: bytearray, deadline: float, now: float, stage: str
+) -> tuple[int, float]:
+    """Discard incoming bytes until the first read returning at or after ``deadline``
+    (``time.monotonic()``; ``now`` is the time of the last read). Returns the bytes discarded
+    and the time that read returned; EOF is an error, named with ``stage``."""
+    recv_into = sock.recv_into
+    trunc = socket.MSG_TRUNC
+    got = 0
+    while now < deadline:
         n = recv_into(buf, RECV_SIZE, trunc)
         if not n:
-            raise ConnectionError("EOF during warm-up")
-        total += n
+            raise ConnectionError(f"EOF {stage}")
+        got += n
         now = time.monotonic()
-    start = now
-    closes = start + seconds
-    counted = 0
-    while now < closes:
-        n = recv_into(buf, RECV_SIZE, trunc)
-        if not n:
-            raise ConnectionError("EOF during the measurement window")
-        counted += n
-        now = time.monotonic()
-    return Window(counted, now - start), total + counted
+    return got, now
 
 
 def finish_receiver(sock: socket.socket, message: bytes) -> int:

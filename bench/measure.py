@@ -1,0 +1,156 @@
+"""Measurements bench/run.py and bench/peers.py share: a stream with the proxy's CPU per GiB,
+and the memory a proxy holds per idle tunnel. Each report keeps its own labels and notes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+from loadgen import (
+    IdleClosed,
+    IdleOpened,
+    IdleRun,
+    RateResult,
+    run_multi_stream,
+    run_stream,
+    warm_up,
+)
+from procs import cpu_seconds_tree, fd_kinds_tree, rss_bytes_tree
+
+Address = tuple[str, int]
+Samples = dict[tuple[str, str], list[float]]
+
+GIB = 1024**3
+MIB = 1024**2
+#: After the warm-up, and after the idle tunnels are up, before memory is read: time for the
+#: proxy to finish closing the warm-up tunnels, or handing the new ones to its engine.
+IDLE_SETTLE_S = 0.5
+
+
+class Measured(Protocol):
+    """A proxy under test: its address and the pid of its process tree."""
+
+    address: Address
+
+    @property
+    def pid(self) -> int: ...
+
+
+def transfer(
+    samples: Samples,
+    part: str,
+    key: str,
+    proxy: Measured | None,
+    target: Address,
+    args: argparse.Namespace,
+    each: bool = False,
+) -> str:
+    """One stream (``up``/``down``) or ``--streams`` streams (``up8``/``down8``) to ``target``,
+    through ``proxy`` or direct; records Gbit/s under ``part`` and, through a proxy, its CPU
+    s/GiB under ``cpu_<part>``. ``each`` adds the per-stream range to the returned text."""
+    direction = part.removesuffix("8")
+    p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+    where = proxy.address if proxy else None
+    size = args.file_mib * MIB
+    if part.endswith("8"):
+        result = run_multi_stream(
+            direction, where, target, args.streams, args.seconds, args.warmup, size
+        )
+    else:
+        result = run_stream(direction, where, target, args.seconds, args.warmup, size)
+    time.sleep(0.05)  # let the proxy finish closing the tunnels it just relayed
+    p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+    samples[part, key].append(result.gbit_s)
+    text = f"{result.gbit_s:8.2f} Gbit/s"
+    if each:
+        rates = result.stream_gbit_s()  # type: ignore[union-attr]
+        text += f"  ({len(rates)} streams, {min(rates):.2f}..{max(rates):.2f} each)"
+    if proxy and result.total_bytes:
+        per_gib = (p1 - p0) / (result.total_bytes / GIB)
+        samples[f"cpu_{part}", key].append(per_gib)
+        text += f"  proxy {per_gib:.3f} CPU s/GiB"
+    return text
+
+
+@dataclass
+class IdleHold:
+    """Memory and descriptors of a proxy at rest, and while it held the idle tunnels."""
+
+    rest: int
+    fds_rest: Counter[str]
+    held: int
+    fds_held: Counter[str]
+    opened: IdleOpened
+    closed: IdleClosed
+
+    @property
+    def per_tunnel(self) -> float:
+        return (self.held - self.rest) / self.opened.opened
+
+    @property
+    def sockets(self) -> float:
+        return (self.fds_held["socket"] - self.fds_rest["socket"]) / self.opened.opened
+
+    def notes(self, label: str, tunnels: int) -> list[str]:
+        """What went wrong, for the report's notes (``label``: the engine or peer)."""
+        opened, closed = self.opened, self.closed
+        found = []
+        if opened.errors:
+            found.append(
+                f"idle via {label}: {opened.errors} of {tunnels} tunnels did not "
+                f"open, first error: {opened.first_error}; per tunnel is over the "
+                f"{opened.opened} that did"
+            )
+        if closed.dropped:
+            found.append(
+                f"idle via {label}: {closed.dropped} of {closed.closed} tunnels were closed "
+                "by the other side while held"
+            )
+        return found
+
+
+def hold_idle(proxy: Measured, echo: Address, args: argparse.Namespace) -> IdleHold:
+    """Warm ``proxy`` up, let it settle, read its memory; open ``--idle-tunnels`` idle tunnels
+    to ``echo``, let it settle, read its memory again, then close them."""
+    warm_up(proxy.address, echo, args.idle_warmup, args.timeout)
+    time.sleep(IDLE_SETTLE_S)
+    rest, fds_rest = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
+    run = IdleRun(proxy.address, echo, args.idle_tunnels, args.concurrency, args.timeout)
+    try:
+        opened = run.wait_opened()
+        time.sleep(IDLE_SETTLE_S)
+        held, fds_held = rss_bytes_tree(proxy.pid), fd_kinds_tree(proxy.pid)
+        closed = run.release()
+    finally:
+        run.kill()
+    return IdleHold(rest, fds_rest, held, fds_held, opened, closed)
+
+
+def record_rate(
+    samples: Samples,
+    notes: list[str],
+    key: str,
+    result: RateResult,
+    proxy_cpu: float | None,
+    extra: dict[str, float] | None = None,
+) -> str:
+    """Record a connection-rate run through ``key``: loops per second, errors, the ``extra``
+    figures, and through a proxy (``proxy_cpu``: its CPU %) that and the p50/p99 latency."""
+    if result.first_error:
+        notes.append(f"rate via {key}: {result.errors} failed loops, first: {result.first_error}")
+    samples["rate", key].append(result.per_second)
+    samples["rate_errors", key].append(result.errors)
+    for figure, value in (extra or {}).items():
+        samples[figure, key].append(value)
+    text = f"{result.per_second:8.0f}/s  errors {result.errors}"
+    if proxy_cpu is not None:
+        samples["rate_cpu_proxy", key].append(proxy_cpu)
+        p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
+        if p50 is not None and p99 is not None:
+            samples["p50", key].append(p50)
+            samples["p99", key].append(p99)
+            text += f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+    return text
