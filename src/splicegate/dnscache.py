@@ -132,10 +132,6 @@ class DnsCache:
 
     def lookup(self, host: str, deadline: float) -> Resolution:
         """The answer for ``host`` by ``deadline``: from memory, a flight, or a new one."""
-        try:
-            return Resolution([ipaddress.ip_address(host)], None)
-        except ValueError:
-            pass
         key = host.lower()  # DNS names are case-insensitive; a final dot is kept (search list)
         entry = self._fresh(key)
         if entry is not None:
@@ -143,6 +139,12 @@ class DnsCache:
             if entry.error is not None:
                 raise _copy(entry.error)
             return Resolution(list(entry.addresses), None)
+        # Literals are never stored, so a hit is a name: parse only on a miss (the server
+        # hands names alone, but an embedding application may not).
+        try:
+            return Resolution([ipaddress.ip_address(host)], None)
+        except ValueError:
+            pass
         budget = deadline - time.monotonic()
         if budget <= 0:
             raise _timeout_error(host, max(budget, 0.0))

@@ -11,12 +11,13 @@ Counts are made in the hub as things happen: a connection accepted, a tunnel han
 (active +1) and closed (active -1, one ``tunnels_total`` per access-log line), a refusal.
 Bytes and the engine's pipes and threads come from ``engine.stats()``: bytes as the
 increase since the last look, so a long tunnel's bytes show while it runs, not only at
-its end. They are looked at on every scrape, on every closed tunnel, and once a second in a
-worker (whose scrapes the supervisor answers).
+its end. They are looked at on every scrape, and once a second in a worker (whose scrapes
+the supervisor answers).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -32,7 +33,13 @@ TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 def cause_label(error: BaseException) -> str:
     """``PortDenied`` -> ``port_denied``: finer than the Proxy-Status token, which one 403
     shares for a denied client and a denied port."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
+    return _snake(type(error).__name__)
+
+
+@functools.lru_cache(maxsize=64)
+def _snake(name: str) -> str:
+    """Once per error class, not a regex per refusal (a 407 or 503 flood is many)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def multiprocess() -> bool:

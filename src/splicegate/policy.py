@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import re
 import socket
@@ -176,6 +177,7 @@ class Listener:
     port: int
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_local_address(addr: IPAddress) -> bool:
     """Whether an address belongs to this host: binding to it succeeds only if it does."""
     if addr.is_loopback:

@@ -568,9 +568,7 @@ def _query_tcp(
 def _interpret(response: dns.message.Message) -> _Outcome:
     """Addresses at the end of the CNAME chain inside the answer section, with its TTL."""
     rcode = response.rcode()
-    if rcode == dns.rcode.NXDOMAIN:
-        return _Outcome(rcode=rcode)
-    if rcode != dns.rcode.NOERROR:
+    if rcode != dns.rcode.NOERROR:  # NXDOMAIN, SERVFAIL, REFUSED, ...
         return _Outcome(rcode=rcode)
     try:
         chain = response.resolve_chaining()

@@ -160,9 +160,7 @@ class ProxyServer:
                 self._servers.append(server)
                 bound = server.socket.getsockname()
                 self.addresses.append(bound[:2])
-                self._listeners.append(
-                    Listener(ipaddress.ip_address(bound[0].split("%")[0]), bound[1])
-                )
+                self._listeners.append(Listener(_client_address(bound[0]), bound[1]))
                 log.info("listening on %s", _show_address(bound))
             if self.config.admin is not None:
                 self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
@@ -284,26 +282,30 @@ class ProxyServer:
             max_head_bytes=self.config.max_header_bytes, max_fields=self.config.max_header_fields
         )
         timeout = self.config.header_timeout
-        expired = HeadTimeout(
-            f"the request head was not complete within {timeout:g} s",
-            details=f"head not complete in {timeout:g} s",
-        )
-        # One deadline for the whole head: a client dripping bytes cannot extend it.
-        with gevent.Timeout(timeout, expired):
-            while True:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    parser.receive_data(sock.recv(self.recv_size))
-                elif event is CLOSED:
-                    return None
-                else:
-                    assert isinstance(event, Request)
-                    return event, parser.trailing_data
+        # One deadline for the whole head: a client dripping bytes cannot extend it. The
+        # error is only built when the deadline fires, not for every connection.
+        try:
+            with gevent.Timeout(timeout) as deadline:
+                while True:
+                    event = parser.next_event()
+                    if event is NEED_DATA:
+                        parser.receive_data(sock.recv(self.recv_size))
+                    elif event is CLOSED:
+                        return None
+                    else:
+                        assert isinstance(event, Request)
+                        return event, parser.trailing_data
+        except gevent.Timeout as expired:
+            if expired is not deadline:
+                raise
+            raise HeadTimeout(
+                f"the request head was not complete within {timeout:g} s",
+                details=f"head not complete in {timeout:g} s",
+            ) from None
 
     def _resolve(self, request: Request, attempt: Attempt) -> list[IPAddress]:
         if request.address is not None:
-            self.policy.check_not_self(request.address, request.port)
-            return [request.address]
+            return [request.address]  # _serve checks it against our own listeners
         started = time.monotonic()
         try:
             return self.resolver.resolve(request.host, started + self.config.dns_timeout)
@@ -332,17 +334,18 @@ class ProxyServer:
 
     def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
         """Called in the hub once both sockets of a tunnel are closed."""
-        log.debug(
-            "tunnel %s -> %s (%s) closed: %s by %s, up %d B, down %d B, %.3f s",
-            _show_client(attempt),
-            attempt.target,
-            attempt.dialled,
-            record.reason,
-            record.first_closer,
-            record.bytes_up,
-            record.bytes_down,
-            record.duration_s,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # _show_client formats: not for every tunnel
+            log.debug(
+                "tunnel %s -> %s (%s) closed: %s by %s, up %d B, down %d B, %.3f s",
+                _show_client(attempt),
+                attempt.target,
+                attempt.dialled,
+                record.reason,
+                record.first_closer,
+                record.bytes_up,
+                record.bytes_down,
+                record.duration_s,
+            )
         self.metrics.tunnels_active.dec()
         self._finished(attempt, record)
 
