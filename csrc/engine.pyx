@@ -46,7 +46,6 @@ cdef extern from "<errno.h>":
         EPIPE
         ECONNRESET
         ENOTCONN
-        EBADF
 
 cdef extern from "<math.h>" nogil:
     double INFINITY
@@ -203,8 +202,8 @@ cdef ssize_t fill(Worker* w, Dir* d, int src, int* err) noexcept nogil:
     if d.pipe == NULL and not d.nosplice:
         d.pipe = get_pipe(w)
     if d.pipe != NULL:
-        if d.in_pipe >= d.pipe.size:
-            return NO_ROOM
+        if d.nosplice or d.in_pipe >= d.pipe.size:
+            return NO_ROOM  # full, or splice refused: flush what it holds first
         while True:
             n = splice(src, NULL, d.pipe.wfd, NULL, d.pipe.size - d.in_pipe,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
@@ -235,8 +234,6 @@ cdef ssize_t fill(Worker* w, Dir* d, int src, int* err) noexcept nogil:
                 break
             err[0] = e
             return FAILED
-    if d.pipe != NULL:
-        return NO_ROOM
     d.buf = <char*>malloc(COPY_SIZE)
     if d.buf == NULL:
         err[0] = ENOMEM
@@ -370,7 +367,7 @@ cdef void heap_remove(Worker* w, Tunnel* t) noexcept nogil:
     if i != w.heap_len:
         heap_swap(w, i, w.heap_len)
         heap_up(w, i)
-        heap_down(w, w.heap[i].heap_index)
+        heap_down(w, i)
     t.heap_index = -1
 
 
@@ -539,6 +536,7 @@ cdef int take_inbox(Worker* w, double now) noexcept nogil:
     t = w.inbox
     w.inbox = NULL
     command = w.command
+    w.command = CMD_RUN  # a command is carried out once
     pthread_mutex_unlock(&w.lock)
     while t != NULL:
         nxt = t.next
@@ -734,7 +732,8 @@ cdef class NativeEngine:
         _engines.add(self)
 
     def __dealloc__(self):
-        if self.workers != NULL and not self.threads_started:
+        # While threads run they use the workers; once shut down (joined) they are free.
+        if self.workers != NULL and (self.closed or not self.threads_started):
             free(self.workers)
             self.workers = NULL
 
@@ -769,12 +768,16 @@ cdef class NativeEngine:
             for i in range(self.nworkers):
                 if pthread_create(&self.workers[i].thread, NULL, worker_main,
                                   &self.workers[i]) != 0:
-                    raise OSError(EAGAIN, "cannot start a relay thread")
+                    break
                 self.workers[i].running = True
-                self.threads_started = True
-                _running.add(self)
         finally:
             pthread_sigmask(SIG_SETMASK, &old, NULL)
+        if i == 0 and not self.workers[0].running:
+            raise OSError(EAGAIN, "cannot start a relay thread")
+        # Fewer threads than asked for: tunnels go only to the ones that run.
+        self.nworkers = i + 1 if self.workers[i].running else i
+        self.threads_started = True
+        _running.add(self)
 
     def submit(self, int client_fd, int origin_fd, bytes early_up, on_done):
         cdef Tunnel* t
@@ -795,9 +798,6 @@ cdef class NativeEngine:
             flags[side] = fcntl(fds[side], F_GETFL)
             if flags[side] < 0:
                 raise OSError(sg_errno(), "not a usable socket")
-        for side in range(2):
-            if fcntl(fds[side], F_SETFL, flags[side] | O_NONBLOCK) < 0:
-                raise OSError(sg_errno(), "not a usable socket")
         t = <Tunnel*>calloc(1, sizeof(Tunnel))
         if t == NULL:
             raise MemoryError()
@@ -808,6 +808,12 @@ cdef class NativeEngine:
                 raise MemoryError()
             memcpy(t.dir[UP].buf, <char*>early_up, len(early_up))
             t.dir[UP].buf_len = len(early_up)
+        for side in range(2):  # gevent's sockets already are: no system call then
+            if not flags[side] & O_NONBLOCK and fcntl(fds[side], F_SETFL,
+                                                      flags[side] | O_NONBLOCK) < 0:
+                free(t.dir[UP].buf)
+                free(t)
+                raise OSError(sg_errno(), "not a usable socket")
         self.next_id += 1
         t.id = self.next_id
         t.fd[CLIENT] = client_fd
@@ -973,6 +979,10 @@ cdef class NativeEngine:
                 close(w.wake_fd)
             w.epfd = w.wake_fd = -1
             w.heap_len = 0
+            # The parent's tunnels on these lists are gone here: never pump or report them.
+            w.ready = NULL
+            w.graveyard = NULL
+            w.command = CMD_RUN
         self.threads_started = False
         _running.discard(self)
         self.core.active = self.core.pipes_total = self.core.pipes_in_use = 0

@@ -13,10 +13,6 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void* buf, size_t count)
     ssize_t write(int fd, const void* buf, size_t count)
-    long sysconf(int name)
-    enum:
-        _SC_NPROCESSORS_ONLN
-        _SC_PAGESIZE
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -40,7 +36,6 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t len, int flags)
     int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int name, const void* value, unsigned int length)
-    int getsockopt(int fd, int level, int name, void* value, unsigned int* length)
     struct linger:
         int l_onoff
         int l_linger
@@ -49,7 +44,6 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_WR
         SOL_SOCKET
         SO_LINGER
-        SO_ERROR
 
 
 cdef extern from "<sys/epoll.h>" nogil:
