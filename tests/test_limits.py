@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket as stdsocket
 
 import gevent
 import pytest
@@ -12,7 +14,7 @@ from gevent import socket
 
 from splicegate import limits
 from splicegate.errors import OverCapacity, render
-from splicegate.limits import AcceptServer, ConnectionLimits
+from splicegate.limits import Acceptor, ConnectionLimits
 
 
 def test_total_cap() -> None:
@@ -67,31 +69,87 @@ def test_fds_needed() -> None:
     assert limits.fds_needed(10_000) == 60_000 + limits.FDS_SPARE
 
 
+class FlakyListener:
+    """A listening socket whose first ``failures`` accepts fail with ``error``."""
+
+    def __init__(self, failures: int, error: int = errno.EMFILE) -> None:
+        self.real = limits.listening_socket(("127.0.0.1", 0), 16)
+        self.family = self.real.family
+        self.failures = failures
+        self.error = error
+
+    def _accept(self) -> tuple[int, tuple]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(self.error, os.strerror(self.error))
+        return self.real._accept()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def getsockname(self) -> tuple:
+        return self.real.getsockname()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def accept_into(handled: list, listener: object) -> Acceptor:
+    def handle(sock: stdsocket.socket, address: tuple) -> None:
+        handled.append((address, sock.getblocking()))
+        sock.close()
+
+    return Acceptor(listener, handle, lambda fn, *args: fn(*args))  # type: ignore[arg-type]
+
+
+def test_accept_gives_non_blocking_sockets() -> None:
+    handled: list = []
+    server = accept_into(handled, limits.listening_socket(("127.0.0.1", 0), 16))
+    server.start()
+    try:
+        clients = [socket.create_connection(server.address, timeout=5) for _ in range(3)]
+        with gevent.Timeout(5):
+            while len(handled) < 3:
+                gevent.sleep(0.01)
+        ports = sorted(c.getsockname()[1] for c in clients)
+        assert sorted(address[1] for address, _ in handled) == ports
+        assert [blocking for _, blocking in handled] == [False] * 3
+        for c in clients:
+            c.close()
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        socket.create_connection(server.address, timeout=1)
+
+
+def test_listening_socket_names_the_address() -> None:
+    taken = limits.listening_socket(("127.0.0.1", 0), 16)
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            limits.listening_socket(("127.0.0.1", port), 16)
+    finally:
+        taken.close()
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.EINVAL])
 def test_accept_pauses_with_doubling_delays_and_one_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int
 ) -> None:
-    """accept() failing with EMFILE: paused 10, 20, 40 ms ... and resumed each time, one
-    warning, no traceback; the first success resets the delay and is logged."""
-    handled: list[tuple] = []
-    server = AcceptServer(("127.0.0.1", 0), lambda sock, addr: handled.append(addr))
-    failures = {"left": 4}
-    real_accept = server.__class__.__mro__[1].do_read
+    """accept() failing (EMFILE, or anything not one client's): paused 10, 20, 40 ms ...
+    and resumed each time, one warning, no traceback; the first success resets the delay
+    and is logged."""
+    handled: list = []
+    listener = FlakyListener(4, error)
+    server = accept_into(handled, listener)
     pauses: list[float] = []
+    original_pause = Acceptor._pause
 
-    def flaky_do_read(self: AcceptServer):  # type: ignore[no-untyped-def]
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_accept(self)
-
-    monkeypatch.setattr(limits.StreamServer, "do_read", flaky_do_read)
-    original_pause = AcceptServer._pause
-
-    def recording_pause(self: AcceptServer, exc: OSError) -> None:
+    def recording_pause(self: Acceptor, exc: OSError) -> None:
         pauses.append(self._pause_delay)
         original_pause(self, exc)
 
-    monkeypatch.setattr(AcceptServer, "_pause", recording_pause)
+    monkeypatch.setattr(Acceptor, "_pause", recording_pause)
     caplog.set_level(logging.DEBUG, logger="splicegate")
     server.start()
     try:
@@ -102,6 +160,7 @@ def test_accept_pauses_with_doubling_delays_and_one_warning(
         assert server._pause_delay == server.min_delay
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "pausing accepts for 10 ms" in warnings[0].getMessage()
+        assert os.strerror(error) in warnings[0].getMessage()
         assert any("accepting again after 4 failed accepts" in r.getMessage()
                    for r in caplog.records)  # fmt: skip
         assert not any(r.exc_info for r in caplog.records)
@@ -110,8 +169,22 @@ def test_accept_pauses_with_doubling_delays_and_one_warning(
     assert server._resume_timer is None
 
 
+def test_a_client_gone_from_the_queue_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    handled: list = []
+    server = accept_into(handled, FlakyListener(1, errno.ECONNABORTED))
+    caplog.set_level(logging.DEBUG, logger="splicegate")
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5), gevent.Timeout(5):
+            while not handled:
+                gevent.sleep(0.01)
+        assert server._paused_since is None and not caplog.records
+    finally:
+        server.close()
+
+
 def test_the_delay_stops_at_the_maximum() -> None:
-    server = AcceptServer(("127.0.0.1", 0), lambda sock, addr: None)
+    server = accept_into([], limits.listening_socket(("127.0.0.1", 0), 16))
     try:
         server._pause_delay = 0.8
         server._warned_at = float("inf")  # no warning: the test only watches the delay

@@ -23,6 +23,7 @@ listening), anything else (502 ``destination_unavailable``: no route, host down)
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -30,8 +31,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from gevent import socket as gsocket
 
 from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
 from splicegate.waiting import WRITE, ready
@@ -82,11 +81,11 @@ def dial(
     deadline: float,
     *,
     attempt_delay: float = ATTEMPT_DELAY,
-) -> gsocket.socket:
+) -> socket.socket:
     """The first address to accept a TCP connection, racing them as RFC 8305 says.
 
-    The socket is a gevent socket in blocking mode (no timeout) with TCP_NODELAY set: the
-    tunnel relays small TLS records whose latency Nagle would add to. Every other socket
+    The socket is a non-blocking stdlib socket with TCP_NODELAY set: the tunnel relays
+    small TLS records whose latency Nagle would add to. Every other socket
     opened here is closed before this returns or raises, so losers and failures leak nothing.
     """
     budget = deadline - time.monotonic()
@@ -96,7 +95,7 @@ def dial(
             details=f"no address to dial for port {port}",
         )
     waiting = deque(interleave(addresses))
-    racing: dict[gsocket.socket, IPAddress] = {}  # in the order the attempts started
+    racing: dict[socket.socket, IPAddress] = {}  # in the order the attempts started
     failures: list[_Failure] = []
     next_start = time.monotonic()
     try:
@@ -133,16 +132,16 @@ def dial(
             sock.close()
 
 
-def _start(address: IPAddress, port: int) -> tuple[gsocket.socket | None, _Failure | None]:
+def _start(address: IPAddress, port: int) -> tuple[socket.socket | None, _Failure | None]:
     """A socket with a connect in progress, or the reason it failed at once."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
-        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:  # EAFNOSUPPORT without IPv6, EMFILE
         return None, _Failure(address, exc.errno, _reason(exc))
     try:
         sock.setblocking(False)
-        code = sock.connect_ex((str(address), port))
+        code = sock.connect_ex((_text(address), port))
     except BaseException:
         sock.close()
         raise
@@ -152,10 +151,15 @@ def _start(address: IPAddress, port: int) -> tuple[gsocket.socket | None, _Failu
     return None, _Failure(address, code, os.strerror(code))
 
 
-def _connected(sock: gsocket.socket) -> gsocket.socket:
+@functools.lru_cache(maxsize=4096)
+def _text(address: IPAddress) -> str:
+    """The same few origins are dialled again and again: format each once."""
+    return str(address)
+
+
+def _connected(sock: socket.socket) -> socket.socket:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)
     except BaseException:
         sock.close()
         raise

@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from gevent.server import StreamServer
+import gevent
 
 from splicegate.errors import OverCapacity
 
@@ -79,58 +81,114 @@ class ConnectionLimits:
             self.per_client.pop(client, None)
 
 
-class AcceptServer(StreamServer):
-    """gevent's StreamServer with an accept loop that survives running out of descriptors.
+def listening_socket(
+    address: tuple[str, int], backlog: int, *, reuse_port: bool = False
+) -> socket.socket:
+    """A bound, listening, non-blocking socket, with SO_REUSEADDR (a restart can bind again
+    while old connections sit in TIME_WAIT) and, for ``--workers``, SO_REUSEPORT, so that
+    every worker binds the same address and the kernel spreads the connections. Raises
+    OSError naming the address."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    gevent already pauses accepting after a failed ``accept()``, but it reports each failure
-    through the hub's ``handle_error``, a traceback on stderr per failed accept, just when
-    the proxy is busiest. Here the errors that mean "out of a resource for now" (EMFILE,
-    ENFILE, ENOBUFS, ENOMEM) pause accepting for a delay that doubles from
-    :attr:`min_delay` to :attr:`max_delay` while they last and is reset by the next
-    successful accept; the first of a run is a warning, the rest debug lines, so the log
-    stays readable. The listener's queue holds new clients meanwhile; nothing spins, and
-    nothing dies. A client that gave up inside the queue (ECONNABORTED, EPROTO) is skipped.
+
+class Acceptor:
+    """Accepts on one listening socket, in the hub, and survives running out of descriptors.
+
+    An io watcher on the listener calls :meth:`_accept_ready`, which accepts what is queued
+    (at most :attr:`max_accept` per wake-up, so one busy listener cannot starve the rest of
+    the loop) and gives each connection, as a non-blocking stdlib socket, to
+    ``spawn(handle, sock, address)``. It is gevent's StreamServer reduced to what the proxy
+    uses: no gevent socket object per connection, no wrapper greenlet; the handler owns and
+    closes the socket.
+
+    The errors that mean "out of a resource for now" (EMFILE, ENFILE, ENOBUFS, ENOMEM), and
+    any other that is not one client's, pause
+    accepting for a delay that doubles from :attr:`min_delay` to :attr:`max_delay` while
+    they last and is reset by the next successful accept; the first of a run is a warning,
+    the rest debug lines, so the log stays readable just when the proxy is busiest. The
+    listener's queue holds new clients meanwhile; nothing spins, and nothing dies. A client
+    that gave up inside the queue (ECONNABORTED, EPROTO) is skipped.
     """
 
+    #: connections accepted per wake-up at most (gevent's StreamServer takes 100)
+    max_accept = 100
     #: first pause after running out of descriptors, and the longest one (gevent's values)
     min_delay = 0.01
     max_delay = 1.0
-    #: accept(2) errors that mean "out of a resource for now"
-    exhausted_errors = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
     #: accept(2) errors that concern one client only, gone already
     client_errors = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))
     #: at most one warning per this many seconds while descriptors stay short
     warn_every = 10.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        listener: socket.socket,
+        handle: Callable[[socket.socket, tuple], None],
+        spawn: Callable[..., Any],
+    ) -> None:
+        self.socket = listener
+        self.handle = handle
+        self.spawn = spawn
+        self.loop = gevent.get_hub().loop
+        self._watcher: Any = None
         self._pause_delay = self.min_delay
         self._resume_timer: Any = None
         self._paused_since: float | None = None
         self._warned_at = float("-inf")
         self._failures = 0
+        self.closed = False
 
-    def do_read(self) -> Any:
-        try:
-            accepted = super().do_read()
-        except OSError as exc:
-            if exc.errno in self.exhausted_errors:
-                self._pause(exc)
-                return None  # gevent's loop stops here until the timer resumes it
-            if exc.errno in self.client_errors:
-                return None
-            raise
-        if accepted and self._paused_since is not None:
-            log.info(
-                "accepting again after %d failed accepts in %.2f s",
-                self._failures,
-                time.monotonic() - self._paused_since,
-            )
-            self._paused_since = None
-            self._failures = 0
-        if accepted:
-            self._pause_delay = self.min_delay
-        return accepted
+    @property
+    def address(self) -> tuple:
+        return self.socket.getsockname()
+
+    def start(self) -> None:
+        if self.closed or self._watcher is not None:
+            return
+        self._watcher = self.loop.io(self.socket.fileno(), 1)
+        self._watcher.start(self._accept_ready)
+
+    def _accept_ready(self) -> None:
+        accept = self.socket._accept  # type: ignore[attr-defined]
+        family = self.socket.family
+        for _ in range(self.max_accept):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in self.client_errors:
+                    continue
+                self._pause(exc)  # out of descriptors, or anything unforeseen: never spin
+                return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)
+            if self._paused_since is not None:
+                log.info(
+                    "accepting again after %d failed accepts in %.2f s",
+                    self._failures,
+                    time.monotonic() - self._paused_since,
+                )
+                self._paused_since = None
+                self._failures = 0
+                self._pause_delay = self.min_delay
+            self.spawn(self.handle, sock, address)
 
     def _pause(self, exc: OSError) -> None:
         now = time.monotonic()
@@ -144,15 +202,14 @@ class AcceptServer(StreamServer):
             log.warning(message + " (see --max-connections and the open-file limit)", *args)
         else:
             log.debug(message, *args)
-        self.stop_accepting()
+        self._stop_watching()
         self._resume_timer = self.loop.timer(self._pause_delay)
         self._resume_timer.start(self._resume)
         self._pause_delay = min(self.max_delay, self._pause_delay * 2)
 
     def _resume(self) -> None:
         self._cancel_resume()
-        if self.started:
-            self.start_accepting()
+        self.start()
 
     def _cancel_resume(self) -> None:
         if self._resume_timer is not None:
@@ -160,9 +217,18 @@ class AcceptServer(StreamServer):
             self._resume_timer.close()
             self._resume_timer = None
 
-    def stop_accepting(self) -> None:
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+
+    def close(self) -> None:
+        """Stop accepting and close the listener; connections already taken go on."""
+        self.closed = True
         self._cancel_resume()
-        super().stop_accepting()
+        self._stop_watching()
+        self.socket.close()
 
 
 def fds_needed(max_connections: int) -> int:

@@ -10,6 +10,7 @@ reach the origin and must never be read as another request.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -98,11 +99,16 @@ class Request:
         return f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_authority(
     target: bytes,
 ) -> tuple[str, int, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
     """Split a CONNECT target into host, port and (for an IP literal) address, or raise
-    BadRequest."""
+    BadRequest.
+
+    Cached: clients CONNECT to the same few targets again and again, and an address parsed
+    by ``ipaddress`` costs more than the rest of the head. The result is immutable; an
+    error is raised again each time, never cached."""
     shown = target.decode("latin-1")
     host_part, sep, port_part = target.rpartition(b":")
     if not sep or not host_part:
@@ -218,10 +224,15 @@ def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...
         raise BadRequest(f"the Host field {shown!r} is not valid", details="bad Host")
 
 
-def parse_head(head: bytes, max_fields: int = DEFAULT_MAX_FIELDS) -> Request:
-    """Parse one complete head (up to, not including, the empty line)."""
+def parse_head(
+    head: bytes,
+    max_fields: int = DEFAULT_MAX_FIELDS,
+    request_line: tuple[str, bytes, tuple[int, int]] | None = None,
+) -> Request:
+    """Parse one complete head (up to, not including, the empty line); ``request_line`` is
+    its first line already parsed, by a parser that checked it early."""
     first, *rest = head.split(b"\n")
-    method, target, version = _parse_request_line(_strip_cr(first))
+    method, target, version = request_line or _parse_request_line(_strip_cr(first))
     fields = _parse_fields([_strip_cr(line) for line in rest], max_fields)
     _check_host(version, fields)
     if method != "CONNECT":
@@ -260,7 +271,7 @@ class RequestParser:
         self._searched = 0  # bytes of _buf known to hold no end of head
         self._started = False  # past any empty lines before the request line
         self._empty_lines = 0
-        self._line_checked = False
+        self._request_line: tuple[str, bytes, tuple[int, int]] | None = None
         self._eof = False
         self._done = False
         self.trailing_data = b""
@@ -300,7 +311,7 @@ class RequestParser:
         self.trailing_data = bytes(self._buf[match.end() :])
         self._buf.clear()
         self._done = True
-        return parse_head(head, self.max_fields)
+        return parse_head(head, self.max_fields, self._request_line)
 
     def _skip_leading_empty_lines(self) -> None:
         while not self._started and self._buf:
@@ -322,10 +333,9 @@ class RequestParser:
                 )
 
     def _check_request_line_early(self) -> None:
-        if self._line_checked or not self._started:
+        if self._request_line is not None or not self._started:
             return
         end = self._buf.find(b"\n", 0, self.max_head_bytes)
         if end < 0:
             return
-        _parse_request_line(_strip_cr(bytes(self._buf[:end])))
-        self._line_checked = True
+        self._request_line = _parse_request_line(_strip_cr(bytes(self._buf[:end])))

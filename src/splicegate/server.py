@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
-from gevent.server import StreamServer
 
 from splicegate import accesslog, auth
 from splicegate import dial as dial_module
@@ -37,12 +36,13 @@ from splicegate.errors import (
     render,
 )
 from splicegate.handlers import HandlerPool
-from splicegate.limits import AcceptServer, ConnectionLimits
+from splicegate.limits import Acceptor, ConnectionLimits, listening_socket
 from splicegate.metrics import Metrics, cause_label
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
 from splicegate.resolve import make_resolver
+from splicegate.waiting import Expired, recv, send_all
 
 log = logging.getLogger("splicegate")
 
@@ -112,7 +112,7 @@ class ProxyServer:
         self.draining = False
         self._observer: gevent.Greenlet | None = None
         self._configure(self.config)
-        self._servers: list[StreamServer] = []
+        self._servers: list[Acceptor] = []
         self._pool = HandlerPool()
         self._stopped = Event()
 
@@ -146,19 +146,14 @@ class ProxyServer:
         if self.engine is None:
             self.engine = self.config.create_engine()
         try:
-            for host, port in self.config.listen:
-                server = AcceptServer(
-                    self._listener(host, port), self.handle, spawn=self._pool.spawn
+            for address in self.config.listen:
+                listener = listening_socket(
+                    address, self.backlog, reuse_port=self.config.workers > 1
                 )
-                server.backlog = self.backlog
-                try:
-                    server.start()
-                except OSError as exc:
-                    raise OSError(
-                        exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}"
-                    ) from None
+                server = Acceptor(listener, self.handle, self._pool.spawn)
+                server.start()
                 self._servers.append(server)
-                bound = server.socket.getsockname()
+                bound = listener.getsockname()
                 self.addresses.append(bound[:2])
                 self._listeners.append(Listener(_client_address(bound[0]), bound[1]))
                 log.info("listening on %s", _show_address(bound))
@@ -237,7 +232,7 @@ class ProxyServer:
 
     def _serve(self, sock: socket.socket, attempt: Attempt) -> bool:
         """Run the checks in DESIGN.md's order; True once the engine owns the sockets."""
-        read = self._read_head(sock)
+        read = self._read_head(sock, attempt.accepted + self.config.header_timeout)
         if read is None:
             return False
         request, early = read
@@ -268,7 +263,7 @@ class ProxyServer:
         try:
             attempt.dialled = _show_address(origin.getpeername())
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(ESTABLISHED)
+            send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
         except BaseException:
             origin.close()
             raise
@@ -276,32 +271,30 @@ class ProxyServer:
         self._hand_off(sock, origin, early, attempt)
         return True
 
-    def _read_head(self, sock: socket.socket) -> tuple[Request, bytes] | None:
-        """The request and the bytes after it, or None if the client left without one."""
+    def _read_head(self, sock: socket.socket, deadline: float) -> tuple[Request, bytes] | None:
+        """The request and the bytes after it, or None if the client left without one.
+
+        One deadline for the whole head, counted from accept: a client dripping bytes
+        cannot extend it. The error is only built when the deadline passes."""
         parser = RequestParser(
             max_head_bytes=self.config.max_header_bytes, max_fields=self.config.max_header_fields
         )
-        timeout = self.config.header_timeout
-        # One deadline for the whole head: a client dripping bytes cannot extend it. The
-        # error is only built when the deadline fires, not for every connection.
-        try:
-            with gevent.Timeout(timeout) as deadline:
-                while True:
-                    event = parser.next_event()
-                    if event is NEED_DATA:
-                        parser.receive_data(sock.recv(self.recv_size))
-                    elif event is CLOSED:
-                        return None
-                    else:
-                        assert isinstance(event, Request)
-                        return event, parser.trailing_data
-        except gevent.Timeout as expired:
-            if expired is not deadline:
-                raise
-            raise HeadTimeout(
-                f"the request head was not complete within {timeout:g} s",
-                details=f"head not complete in {timeout:g} s",
-            ) from None
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                try:
+                    parser.receive_data(recv(sock, self.recv_size, deadline))
+                except Expired:
+                    timeout = self.config.header_timeout
+                    raise HeadTimeout(
+                        f"the request head was not complete within {timeout:g} s",
+                        details=f"head not complete in {timeout:g} s",
+                    ) from None
+            elif event is CLOSED:
+                return None
+            else:
+                assert isinstance(event, Request)
+                return event, parser.trailing_data
 
     def _resolve(self, request: Request, attempt: Attempt) -> list[IPAddress]:
         if request.address is not None:
@@ -362,32 +355,20 @@ class ProxyServer:
             err.proxy_status_error or "-",
             err.message,
         )
+        deadline = time.monotonic() + self.linger_seconds
         try:
-            with gevent.Timeout(self.linger_seconds, False):
-                sock.sendall(render(err))
-                sock.shutdown(socket.SHUT_WR)
-                drained = 0
-                while drained < self.linger_bytes:
-                    data = sock.recv(self.recv_size)
-                    if not data:
-                        break
-                    drained += len(data)
+            send_all(sock, render(err), deadline)
+            sock.shutdown(socket.SHUT_WR)
+            drained = 0
+            while drained < self.linger_bytes:
+                data = recv(sock, self.recv_size, deadline)
+                if not data:
+                    break
+                drained += len(data)
         except OSError:
-            pass  # the client is gone; nothing more to tell it
+            pass  # the client is gone, or the linger is over (Expired): nothing more to say
 
     # --- operating it: hooks, access log, metrics, reload --------------------------------
-
-    def _listener(self, host: str, port: int) -> tuple[str, int] | socket.socket:
-        """The address to bind, or with --workers a socket bound with SO_REUSEPORT, so that
-        every worker listens on the same port and the kernel spreads the connections."""
-        if self.config.workers <= 1:
-            return host, port
-        from splicegate.workers import reuse_port_listener
-
-        try:
-            return reuse_port_listener((host, port), self.backlog)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
     def _authorize(self, request: Request, attempt: Attempt) -> None:
         """The application's ``authorize(request, client)``: None or True allows, a str

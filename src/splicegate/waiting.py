@@ -1,4 +1,9 @@
-"""Waiting on several sockets at once without blocking the hub, at any descriptor number.
+"""Waiting on sockets without blocking the hub, at any descriptor number.
+
+The control plane works on non-blocking stdlib sockets: an operation is tried first and
+waited for only when it would block, so a CONNECT whose head has arrived and whose target
+answers at once (loopback, a LAN) crosses the hub as few times as possible. The waits are
+libev io watchers, bounded by a deadline (a ``time.monotonic()`` value).
 
 gevent's ``select`` first calls select(2) with a zero timeout, which refuses descriptors
 above 1023; a busy proxy has thousands. gevent's ``poll`` uses libev watchers only.
@@ -7,6 +12,8 @@ above 1023; a busy proxy has thousands. gevent's ``poll`` uses libev watchers on
 from __future__ import annotations
 
 import select
+import socket
+import time
 from collections.abc import Iterable
 
 from gevent import select as gselect
@@ -16,8 +23,36 @@ READ = gselect.POLLIN
 WRITE = gselect.POLLOUT
 
 
-class _Expired(Exception):
-    pass
+class Expired(TimeoutError):
+    """A deadline passed while waiting on a socket."""
+
+
+def wait(sock: socket.socket, events: int, deadline: float) -> None:
+    """Wait until ``sock`` is ready for ``events`` (READ or WRITE); Expired at ``deadline``."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise Expired()
+    waiter = gsocket.wait_write if events == WRITE else gsocket.wait_read
+    waiter(sock.fileno(), timeout=remaining, timeout_exc=Expired())
+
+
+def recv(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Up to ``size`` bytes, b"" at EOF; Expired when nothing came by ``deadline``."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            wait(sock, READ, deadline)
+
+
+def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Every byte of ``data``, or Expired at ``deadline`` (OSError if the peer is gone)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            wait(sock, WRITE, deadline)
 
 
 def ready(sockets: Iterable[object], events: int, timeout: float) -> set[int]:
@@ -35,10 +70,10 @@ def ready(sockets: Iterable[object], events: int, timeout: float) -> set[int]:
         # The common case (one connect, one nameserver) costs one watcher, not a poll
         # object's set of them: this sits on every CONNECT's path.
         fd = socks[0].fileno()  # type: ignore[attr-defined]
-        wait = gsocket.wait_write if events == WRITE else gsocket.wait_read
+        waiter = gsocket.wait_write if events == WRITE else gsocket.wait_read
         try:
-            wait(fd, timeout=max(timeout, 1e-6), timeout_exc=_Expired())
-        except _Expired:
+            waiter(fd, timeout=max(timeout, 1e-6), timeout_exc=Expired())
+        except Expired:
             return set()
         return {fd}
     poller = gselect.poll()

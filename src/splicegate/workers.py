@@ -41,24 +41,6 @@ from splicegate.notify import notify, reloading
 log = logging.getLogger("splicegate")
 
 
-def reuse_port_listener(address: tuple[str, int], backlog: int) -> socket.socket:
-    """A listening gevent socket bound with SO_REUSEPORT (and SO_REUSEADDR, as gevent's own
-    listeners are), so that each worker can bind the same address."""
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
 @dataclass
 class Worker:
     slot: int
