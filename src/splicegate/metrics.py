@@ -7,12 +7,13 @@ in files there, and the supervisor's one endpoint adds them up (:func:`collect_m
 Gauges are ``livesum`` there: the files of a dead worker are dropped
 (:func:`forget_process`), its counters kept.
 
-Counts are made in the hub as things happen: a connection accepted, a tunnel handed off
-(active +1) and closed (active -1, one ``tunnels_total`` per access-log line), a refusal.
-Bytes and the engine's pipes and threads come from ``engine.stats()``: bytes as the
-increase since the last look, so a long tunnel's bytes show while it runs, not only at
-its end. They are looked at on every scrape, and once a second in a worker (whose scrapes
-the supervisor answers).
+Counts are made in the hub as things happen: a connection accepted, a request finished
+(one ``tunnels_total`` per access-log line), a refusal. What the engine knows comes from
+``engine.stats()``: the tunnels open now, its pipes and threads, and bytes as the increase
+since the last look, so a long tunnel's bytes show while it runs, not only at its end. They
+are looked at on every scrape, and once a second in a worker (whose scrapes the supervisor
+answers). Nothing is counted per tunnel that the engine already counts: this runs on
+every CONNECT.
 """
 
 from __future__ import annotations
@@ -98,13 +99,24 @@ class Metrics:
             ["cause"],
             registry=reg,
         )
+        #: tunnels_total's children by (status, error): labels() costs more than inc()
+        self._finished: dict[tuple[int, str], Any] = {}
         self._up = self.bytes.labels("up")
         self._down = self.bytes.labels("down")
         self._seen_up = 0
         self._seen_down = 0
 
+    def finished(self, status: int, error: str | None) -> None:
+        """One request over: a tunnel closed, or a request refused."""
+        key = (status, error or "")
+        child = self._finished.get(key)
+        if child is None:
+            child = self._finished[key] = self.tunnels.labels(str(status), error or "")
+        child.inc()
+
     def observe_engine(self, stats: Mapping[str, int]) -> None:
         """Bring the engine's figures in: gauges as they are, bytes as the increase."""
+        self.tunnels_active.set(stats.get("active", 0))
         self.pipes.set(stats.get("pipes_in_use", 0))
         self.threads.set(stats.get("threads", 0))
         up, down = stats.get("bytes_up", 0), stats.get("bytes_down", 0)

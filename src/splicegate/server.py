@@ -322,7 +322,6 @@ class ProxyServer:
             os.close(client_fd)
             os.close(origin_fd)
             raise
-        self.metrics.tunnels_active.inc()
         self._observe_times(attempt)
 
     def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
@@ -339,7 +338,6 @@ class ProxyServer:
                 record.bytes_down,
                 record.duration_s,
             )
-        self.metrics.tunnels_active.dec()
         self._finished(attempt, record)
 
     def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
@@ -393,7 +391,7 @@ class ProxyServer:
         """A request is over (a tunnel closed, or refused): its metrics, access-log line and
         ``on_tunnel_closed`` hook. The line is only built when someone reads it: this runs
         once per CONNECT."""
-        self.metrics.tunnels.labels(str(attempt.status), attempt.error or "").inc()
+        self.metrics.finished(attempt.status, attempt.error)
         if record is None:  # a tunnel's were observed when it was established
             self._observe_times(attempt)
         hook = self.config.on_tunnel_closed if record is not None else None
