@@ -94,6 +94,8 @@ def dial(
             f"there is no address to connect to for port {port}",
             details=f"no address to dial for port {port}",
         )
+    if len(addresses) == 1:
+        return _dial_one(addresses[0], port, deadline, budget)
     waiting = deque(interleave(addresses))
     racing: dict[socket.socket, IPAddress] = {}  # in the order the attempts started
     failures: list[_Failure] = []
@@ -130,6 +132,28 @@ def dial(
     finally:
         for sock in racing:  # the losers, still connecting (or connected too late)
             sock.close()
+
+
+def _dial_one(address: IPAddress, port: int, deadline: float, budget: float) -> socket.socket:
+    """The one-address case (an IP literal, a name with one address) without the race's
+    bookkeeping: it is most CONNECTs."""
+    if budget <= 0:
+        raise _timeout_error([address], port, budget, [])
+    sock, failure = _start(address, port)
+    if failure is not None:
+        raise _failure_error([failure], port)
+    assert sock is not None
+    try:
+        if not ready([sock], WRITE, deadline - time.monotonic()):
+            raise _timeout_error([address], port, budget, [])
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            raise _failure_error([_Failure(address, code, os.strerror(code))], port)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _start(address: IPAddress, port: int) -> tuple[socket.socket | None, _Failure | None]:

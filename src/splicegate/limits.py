@@ -9,6 +9,7 @@ would let an unbounded number of tunnels pile up behind a cap that looks respect
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import resource
@@ -115,7 +116,8 @@ class Acceptor:
     the loop) and gives each connection, as a non-blocking stdlib socket, to
     ``spawn(handle, sock, address)``. It is gevent's StreamServer reduced to what the proxy
     uses: no gevent socket object per connection, no wrapper greenlet; the handler owns and
-    closes the socket.
+    closes the socket. That socket is the C-level ``_socket.socket`` (what the stdlib's
+    ``socket.socket`` subclasses, with the same methods), whose creation runs no Python.
 
     The errors that mean "out of a resource for now" (EMFILE, ENFILE, ENOBUFS, ENOMEM), and
     any other that is not one client's, pause
@@ -177,7 +179,7 @@ class Acceptor:
                     continue
                 self._pause(exc)  # out of descriptors, or anything unforeseen: never spin
                 return
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
             if self._paused_since is not None:
                 log.info(

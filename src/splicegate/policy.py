@@ -119,8 +119,22 @@ class AddressTable:
             net = rule.network
             self._by_len[net.version].setdefault(net.prefixlen, {})[int(net.network_address)] = rule
         self._lengths = {v: sorted(t, reverse=True) for v, t in self._by_len.items()}
+        self._memo: dict[IPAddress, Rule] = {}
+
+    #: lookups remembered: every CONNECT looks up its client and its destination, the same
+    #: few again and again, and a lookup walks every prefix length in the table
+    memo_size = 4096
 
     def lookup(self, addr: IPAddress) -> Rule:
+        rule = self._memo.get(addr)
+        if rule is None:
+            rule = self._walk(addr)
+            if len(self._memo) >= self.memo_size:
+                self._memo.clear()
+            self._memo[addr] = rule
+        return rule
+
+    def _walk(self, addr: IPAddress) -> Rule:
         bits = addr.max_prefixlen
         value = int(addr)
         table = self._by_len[addr.version]
