@@ -411,7 +411,6 @@ cdef void finish(Worker* w, Tunnel* t, int reason, int closer, int err, bint abo
     t.first_closer = closer
     t.err = err
     t.ended = now
-    sg_add(&w.core.active, -1)
     t.next = w.graveyard
     w.graveyard = t
 
@@ -858,6 +857,9 @@ cdef class NativeEngine:
             )
             on_done = self.callbacks.pop(t.id, None)
             free(t)
+            # Counted out here, in the hub, not by the relay thread: a scrape (or a drain)
+            # never sees a tunnel gone whose on_done has not run yet.
+            sg_add(&self.core.active, -1)
             if on_done is None:
                 continue
             try:
