@@ -251,6 +251,8 @@ def full_accept_queue(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     with socket.socket(family, socket.SOCK_STREAM) as srv:
         if family == socket.AF_INET6:
             srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # A port given may still have connections in TIME_WAIT from earlier tests.
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind((host, port))
         srv.listen(0)
         address = srv.getsockname()

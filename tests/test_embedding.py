@@ -159,7 +159,7 @@ def test_attempt_records_the_winner_and_the_times() -> None:
         origin.stop()
     (attempt,) = finished
     assert attempt.target == f"both.internal:{port}"
-    assert attempt.dialled == f"127.0.0.1:{port}"
+    assert attempt.dialled == ("127.0.0.1", port)
     assert 0.25 <= attempt.connect_s < 5
     assert 0 <= attempt.dns_s < 5
     assert attempt.status == 200

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.monkey import get_original
 
+from splicegate.request import show_address
+
 if TYPE_CHECKING:
     from splicegate.relay import TunnelRecord
     from splicegate.server import Attempt
@@ -237,7 +239,7 @@ def entry_for(attempt: Attempt, record: TunnelRecord | None) -> Entry:
         user=attempt.user or None,
         method=attempt.method or None,
         target=attempt.target or None,
-        dialled=attempt.dialled or None,
+        dialled=show_address(attempt.dialled) if attempt.dialled else None,
         status=attempt.status,
         error=attempt.error,
         dns_ms=round(attempt.dns_s * 1000, 3),

@@ -21,6 +21,7 @@ from dataclasses import Field
 from typing import Any
 
 from splicegate.config import Config, cli_fields
+from splicegate.request import show_address
 
 
 class ConfigError(ValueError):
@@ -104,8 +105,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 def _show(item: Any) -> Any:
     """A parsed value as the command line and the file write it."""
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int):
-        host, port = item
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return show_address(item)
     if isinstance(item, int | float | str):
         return item
     return str(item)

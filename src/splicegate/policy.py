@@ -17,6 +17,7 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from splicegate.errors import (
     ClientDenied,
@@ -119,22 +120,8 @@ class AddressTable:
             net = rule.network
             self._by_len[net.version].setdefault(net.prefixlen, {})[int(net.network_address)] = rule
         self._lengths = {v: sorted(t, reverse=True) for v, t in self._by_len.items()}
-        self._memo: dict[IPAddress, Rule] = {}
-
-    #: lookups remembered: every CONNECT looks up its client and its destination, the same
-    #: few again and again, and a lookup walks every prefix length in the table
-    memo_size = 4096
 
     def lookup(self, addr: IPAddress) -> Rule:
-        rule = self._memo.get(addr)
-        if rule is None:
-            rule = self._walk(addr)
-            if len(self._memo) >= self.memo_size:
-                self._memo.clear()
-            self._memo[addr] = rule
-        return rule
-
-    def _walk(self, addr: IPAddress) -> Rule:
         bits = addr.max_prefixlen
         value = int(addr)
         table = self._by_len[addr.version]
@@ -222,8 +209,15 @@ class Policy:
     _clients: AddressTable = field(init=False)
     _dests: AddressTable = field(init=False)
     _domains: DomainRules = field(init=False)
+    _passed: dict[tuple, Any] = field(init=False)
+
+    #: checks remembered once passed (refusals are judged afresh, so each gets its own
+    #: message): every CONNECT runs them, with the same few clients and targets again and
+    #: again, and the policy never changes (a reload builds a new one)
+    memo_size = 4096
 
     def __post_init__(self) -> None:
+        self._passed = {}
         clients = self.allow_client or [parse_network(n) for n in DEFAULT_ALLOWED_CLIENTS]
         self._clients = AddressTable(
             (Rule(n, True, "--allow-client") for n in clients),
@@ -236,6 +230,39 @@ class Policy:
         rules += [Rule(n, False, "--deny-dest") for n in self.deny_dest]
         self._dests = AddressTable(rules, Rule(ipaddress.ip_network("::/0"), True, "default"))
         self._domains = DomainRules(self.allow_domain, self.deny_domain)
+
+    def _remember(self, key: tuple, value: Any) -> None:
+        if len(self._passed) >= self.memo_size:
+            self._passed.clear()
+        self._passed[key] = value
+
+    def admit_client(self, host: str) -> None:
+        """check_client for an accepted connection's address as the socket gives it."""
+        key = ("client", host)
+        if key not in self._passed:
+            self.check_client(ipaddress.ip_address(host.partition("%")[0]))
+            self._remember(key, True)
+
+    def admit_target(self, host: str, port: int, literal: bool) -> None:
+        """check_port, then check_domain (before any DNS query)."""
+        key = ("target", host, port, literal)
+        if key not in self._passed:
+            self.check_port(port)
+            self.check_domain(host, literal)
+            self._remember(key, True)
+
+    def destinations(
+        self, host: str, port: int, addresses: Sequence[IPAddress]
+    ) -> tuple[IPAddress, ...]:
+        """check_not_self for each address, then allowed_destinations."""
+        key = ("dest", host, port, tuple(addresses), len(self.listeners))
+        allowed = self._passed.get(key)
+        if allowed is None:
+            for addr in addresses:
+                self.check_not_self(addr, port)
+            allowed = tuple(self.allowed_destinations(host, addresses))
+            self._remember(key, allowed)
+        return allowed
 
     def check_client(self, addr: IPAddress) -> None:
         addr = effective(addr)

@@ -95,8 +95,13 @@ class Request:
     @property
     def authority(self) -> str:
         """The target as a log and a message show it: host:port, [v6]:port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return show_address((self.host, self.port))
+
+
+def show_address(address: tuple) -> str:
+    """A socket address as an authority is written: host:port, [v6]:port (logs, messages)."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @functools.lru_cache(maxsize=4096)

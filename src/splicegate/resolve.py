@@ -38,6 +38,7 @@ import gevent
 from gevent import socket as gsocket
 
 from splicegate.errors import DnsError, DnsTimeout
+from splicegate.request import show_address
 from splicegate.waiting import READ, ready
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -242,11 +243,6 @@ class _Outcome:
     unreachable: str | None = None  # why no nameserver could be asked at all
     timed_out: bool = False
     crash: BaseException | None = None  # a bug, re-raised in the caller's greenlet
-
-
-def _format_server(server: tuple[str, int]) -> str:
-    host, port = server
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 #: RFC 8305 §3 "Resolution Delay": how long to wait for AAAA once a positive A answer is in.
@@ -462,7 +458,7 @@ class NameserverResolver:
                             continue  # the deadline is (about to be) over; the loop ends it
                         if response is None:
                             failed[server] = _Outcome(
-                                unreachable=f"{_format_server(server)}: no answer over TCP"
+                                unreachable=f"{show_address(server)}: no answer over TCP"
                             )
                             next_send = time.monotonic()
                             continue
@@ -486,7 +482,7 @@ class NameserverResolver:
 
 
 def _why(server: tuple[str, int], exc: OSError) -> str:
-    return f"{_format_server(server)}: {exc.strerror or exc}"
+    return f"{show_address(server)}: {exc.strerror or exc}"
 
 
 def _udp_socket(server: tuple[str, int]) -> gsocket.socket:

@@ -40,7 +40,7 @@ from splicegate.limits import Acceptor, ConnectionLimits, listening_socket
 from splicegate.metrics import Metrics, cause_label
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord
-from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
+from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser, show_address
 from splicegate.resolve import make_resolver
 from splicegate.waiting import Expired, recv, send_all
 
@@ -57,7 +57,7 @@ class Attempt:
     accepted: float
     method: str = ""
     target: str = ""
-    dialled: str = ""
+    dialled: tuple | None = None  # the origin's socket address
     dns_s: float = 0.0
     connect_s: float = 0.0
     status: int = 0
@@ -156,7 +156,7 @@ class ProxyServer:
                 bound = listener.getsockname()
                 self.addresses.append(bound[:2])
                 self._listeners.append(Listener(_client_address(bound[0]), bound[1]))
-                log.info("listening on %s", _show_address(bound))
+                log.info("listening on %s", show_address(bound))
             if self.config.admin is not None:
                 self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
                 self.admin.start()
@@ -220,9 +220,9 @@ class ProxyServer:
         except ProxyError as err:
             self._refuse(sock, attempt, err)
         except OSError as exc:
-            log.debug("client %s gone: %s", _show_address(address), exc)
+            log.debug("client %s gone: %s", show_address(address), exc)
         except Exception:
-            log.exception("internal error serving %s", _show_address(address))
+            log.exception("internal error serving %s", show_address(address))
             self._refuse(sock, attempt, InternalError("internal proxy error; see the proxy log"))
         finally:
             if not handed_off:
@@ -244,24 +244,21 @@ class ProxyServer:
                 "forwarding) is not supported",
                 details=f"method {request.method} not allowed",
             )
-        client_ip = _client_address(attempt.client[0])
-        self.policy.check_client(client_ip)
+        policy = self.policy
+        policy.admit_client(attempt.client[0])
         if self.authenticator is not None:  # every CONNECT, whatever its version or fields
             attempt.user = self.authenticator.check(request)
         self._authorize(request, attempt)
-        self.policy.check_port(request.port)
-        self.policy.check_domain(request.host, request.is_ip_literal)  # before any DNS query
+        policy.admit_target(request.host, request.port, request.is_ip_literal)
         addresses = self._resolve(request, attempt)
-        for addr in addresses:
-            self.policy.check_not_self(addr, request.port)
-        allowed = self.policy.allowed_destinations(request.host, addresses)
+        allowed = policy.destinations(request.host, request.port, addresses)
         started = time.monotonic()
         try:
             origin = self.dialer(allowed, request.port, started + self.config.connect_timeout)
         finally:
             attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
-            attempt.dialled = _show_address(origin.getpeername())
+            attempt.dialled = origin.getpeername()  # shown only when a line is written
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
         except BaseException:
@@ -279,22 +276,21 @@ class ProxyServer:
         parser = RequestParser(
             max_head_bytes=self.config.max_header_bytes, max_fields=self.config.max_header_fields
         )
-        while True:
+        event: Request | object = NEED_DATA  # nothing read yet: no need to ask the parser
+        while event is NEED_DATA:
+            try:
+                parser.receive_data(recv(sock, self.recv_size, deadline))
+            except Expired:
+                timeout = self.config.header_timeout
+                raise HeadTimeout(
+                    f"the request head was not complete within {timeout:g} s",
+                    details=f"head not complete in {timeout:g} s",
+                ) from None
             event = parser.next_event()
-            if event is NEED_DATA:
-                try:
-                    parser.receive_data(recv(sock, self.recv_size, deadline))
-                except Expired:
-                    timeout = self.config.header_timeout
-                    raise HeadTimeout(
-                        f"the request head was not complete within {timeout:g} s",
-                        details=f"head not complete in {timeout:g} s",
-                    ) from None
-            elif event is CLOSED:
-                return None
-            else:
-                assert isinstance(event, Request)
-                return event, parser.trailing_data
+        if event is CLOSED:
+            return None
+        assert isinstance(event, Request)
+        return event, parser.trailing_data
 
     def _resolve(self, request: Request, attempt: Attempt) -> list[IPAddress]:
         if request.address is not None:
@@ -331,7 +327,7 @@ class ProxyServer:
                 "tunnel %s -> %s (%s) closed: %s by %s, up %d B, down %d B, %.3f s",
                 _show_client(attempt),
                 attempt.target,
-                attempt.dialled,
+                show_address(attempt.dialled) if attempt.dialled else "-",
                 record.reason,
                 record.first_closer,
                 record.bytes_up,
@@ -446,14 +442,9 @@ class ProxyServer:
         return ignored
 
 
-def _show_address(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _show_client(attempt: Attempt) -> str:
     """The client as log lines show it: its address, and its user once authenticated."""
-    shown = _show_address(attempt.client)
+    shown = show_address(attempt.client)
     return f"{shown} user {attempt.user}" if attempt.user else shown
 
 
