@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splicegate import errors
-from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
+from splicegate import request as request_module
+from splicegate.request import CLOSED, DEFAULT_MAX_FIELDS, NEED_DATA, Request, RequestParser
 
 TRAILER = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfcCLIENTHELLO\r\n\r\nGET / HTTP/1.1\r\n\r\n"
 
@@ -341,3 +342,38 @@ def test_generated_valid_requests_round_trip(host: str, port: int, fields) -> No
     assert isinstance(event, Request)
     assert (event.host, event.port) == (host, port)
     assert len(event.fields) == 1 + len(fields)
+
+
+# --- heads seen before ----------------------------------------------------------------------
+
+
+def fresh_head(tag: str, *fields: str) -> bytes:
+    """A head no other test has sent, so the first parse cannot be a hit."""
+    lines = [f"CONNECT {tag}.seen.test:443 HTTP/1.1", f"Host: {tag}.seen.test:443", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_head_seen_before_gives_the_same_request_and_its_own_trailing_bytes() -> None:
+    head = fresh_head("again", "User-Agent: t/1")
+    first, first_rest = feed(head + b"one", bytewise=False)
+    assert request_module._seen[head[:-3], DEFAULT_MAX_FIELDS] is first
+    second, second_rest = feed(head + b"\x16two", bytewise=False)
+    assert second is first and (first_rest, second_rest) == (b"one", b"\x16two")
+    assert first.host == "again.seen.test" and first.field(b"user-agent") == b"t/1"
+
+
+def test_a_head_with_credentials_is_never_kept() -> None:
+    head = fresh_head("secret", "Proxy-Authorization: Basic dTpw")
+    request, _ = feed(head, bytewise=False)
+    assert request.field(b"proxy-authorization") == b"Basic dTpw"
+    assert not any(b"dTpw" in key for key, _ in request_module._seen)
+
+
+def test_a_head_seen_before_is_judged_again_under_other_limits() -> None:
+    head = fresh_head("limits", "A: 1", "B: 2")
+    request, _ = feed(head, bytewise=False)
+    assert isinstance(request, Request)
+    assert isinstance(feed(head, bytewise=False, max_fields=2), errors.HeadTooLarge)
+    assert isinstance(feed(head, bytewise=False, max_head_bytes=len(head) - 1), errors.HeadTooLarge)
+    # and after empty lines before it (no hit: the full path skips them), the same request
+    assert feed(b"\r\n" + head, bytewise=False)[0] == request

@@ -259,6 +259,13 @@ def parse_head(
     )
 
 
+#: Heads parsed before, by (head, max_fields): at most this many, of at most this size each,
+#: and never one that carries credentials (Proxy-Authorization), so none are kept here.
+_SEEN_HEADS = 1024
+_SEEN_HEAD_BYTES = 1024
+_seen: dict[tuple[bytes, int], Request] = {}
+
+
 class RequestParser:
     """Accumulates bytes until one request head is complete.
 
@@ -291,6 +298,10 @@ class RequestParser:
     def next_event(self) -> Request | _Sentinel:
         if self._done:
             raise RuntimeError("the parser has already returned its request")
+        if not self._started:
+            seen = self._seen_before()
+            if seen is not None:
+                return seen
         self._skip_leading_empty_lines()
         # Order matters so that a head fed whole and fed byte by byte fail alike: the
         # request line first (as soon as it is complete), then the size, then the fields.
@@ -316,7 +327,27 @@ class RequestParser:
         self.trailing_data = bytes(self._buf[match.end() :])
         self._buf.clear()
         self._done = True
-        return parse_head(head, self.max_fields, self._request_line)
+        request = parse_head(head, self.max_fields, self._request_line)
+        if len(head) <= _SEEN_HEAD_BYTES and request.field(b"proxy-authorization") is None:
+            if len(_seen) >= _SEEN_HEADS:
+                _seen.clear()
+            _seen[head, self.max_fields] = request
+        return request
+
+    def _seen_before(self) -> Request | None:
+        """The request, when the buffer holds a whole head (CRLF lines, no empty lines
+        before it) that was parsed before: clients send the same few heads again and again.
+        The key is the head exactly as the full path cuts it, so a hit is a head that passed
+        every check, with the same field limit."""
+        end = self._buf.find(b"\r\n\r\n")
+        if end <= 0 or end + 4 > self.max_head_bytes:
+            return None
+        request = _seen.get((bytes(self._buf[: end + 1]), self.max_fields))
+        if request is not None:
+            self.trailing_data = bytes(self._buf[end + 4 :])
+            self._buf.clear()
+            self._done = True
+        return request
 
     def _skip_leading_empty_lines(self) -> None:
         while not self._started and self._buf:
