@@ -122,6 +122,14 @@ def test_accept_gives_non_blocking_sockets() -> None:
         socket.create_connection(server.address, timeout=1)
 
 
+@pytest.mark.parametrize("defer", [0, 1])
+def test_listening_socket_defers_accept_when_asked(defer: int) -> None:
+    sock = limits.listening_socket(("127.0.0.1", 0), 16, defer_accept=defer)
+    with sock:
+        assert sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_DEFER_ACCEPT) == defer
+        assert not sock.getblocking()
+
+
 def test_listening_socket_names_the_address() -> None:
     taken = limits.listening_socket(("127.0.0.1", 0), 16)
     try:

@@ -368,6 +368,33 @@ def test_408_head_deadline_is_total() -> None:
         proc.stop()
 
 
+@pytest.mark.parametrize("defer", [0, 1])
+def test_408_for_a_client_that_never_sends(defer: int) -> None:
+    """With --defer-accept the kernel hands a silent connection over after ``defer`` s; the
+    head's deadline runs from then. Either way the client gets its 408, not a silent close."""
+    proc = ProxyProcess("--header-timeout", "0.5", "--defer-accept", str(defer))
+    try:
+        with socket.create_connection(proc.address, timeout=WAIT) as sock:
+            started = time.monotonic()
+            reply = read_reply(sock)
+            elapsed = time.monotonic() - started
+        assert_refused(reply, 408, "http_request_error")
+        assert defer + 0.4 < elapsed < defer + 1.5
+    finally:
+        proc.stop()
+
+
+def test_a_deferred_listener_takes_a_client_at_its_first_bytes() -> None:
+    """A client that sends at once is not held for the defer period."""
+    proc = ProxyProcess("--defer-accept", "5")
+    try:
+        started = time.monotonic()
+        reply = request(proc.address, b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert reply.status == 405 and time.monotonic() - started < 2
+    finally:
+        proc.stop()
+
+
 def test_431_head_too_large() -> None:
     proc = ProxyProcess("--max-header-bytes", "1024")
     try:

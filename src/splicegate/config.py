@@ -221,6 +221,15 @@ class Config:
         "seconds a client has to send the whole request head (else 408)",
         metavar="S",
     )
+    defer_accept: int = setting(
+        1,
+        _number(int, 1, zero_ok=True),
+        "seconds the kernel keeps a new connection until its first bytes arrive before "
+        "handing it over anyway (TCP_DEFER_ACCEPT, as HAProxy's defer-accept); 0 turns it "
+        "off. Connections then arrive with their request in: no wait per CONNECT",
+        metavar="S",
+        restart=True,
+    )
     max_header_bytes: int = setting(
         32 * 1024,
         _number(int, 256),

@@ -148,7 +148,10 @@ class ProxyServer:
         try:
             for address in self.config.listen:
                 listener = listening_socket(
-                    address, self.backlog, reuse_port=self.config.workers > 1
+                    address,
+                    self.backlog,
+                    reuse_port=self.config.workers > 1,
+                    defer_accept=self.config.defer_accept,
                 )
                 server = Acceptor(listener, self.handle, self._pool.spawn)
                 server.start()
