@@ -144,11 +144,16 @@ def _dial_one(address: IPAddress, port: int, deadline: float, budget: float) -> 
         raise _failure_error([failure], port)
     assert sock is not None
     try:
-        if not ready([sock], WRITE, deadline - time.monotonic()):
-            raise _timeout_error([address], port, budget, [])
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code != 0:
-            raise _failure_error([_Failure(address, code, os.strerror(code))], port)
+        try:
+            # A handshake on loopback or a LAN has often completed inside connect(): a
+            # socket with a peer is connected, with no poll and no SO_ERROR to read.
+            sock.getpeername()
+        except OSError:  # ENOTCONN: still connecting, or failed
+            if not ready([sock], WRITE, deadline - time.monotonic()):
+                raise _timeout_error([address], port, budget, []) from None
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code != 0:
+                raise _failure_error([_Failure(address, code, os.strerror(code))], port) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
         sock.close()
