@@ -153,6 +153,7 @@ class Acceptor:
         spawn: Callable[..., Any],
     ) -> None:
         self.socket = listener
+        self.family = int(listener.family)  # the property builds an enum on each read
         self.handle = handle
         self.spawn = spawn
         self.loop = gevent.get_hub().loop
@@ -176,7 +177,7 @@ class Acceptor:
 
     def _accept_ready(self) -> None:
         accept = self.socket._accept  # type: ignore[attr-defined]
-        family = self.socket.family
+        family = self.family
         for _ in range(self.max_accept):
             try:
                 fd, address = accept()
