@@ -148,6 +148,8 @@ def record_rate(
     text = f"{result.per_second:8.0f}/s  errors {result.errors}"
     if proxy_cpu is not None:
         samples["rate_cpu_proxy", key].append(proxy_cpu)
+        if result.per_second > 0:  # the proxy's CPU for one tunnel: steadier than the rate
+            samples["rate_cpu_tunnel", key].append(proxy_cpu / 100 / result.per_second * 1e6)
         p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
         if p50 is not None and p99 is not None:
             samples["p50", key].append(p50)

@@ -104,6 +104,7 @@ ROWS = [
     ("p99", "time-to-200 p99 (ms)", False, 2),
     ("rate_errors", "rate test: failed loops", False, 0),
     ("rate_cpu_proxy", "rate test: proxy CPU (% of one core)", False, 0),
+    ("rate_cpu_tunnel", "rate test: proxy CPU per tunnel (µs)", False, 0),
     ("up", "single stream up, client → origin (Gbit/s)", True, 2),
     ("down", "single stream down, origin → client (Gbit/s)", True, 2),
     ("up8", "{streams} streams up, summed (Gbit/s)", True, 2),
@@ -120,7 +121,7 @@ ROWS = [
 ]
 #: Which part produces which figures (a failed part marks them all failed).
 PART_KEYS = {
-    "rate": ("rate", "p50", "p99", "rate_errors", "rate_cpu_proxy"),
+    "rate": ("rate", "p50", "p99", "rate_errors", "rate_cpu_proxy", "rate_cpu_tunnel"),
     "up": ("up", "cpu_up"),
     "down": ("down", "cpu_down"),
     "up8": ("up8", "cpu_up8"),

@@ -62,6 +62,7 @@ ROWS = [
     ("p50", "time-to-200 p50 (ms)", True, False, 2),
     ("p99", "time-to-200 p99 (ms)", True, False, 2),
     ("rate_cpu_proxy", "rate test: proxy CPU (% of one core)", True, False, 0),
+    ("rate_cpu_tunnel", "rate test: proxy CPU per tunnel (µs)", True, False, 0),
     ("rate_cpu_client", "rate test: load generator CPU (% of one core)", False, False, 0),
     ("rate_cpu_origin", "rate test: origin CPU (% of one core)", False, False, 0),
     ("rate_errors", "rate test: failed loops", False, False, 0),
