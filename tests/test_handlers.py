@@ -9,7 +9,7 @@ from splicegate.handlers import HandlerPool
 
 
 def run_in_hub(pool: HandlerPool, fn, *args) -> None:
-    """StreamServer spawns from the hub; do the same."""
+    """The Acceptor spawns from the hub; do the same."""
     gevent.get_hub().loop.run_callback(pool.spawn, fn, *args)
 
 

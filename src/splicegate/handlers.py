@@ -5,7 +5,7 @@ seems: its Python frame stack is mapped when it starts and unmapped when it ends
 munmap in a process with running relay threads is a TLB shoot-down on every core. A
 handler's greenlet here parks when its connection is handed off or refused and takes the
 next one; only beyond ``keep`` idle greenlets do they end. It has the part of gevent's
-``Pool`` interface that StreamServer and ``ProxyServer.stop`` use: ``spawn``, ``join`` and
+``Pool`` interface that the Acceptor and ``ProxyServer.stop`` use: ``spawn``, ``join`` and
 ``kill``.
 """
 
@@ -38,7 +38,7 @@ class _Runner:
         if waiter is None:
             return  # a new greenlet: it finds the job when it starts
         hub = gevent.get_hub()
-        if gevent.getcurrent() is hub:  # StreamServer accepts in the hub
+        if gevent.getcurrent() is hub:  # the Acceptor accepts in the hub
             waiter.switch(None)
         else:
             hub.loop.run_callback(waiter.switch, None)
