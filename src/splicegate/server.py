@@ -212,7 +212,7 @@ class ProxyServer:
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
-        self.metrics.connections.inc()
+        self.metrics.accepted()
         handed_off = admitted = False
         try:
             # Counted from here until the tunnel closes (on_done), or until this handler
