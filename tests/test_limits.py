@@ -96,7 +96,8 @@ class FlakyListener:
 
 def accept_into(handled: list, listener: object) -> Acceptor:
     def handle(sock: stdsocket.socket, address: tuple) -> None:
-        handled.append((address, sock.getblocking()))
+        nodelay = sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY)
+        handled.append((address, (sock.getblocking(), nodelay != 0)))
         sock.close()
 
     return Acceptor(listener, handle, lambda fn, *args: fn(*args))  # type: ignore[arg-type]
@@ -113,7 +114,8 @@ def test_accept_gives_non_blocking_sockets() -> None:
                 gevent.sleep(0.01)
         ports = sorted(c.getsockname()[1] for c in clients)
         assert sorted(address[1] for address, _ in handled) == ports
-        assert [blocking for _, blocking in handled] == [False] * 3
+        # non-blocking, and on Linux with the listener's TCP_NODELAY
+        assert [flags for _, flags in handled] == [(False, limits.NODELAY_INHERITED)] * 3
         for c in clients:
             c.close()
     finally:

@@ -14,6 +14,7 @@ import errno
 import logging
 import resource
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,10 @@ import gevent
 from splicegate.errors import OverCapacity
 
 log = logging.getLogger("splicegate")
+
+#: Whether an accepted socket has its listener's TCP_NODELAY (Linux copies it); elsewhere
+#: the handler sets it on each connection.
+NODELAY_INHERITED = sys.platform.startswith("linux")
 
 #: File descriptors one tunnel may hold: two sockets, and with the native engine a pipe
 #: (two ends) per direction while bytes are in flight.
@@ -104,6 +109,9 @@ def listening_socket(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if defer_accept:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+        # Tunnels relay small TLS records, whose latency Nagle would add to; Linux gives an
+        # accepted socket its listener's TCP_NODELAY, which saves a call per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -36,7 +36,7 @@ from splicegate.errors import (
     render,
 )
 from splicegate.handlers import HandlerPool
-from splicegate.limits import Acceptor, ConnectionLimits, listening_socket
+from splicegate.limits import NODELAY_INHERITED, Acceptor, ConnectionLimits, listening_socket
 from splicegate.metrics import Metrics, cause_label
 from splicegate.policy import IPAddress, Listener, Policy
 from splicegate.relay import Engine, TunnelRecord
@@ -262,7 +262,8 @@ class ProxyServer:
             attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
             attempt.dialled = origin.getpeername()  # shown only when a line is written
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not NODELAY_INHERITED:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
         except BaseException:
             origin.close()
