@@ -103,6 +103,13 @@ def accept_into(handled: list, listener: object) -> Acceptor:
     return Acceptor(listener, handle, lambda fn, *args: fn(*args))  # type: ignore[arg-type]
 
 
+def connect_until_handled(server: Acceptor, handled: list) -> None:
+    """Connect one client and wait (bounded) until the acceptor has handed it over."""
+    with socket.create_connection(server.address, timeout=5), gevent.Timeout(5):
+        while not handled:
+            gevent.sleep(0.01)
+
+
 def test_accept_gives_non_blocking_sockets() -> None:
     handled: list = []
     server = accept_into(handled, limits.listening_socket(("127.0.0.1", 0), 16))
@@ -163,9 +170,7 @@ def test_accept_pauses_with_doubling_delays_and_one_warning(
     caplog.set_level(logging.DEBUG, logger="splicegate")
     server.start()
     try:
-        with socket.create_connection(server.address, timeout=5), gevent.Timeout(5):
-            while not handled:
-                gevent.sleep(0.01)
+        connect_until_handled(server, handled)
         assert pauses == [0.01, 0.02, 0.04, 0.08]
         assert server._pause_delay == server.min_delay
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -185,9 +190,7 @@ def test_a_client_gone_from_the_queue_is_skipped(caplog: pytest.LogCaptureFixtur
     caplog.set_level(logging.DEBUG, logger="splicegate")
     server.start()
     try:
-        with socket.create_connection(server.address, timeout=5), gevent.Timeout(5):
-            while not handled:
-                gevent.sleep(0.01)
+        connect_until_handled(server, handled)
         assert server._paused_since is None and not caplog.records
     finally:
         server.close()
