@@ -94,8 +94,6 @@ def dial(
             f"there is no address to connect to for port {port}",
             details=f"no address to dial for port {port}",
         )
-    if len(addresses) == 1:
-        return _dial_one(addresses[0], port, deadline, budget)
     waiting = deque(interleave(addresses))
     racing: dict[socket.socket, IPAddress] = {}  # in the order the attempts started
     failures: list[_Failure] = []
@@ -116,6 +114,8 @@ def dial(
                     failures.append(failure)  # failed at once: the next one starts now
                     continue
                 assert sock is not None
+                if _has_peer(sock):  # the handshake completed inside connect(): no wait
+                    return _connected(sock)
                 racing[sock] = address
                 next_start = now + attempt_delay
                 continue
@@ -132,33 +132,6 @@ def dial(
     finally:
         for sock in racing:  # the losers, still connecting (or connected too late)
             sock.close()
-
-
-def _dial_one(address: IPAddress, port: int, deadline: float, budget: float) -> socket.socket:
-    """The one-address case (an IP literal, a name with one address) without the race's
-    bookkeeping: it is most CONNECTs."""
-    if budget <= 0:
-        raise _timeout_error([address], port, budget, [])
-    sock, failure = _start(address, port)
-    if failure is not None:
-        raise _failure_error([failure], port)
-    assert sock is not None
-    try:
-        try:
-            # A handshake on loopback or a LAN has often completed inside connect(): a
-            # socket with a peer is connected, with no poll and no SO_ERROR to read.
-            sock.getpeername()
-        except OSError:  # ENOTCONN: still connecting, or failed
-            if not ready([sock], WRITE, deadline - time.monotonic()):
-                raise _timeout_error([address], port, budget, []) from None
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code != 0:
-                raise _failure_error([_Failure(address, code, os.strerror(code))], port) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _start(address: IPAddress, port: int) -> tuple[socket.socket | None, _Failure | None]:
@@ -184,6 +157,16 @@ def _start(address: IPAddress, port: int) -> tuple[socket.socket | None, _Failur
 def _text(address: IPAddress) -> str:
     """The same few origins are dialled again and again: format each once."""
     return str(address)
+
+
+def _has_peer(sock: socket.socket) -> bool:
+    """Whether a connect in progress has completed: on loopback and on a LAN the handshake
+    often finishes inside connect(2), and one getpeername() then saves a poll and a wait."""
+    try:
+        sock.getpeername()
+    except OSError:  # ENOTCONN: still connecting, or failed (SO_ERROR says which, later)
+        return False
+    return True
 
 
 def _connected(sock: socket.socket) -> socket.socket:

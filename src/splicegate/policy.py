@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import ipaddress
 import re
 import socket
@@ -178,9 +177,16 @@ class Listener:
     port: int
 
 
-@functools.lru_cache(maxsize=1024)
+def socket_address(host: str) -> IPAddress:
+    """An address as a socket gives it (an IPv6 one may carry a %zone)."""
+    return ipaddress.ip_address(host.partition("%")[0])
+
+
 def _is_local_address(addr: IPAddress) -> bool:
-    """Whether an address belongs to this host: binding to it succeeds only if it does."""
+    """Whether an address belongs to this host: binding to it succeeds only if it does.
+
+    Not cached here: addresses come and go while the proxy runs, and a Policy (rebuilt at
+    each reload) already remembers the destinations it has judged."""
     if addr.is_loopback:
         return True
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
@@ -240,7 +246,7 @@ class Policy:
         """check_client for an accepted connection's address as the socket gives it."""
         key = ("client", host)
         if key not in self._passed:
-            self.check_client(ipaddress.ip_address(host.partition("%")[0]))
+            self.check_client(socket_address(host))
             self._remember(key, True)
 
     def admit_target(self, host: str, port: int, literal: bool) -> None:

@@ -10,8 +10,6 @@ client reads its answer instead of a reset.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import ipaddress
 import logging
 import os
 import socket
@@ -29,6 +27,7 @@ from splicegate.configfile import restart_only_changes
 from splicegate.dnscache import DnsCache
 from splicegate.errors import (
     ClientDenied,
+    DestinationUnavailable,
     HeadTimeout,
     InternalError,
     MethodNotAllowed,
@@ -38,7 +37,7 @@ from splicegate.errors import (
 from splicegate.handlers import HandlerPool
 from splicegate.limits import NODELAY_INHERITED, Acceptor, ConnectionLimits, listening_socket
 from splicegate.metrics import Metrics, cause_label
-from splicegate.policy import IPAddress, Listener, Policy
+from splicegate.policy import IPAddress, Listener, Policy, socket_address
 from splicegate.relay import Engine, TunnelRecord
 from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser, show_address
 from splicegate.resolve import make_resolver
@@ -158,7 +157,7 @@ class ProxyServer:
                 self._servers.append(server)
                 bound = listener.getsockname()
                 self.addresses.append(bound[:2])
-                self._listeners.append(Listener(_client_address(bound[0]), bound[1]))
+                self._listeners.append(Listener(socket_address(bound[0]), bound[1]))
                 log.info("listening on %s", show_address(bound))
             if self.config.admin is not None:
                 self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
@@ -197,6 +196,8 @@ class ProxyServer:
             self.engine.shutdown(deadline)
         if self._observer is not None:
             self._observer.kill()
+            assert self.engine is not None
+            self.metrics.observe_engine(self.engine.stats())  # the last second's bytes too
         if self.admin is not None:
             self.admin.stop()
         if self.access_log is not None:
@@ -212,7 +213,7 @@ class ProxyServer:
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
-        self.metrics.accepted()
+        self.metrics.connections.inc()
         handed_off = admitted = False
         try:
             # Counted from here until the tunnel closes (on_done), or until this handler
@@ -261,7 +262,14 @@ class ProxyServer:
         finally:
             attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
-            attempt.dialled = origin.getpeername()  # shown only when a line is written
+            try:
+                attempt.dialled = origin.getpeername()  # shown only when a line is written
+            except OSError as exc:  # connected, then reset before we looked: the origin's
+                raise DestinationUnavailable(
+                    f"the connection to port {request.port} was closed as soon as it was "
+                    f"made ({exc.strerror or exc})",
+                    details=f"closed at once: port {request.port}",
+                ) from None
             if not NODELAY_INHERITED:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
@@ -450,9 +458,3 @@ def _show_client(attempt: Attempt) -> str:
     """The client as log lines show it: its address, and its user once authenticated."""
     shown = show_address(attempt.client)
     return f"{shown} user {attempt.user}" if attempt.user else shown
-
-
-@functools.lru_cache(maxsize=4096)
-def _client_address(host: str) -> IPAddress:
-    """Clients come back: parsing their address once saves work on every CONNECT."""
-    return ipaddress.ip_address(host.split("%")[0])

@@ -68,14 +68,12 @@ def ready(sockets: Iterable[object], events: int, timeout: float) -> set[int]:
         return done
     if len(socks) == 1:
         # The common case (one connect, one nameserver) costs one watcher, not a poll
-        # object's set of them: this sits on every CONNECT's path.
-        fd = socks[0].fileno()  # type: ignore[attr-defined]
-        waiter = gsocket.wait_write if events == WRITE else gsocket.wait_read
+        # object's set of them.
         try:
-            waiter(fd, timeout=max(timeout, 1e-6), timeout_exc=Expired())
+            wait(socks[0], events, time.monotonic() + timeout)  # type: ignore[arg-type]
         except Expired:
             return set()
-        return {fd}
+        return {socks[0].fileno()}  # type: ignore[attr-defined]
     poller = gselect.poll()
     for sock in socks:
         poller.register(sock, events)
