@@ -12,6 +12,7 @@ from __future__ import annotations
 import _socket
 import errno
 import logging
+import os
 import resource
 import socket
 import sys
@@ -196,8 +197,6 @@ class Acceptor:
                     continue
                 self._pause(exc)  # out of descriptors, or anything unforeseen: never spin
                 return
-            sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)
             if self._paused_since is not None:
                 log.info(
                     "accepting again after %d failed accepts in %.2f s",
@@ -207,7 +206,17 @@ class Acceptor:
                 self._paused_since = None
                 self._failures = 0
                 self._pause_delay = self.min_delay
-            self.spawn(self.handle, sock, address)
+            try:  # the fd is ours until the handler runs
+                sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                sock.setblocking(False)
+                self.spawn(self.handle, sock, address)
+            except BaseException:
+                sock.close()
+                raise
 
     def _pause(self, exc: OSError) -> None:
         now = time.monotonic()

@@ -12,11 +12,8 @@ Counts are made in the hub as things happen: a connection accepted, a request fi
 ``engine.stats()``: the tunnels open now, its pipes and threads, and bytes as the increase
 since the last look, so a long tunnel's bytes show while it runs, not only at its end. They
 are looked at on every scrape, and once a second in a worker (whose scrapes the supervisor
-answers). Nothing is counted per tunnel that the engine already counts, and what is
-counted per CONNECT (a connection, a request finished) is kept as plain numbers and added
-to the counters when someone looks (:meth:`flush`): a counter's increment takes a lock and
-checks, and this runs on every CONNECT. Under ``--workers`` they are added at once: the
-supervisor reads the files, and the worker cannot know when.
+answers). Nothing is counted per tunnel that the engine already counts: this runs on
+every CONNECT.
 """
 
 from __future__ import annotations
@@ -102,40 +99,23 @@ class Metrics:
             ["cause"],
             registry=reg,
         )
-        #: counted since the last flush: connections, and requests finished by (status, error)
-        self._accepted = 0
-        self._finished: dict[tuple[int, str], int] = {}
+        #: tunnels_total's children by (status, error): labels() costs more than inc()
+        self._finished: dict[tuple[int, str], Any] = {}
         self._up = self.bytes.labels("up")
         self._down = self.bytes.labels("down")
         self._seen_up = 0
         self._seen_down = 0
 
-    def accepted(self) -> None:
-        """One client connection accepted."""
-        self._accepted += 1
-        if self.multiprocess:
-            self.flush()
-
     def finished(self, status: int, error: str | None) -> None:
         """One request over: a tunnel closed, or a request refused."""
         key = (status, error or "")
-        self._finished[key] = self._finished.get(key, 0) + 1
-        if self.multiprocess:
-            self.flush()
-
-    def flush(self) -> None:
-        """Add what was counted since the last flush to the counters."""
-        if self._accepted:
-            self.connections.inc(self._accepted)
-            self._accepted = 0
-        finished, self._finished = self._finished, {}
-        for (status, error), count in finished.items():
-            self.tunnels.labels(str(status), error).inc(count)
+        child = self._finished.get(key)
+        if child is None:
+            child = self._finished[key] = self.tunnels.labels(str(status), error or "")
+        child.inc()
 
     def observe_engine(self, stats: Mapping[str, int]) -> None:
-        """Bring the counts and the engine's figures in: gauges as they are, bytes as the
-        increase."""
-        self.flush()
+        """Bring the engine's figures in: gauges as they are, bytes as the increase."""
         self.tunnels_active.set(stats.get("active", 0))
         self.pipes.set(stats.get("pipes_in_use", 0))
         self.threads.set(stats.get("threads", 0))
@@ -150,7 +130,6 @@ class Metrics:
         """This process's metrics in the Prometheus text format."""
         from prometheus_client import generate_latest
 
-        self.flush()
         return generate_latest(self.registry)
 
 
