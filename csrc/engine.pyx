@@ -106,7 +106,6 @@ cdef struct Core:
     int64_t max_pipes
     int64_t pipes_total     # pipes that exist: in use or pooled
     int64_t pipes_in_use
-    int64_t active
     int64_t bytes_up
     int64_t bytes_down
     pthread_mutex_t done_lock
@@ -150,8 +149,9 @@ cdef Pipe* get_pipe(Worker* w) noexcept nogil:
         return NULL
     # Past the per-user pipe quota this fails with EPERM and the pipe keeps a small size:
     # use what we got rather than nothing.
-    fcntl(fds[1], F_SETPIPE_SZ, <int>w.core.pipe_size)
-    size = fcntl(fds[1], F_GETPIPE_SZ)
+    size = fcntl(fds[1], F_SETPIPE_SZ, <int>w.core.pipe_size)  # the size it got
+    if size < 0:
+        size = fcntl(fds[1], F_GETPIPE_SZ)
     p = <Pipe*>malloc(sizeof(Pipe))
     if size <= 0 or p == NULL:
         close(fds[0])
@@ -636,6 +636,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 if command == CMD_CLOSE_ALL:
                     close_all(w, R_SHUTDOWN, now)
                 elif command == CMD_EXIT:
+                    # EXIT may have replaced a CLOSE_ALL not yet taken: close what is left,
+                    # so every fd is closed and every on_done runs.
+                    close_all(w, R_SHUTDOWN, now)
                     exiting = True
                 continue
             t = <Tunnel*><uintptr_t>(data & ~(<uint64_t>1))
@@ -690,7 +693,6 @@ cdef class NativeEngine:
     cdef bint closing
     cdef bint closed
     cdef uint64_t next_id
-    cdef int64_t tunnels_total
     cdef object callbacks
     cdef object watcher
     cdef object drained
@@ -781,6 +783,7 @@ cdef class NativeEngine:
     def submit(self, int client_fd, int origin_fd, bytes early_up, on_done):
         cdef Tunnel* t
         cdef Worker* w
+        cdef bint wake
         cdef uint64_t one = 1
         cdef int side
         cdef int fds[2]
@@ -820,18 +823,18 @@ cdef class NativeEngine:
         t.first_closer = -1
         t.heap_index = -1
         t.started = t.last_activity = sg_monotonic()
-        self.callbacks[t.id] = on_done
-        self.tunnels_total += 1
-        sg_add(&self.core.active, 1)
+        self.callbacks[t.id] = on_done  # a tunnel is active until its on_done has run
         w = &self.workers[self.next_worker]
         self.next_worker = (self.next_worker + 1) % self.nworkers
         pthread_mutex_lock(&w.lock)
+        # Only the first tunnel of a batch wakes the thread, which takes the whole inbox;
+        # under load that saves a write(2) per CONNECT. Decided under the lock: once it is
+        # released the thread may already own t.
+        wake = w.inbox == NULL
         t.next = w.inbox
         w.inbox = t
         pthread_mutex_unlock(&w.lock)
-        if t.next == NULL:
-            # Only the first tunnel of a batch wakes the thread, which takes the whole inbox;
-            # under load that saves a write(2) per CONNECT.
+        if wake:
             write(w.wake_fd, &one, sizeof(one))
 
     def _on_done_ready(self):
@@ -857,25 +860,24 @@ cdef class NativeEngine:
             )
             on_done = self.callbacks.pop(t.id, None)
             free(t)
-            # Counted out here, in the hub, not by the relay thread: a scrape (or a drain)
-            # never sees a tunnel gone whose on_done has not run yet.
-            sg_add(&self.core.active, -1)
             if on_done is None:
                 continue
             try:
                 on_done(record)
             except Exception:
                 log.exception("on_done of a finished tunnel failed")
-        if self.drained is not None and sg_load(&self.core.active) == 0:
+        if self.drained is not None and not self.callbacks:
             self.drained.set()
 
     def stats(self):
         return {
-            "active": sg_load(&self.core.active),
+            # counted in the hub, not by the relay threads: a scrape (or a drain) never
+            # sees a tunnel gone whose on_done has not run yet
+            "active": len(self.callbacks),
             "pipes_in_use": sg_load(&self.core.pipes_in_use),
             "bytes_up": sg_load(&self.core.bytes_up),
             "bytes_down": sg_load(&self.core.bytes_down),
-            "tunnels_total": self.tunnels_total,
+            "tunnels_total": self.next_id,
             "threads": self.nworkers if self.threads_started else 0,
         }
 
@@ -905,9 +907,9 @@ cdef class NativeEngine:
             return
         if self.threads_started:
             self.drained = Event()
-            if sg_load(&self.core.active) > 0:
+            if self.callbacks:
                 self.drained.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if sg_load(&self.core.active) > 0:
+            if self.callbacks:
                 self._command(CMD_CLOSE_ALL)
                 self.drained.wait(timeout=10)
             self._join_threads()
@@ -945,7 +947,7 @@ cdef class NativeEngine:
     def _forget_after_fork(self):
         """In a forked child: the threads did not survive the fork, and every fd the parent's
         tunnels hold must be closed here, or the parent's closes would never reach peers."""
-        cdef int i
+        cdef int i, side
         cdef Worker* w
         cdef Tunnel* t
         cdef Pipe* p
@@ -974,6 +976,7 @@ cdef class NativeEngine:
                 w.free_pipes = p.next
                 close(p.rfd)
                 close(p.wfd)
+                free(p)
             w.free_count = 0
             if w.epfd >= 0:
                 close(w.epfd)
@@ -987,7 +990,7 @@ cdef class NativeEngine:
             w.command = CMD_RUN
         self.threads_started = False
         _running.discard(self)
-        self.core.active = self.core.pipes_total = self.core.pipes_in_use = 0
+        self.core.pipes_total = self.core.pipes_in_use = 0
         self.core.done_head = NULL
         self.callbacks.clear()
         if not self.closed:
