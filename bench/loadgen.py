@@ -270,7 +270,6 @@ class RateRun:
         procs: int = 1,
         timeout: float = 5.0,
     ) -> None:
-        self.duration = duration
         self.timeout = timeout
         self.start_at = time.time() + RATE_LEAD_S
         self.end_at = self.start_at + duration

@@ -15,7 +15,6 @@ import errno
 import hashlib
 import os
 import random
-import socket as std_socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -133,6 +132,37 @@ class Tunnel:
         self.origin.close()
 
 
+def exchange(t: Tunnel, up: bytes | memoryview, down: bytes | memoryview) -> None:
+    """Both ways at once and both to EOF; every byte checked."""
+    _, _, at_origin, at_client = together(
+        (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
+    )
+    assert at_origin == (len(up), sha(up))
+    assert at_client == (len(down), sha(down))
+
+
+def exchange_many(
+    tunnels: list[Tunnel],
+    payloads: list[tuple[bytes | memoryview, bytes | memoryview]],
+    timeout: float = 60.0,
+) -> None:
+    """Every tunnel both ways at once, all to EOF; every byte and every record checked."""
+    calls: list[tuple[Any, ...]] = []
+    for t, (up, down) in zip(tunnels, payloads, strict=True):
+        calls += [
+            (pump, t.client, up),
+            (pump, t.origin, down),
+            (drain, t.origin),
+            (drain, t.client),
+        ]
+    results = together(*calls, timeout=timeout)
+    for i, (t, (up, down)) in enumerate(zip(tunnels, payloads, strict=True)):
+        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
+        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
+        record = t.record()
+        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
+
+
 class Rig:
     """Loopback listeners standing in for the proxy's accept side and for the origin."""
 
@@ -189,12 +219,3 @@ class Rig:
         self.back.close()
         for tunnel in self.tunnels:
             tunnel.close()
-
-
-def ipv6_loopback_works() -> bool:
-    try:
-        with std_socket.socket(std_socket.AF_INET6, std_socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True

@@ -49,6 +49,8 @@ from relayrig import (
     abort,
     count_fds,
     drain,
+    exchange,
+    exchange_many,
     pump,
     randbytes,
     recv_exactly,
@@ -192,15 +194,6 @@ def read_fd(fd: int, n: int) -> bytes:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def exchange(t: Tunnel, up: bytes | memoryview, down: bytes | memoryview) -> None:
-    """Both ways at once and both to EOF; every byte checked."""
-    _, _, at_origin, at_client = together(
-        (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
-    )
-    assert at_origin == (len(up), sha(up))
-    assert at_client == (len(down), sha(down))
 
 
 def push(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -374,20 +367,7 @@ def test_two_thousand_concurrent_tunnels(rigs: Any, engine_kind: str, fd_limit: 
 
     tunnels = [rig.open() for _ in range(count)]
     payloads = [(payload(2 * i), payload(2 * i + 1)) for i in range(count)]
-    calls: list[tuple[Any, ...]] = []
-    for t, (up, down) in zip(tunnels, payloads, strict=True):
-        calls += [
-            (pump, t.client, up),
-            (pump, t.origin, down),
-            (drain, t.origin),
-            (drain, t.client),
-        ]
-    results = together(*calls, timeout=90)
-    for i, (t, (up, down)) in enumerate(zip(tunnels, payloads, strict=True)):
-        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
-        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
-        record = t.record()
-        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
+    exchange_many(tunnels, payloads, timeout=90)
     stats = rig.engine.stats()
     assert (stats["active"], stats["pipes_in_use"]) == (0, 0)
 
@@ -476,22 +456,9 @@ def test_one_pipe_for_eight_busy_tunnels_both_ways(rigs: Any) -> None:
     tunnels = [rig.open() for _ in range(8)]
     # 16 MiB per direction, each from its own offset: no two directions carry the same bytes.
     slices = [(pool[i * MiB + 1 :][: 16 * MiB], pool[i * MiB + 7 :][: 16 * MiB]) for i in range(8)]
-    calls: list[tuple[Any, ...]] = []
-    for t, (up, down) in zip(tunnels, slices, strict=True):
-        calls += [
-            (pump, t.client, up),
-            (pump, t.origin, down),
-            (drain, t.origin),
-            (drain, t.client),
-        ]
     with Peak(rig.engine, "pipes_in_use") as peak:
-        results = together(*calls, timeout=90)
+        exchange_many(tunnels, slices, timeout=90)
     assert peak.value <= 1
-    for i, (t, (up, down)) in enumerate(zip(tunnels, slices, strict=True)):
-        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
-        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
-        record = t.record()
-        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
 
 
 def test_a_tunnel_that_started_on_the_pipe_goes_on_copying(rigs: Any) -> None:

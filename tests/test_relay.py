@@ -23,6 +23,7 @@ import pytest
 from gevent import socket
 from gevent.event import AsyncResult
 
+from proxyproc import ipv6_loopback
 from relayrig import (
     EMPTY_SHA,
     NO_TIMEOUTS,
@@ -33,8 +34,9 @@ from relayrig import (
     abort,
     count_fds,
     drain,
+    exchange,
+    exchange_many,
     fd_is_open,
-    ipv6_loopback_works,
     pump,
     randbytes,
     recv_exactly,
@@ -70,11 +72,7 @@ def test_large_transfer_both_ways_at_once(make_rig: Any) -> None:
     rig = make_rig()
     t = rig.open()
     up, down = randbytes(64 * MiB, 1), randbytes(64 * MiB, 2)
-    _, _, at_origin, at_client = together(
-        (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
-    )
-    assert at_origin == (len(up), sha(up))
-    assert at_client == (len(down), sha(down))
+    exchange(t, up, down)
     record = t.record()
     assert (record.reason, record.errno) == ("eof", 0)
     assert record.first_closer in ("client", "origin")
@@ -133,7 +131,7 @@ def test_early_up_goes_first_and_is_counted(make_rig: Any) -> None:
     assert (record.bytes_up, record.bytes_down) == (len(early) + 5, 0)
 
 
-@pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 def test_ipv6_loopback(make_rig: Any) -> None:
     rig = make_rig(host="::1")
     t = rig.open(early_up=b"hello ")
@@ -399,20 +397,7 @@ def test_many_tunnels_at_once(make_rig: Any) -> None:
         (rng.randbytes(rng.randrange(0, 256 * 1024)), rng.randbytes(rng.randrange(0, 256 * 1024)))
         for _ in tunnels
     ]
-    calls: list[tuple[Any, ...]] = []
-    for t, (up, down) in zip(tunnels, payloads, strict=True):
-        calls += [
-            (pump, t.client, up),
-            (pump, t.origin, down),
-            (drain, t.origin),
-            (drain, t.client),
-        ]
-    results = together(*calls)
-    for i, (t, (up, down)) in enumerate(zip(tunnels, payloads, strict=True)):
-        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
-        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
-        record = t.record()
-        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
+    exchange_many(tunnels, payloads)
     assert rig.engine.stats()["active"] == 0
 
 
