@@ -18,7 +18,7 @@ from loadgen import (
     run_stream,
     warm_up,
 )
-from procs import cpu_seconds_tree, fd_kinds_tree, rss_bytes_tree
+from procs import cpu_seconds_tree, fd_kinds_tree, machine_busy_seconds, rss_bytes_tree
 
 Address = tuple[str, int]
 Samples = dict[tuple[str, str], list[float]]
@@ -50,9 +50,11 @@ def transfer(
 ) -> str:
     """One stream (``up``/``down``) or ``--streams`` streams (``up8``/``down8``) to ``target``,
     through ``proxy`` or direct; records Gbit/s under ``part`` and, through a proxy, its CPU
-    s/GiB under ``cpu_<part>``. ``each`` adds the per-stream range to the returned text."""
+    s/GiB under ``cpu_<part>``, and the whole machine's busy CPU s/GiB under ``machine_<part>``
+    (for the direct path too: the ratio of the two is what relaying costs). ``each`` adds the per-stream range to the returned text."""
     direction = part.removesuffix("8")
     p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+    m0 = machine_busy_seconds()
     where = proxy.address if proxy else None
     size = args.file_mib * MIB
     if part.endswith("8"):
@@ -63,6 +65,7 @@ def transfer(
         result = run_stream(direction, where, target, args.seconds, args.warmup, size)
     time.sleep(0.05)  # let the proxy finish closing the tunnels it just relayed
     p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+    m1 = machine_busy_seconds()
     samples[part, key].append(result.gbit_s)
     text = f"{result.gbit_s:8.2f} Gbit/s"
     if each:
@@ -72,6 +75,10 @@ def transfer(
         per_gib = (p1 - p0) / (result.total_bytes / GIB)
         samples[f"cpu_{part}", key].append(per_gib)
         text += f"  proxy {per_gib:.3f} CPU s/GiB"
+    if result.total_bytes:
+        machine = (m1 - m0) / (result.total_bytes / GIB)
+        samples[f"machine_{part}", key].append(machine)
+        text += f"  machine {machine:.3f} CPU s/GiB"
     return text
 
 

@@ -113,6 +113,10 @@ ROWS = [
     ("cpu_down", "proxy CPU per GiB, single stream down (s)", False, 3),
     ("cpu_up8", "proxy CPU per GiB, {streams} streams up (s)", False, 3),
     ("cpu_down8", "proxy CPU per GiB, {streams} streams down (s)", False, 3),
+    ("machine_up", "machine CPU per GiB, single stream up (s)", True, 3),
+    ("machine_down", "machine CPU per GiB, single stream down (s)", True, 3),
+    ("machine_up8", "machine CPU per GiB, {streams} streams up (s)", True, 3),
+    ("machine_down8", "machine CPU per GiB, {streams} streams down (s)", True, 3),
     ("idle_kib", "idle memory per tunnel (KiB)", False, 2),
     ("idle_opened", "idle test: tunnels opened (of {tunnels})", False, 0),
     ("idle_rss_rest", "idle test: proxy RSS at rest (MiB)", False, 1),
@@ -122,10 +126,10 @@ ROWS = [
 #: Which part produces which figures (a failed part marks them all failed).
 PART_KEYS = {
     "rate": ("rate", "p50", "p99", "rate_errors", "rate_cpu_proxy", "rate_cpu_tunnel"),
-    "up": ("up", "cpu_up"),
-    "down": ("down", "cpu_down"),
-    "up8": ("up8", "cpu_up8"),
-    "down8": ("down8", "cpu_down8"),
+    "up": ("up", "cpu_up", "machine_up"),
+    "down": ("down", "cpu_down", "machine_down"),
+    "up8": ("up8", "cpu_up8", "machine_up8"),
+    "down8": ("down8", "cpu_down8", "machine_down8"),
     "idle": ("idle_kib", "idle_opened", "idle_rss_rest", "idle_rss_held", "idle_sockets"),
 }
 
@@ -1263,7 +1267,12 @@ def report(
             "Medians of the runs; a figure like (0.50x) is its ratio to direct. Time-to-200: "
             "connect start to the last byte of the proxy's 200 (every proxy's whole 200 is "
             "read, whatever its length). CPU per GiB: utime+stime of the proxy's process tree "
-            "over one transfer, warm-up and tail included, over every byte of it. Idle memory "
+            "over one transfer, warm-up and tail included, over every byte of it. Machine CPU "
+            "per GiB: the busy time of every core (/proc/stat) over the same transfer, load "
+            "generator and origin included: through a proxy each byte crosses loopback TCP "
+            "twice, and the kernel work of a crossing lands on whichever process sends or "
+            "acknowledges; its ratio to direct bounds the throughput ratio a relay can reach "
+            "when the cores are the limit. Idle memory "
             "per tunnel: on a proxy started for it, (RSS with "
             f"{args.idle_tunnels:,} idle tunnels - RSS at rest) / tunnels opened, RSS summed "
             "over the process tree (pages shared between a tree's processes count once per "

@@ -11,7 +11,7 @@ descendants (a proxy with worker processes is measured whole; threads share thei
 memory and are not counted twice).
 
 Reusable by other benchmarks: ``start_splicegate``, ``engine_available``,
-``cpu_seconds_tree``, ``rss_bytes_tree``, ``fd_kinds_tree``, ``raise_open_file_limit``,
+``cpu_seconds_tree``, ``machine_busy_seconds``, ``rss_bytes_tree``, ``fd_kinds_tree``, ``raise_open_file_limit``,
 ``describe_machine``.
 """
 
@@ -75,6 +75,20 @@ def cpu_seconds_tree(pid: int) -> float:
         total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
         stack.extend(_children(current))
     return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (/proc/stat's first line:
+    user, nice, system, irq, softirq; idle, iowait and steal are not work done here).
+
+    A relay's own CPU is only part of what it costs: on loopback the kernel work of a TCP
+    crossing lands on whichever process sends or acknowledges, so a proxy makes its client
+    and origin busier too. The whole machine's busy time per GiB shows the full price.
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 def tree_pids(pid: int) -> list[int]:
