@@ -51,7 +51,8 @@ def transfer(
     """One stream (``up``/``down``) or ``--streams`` streams (``up8``/``down8``) to ``target``,
     through ``proxy`` or direct; records Gbit/s under ``part`` and, through a proxy, its CPU
     s/GiB under ``cpu_<part>``, and the whole machine's busy CPU s/GiB under ``machine_<part>``
-    (for the direct path too: the ratio of the two is what relaying costs). ``each`` adds the per-stream range to the returned text."""
+    (for the direct path too: the ratio of the two is what relaying costs). ``each`` adds the
+    per-stream range to the returned text."""
     direction = part.removesuffix("8")
     p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
     m0 = machine_busy_seconds()

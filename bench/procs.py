@@ -11,8 +11,8 @@ descendants (a proxy with worker processes is measured whole; threads share thei
 memory and are not counted twice).
 
 Reusable by other benchmarks: ``start_splicegate``, ``engine_available``,
-``cpu_seconds_tree``, ``machine_busy_seconds``, ``rss_bytes_tree``, ``fd_kinds_tree``, ``raise_open_file_limit``,
-``describe_machine``.
+``cpu_seconds_tree``, ``machine_busy_seconds``, ``rss_bytes_tree``, ``fd_kinds_tree``,
+``raise_open_file_limit``, ``describe_machine``.
 """
 
 from __future__ import annotations
