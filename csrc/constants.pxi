@@ -32,4 +32,4 @@ cdef enum:
     BATCH = 256                 # epoll events per wait
     PUMP_BUDGET = 4194304       # bytes one tunnel moves per turn before others get theirs
     DEFAULT_PIPE_SIZE = 1048576  # the most an unprivileged process may ask for (pipe-max-size)
-    POOL_KEEP = 16              # empty pipes each thread keeps for the next transfer
+    POOL_KEEP = 16              # empty pipes a thread keeps at most for the next transfer

@@ -32,7 +32,7 @@ import weakref
 import gevent
 from gevent.event import Event
 
-from splicegate.relay import RelayTimeouts, TunnelRecord
+from splicegate.relay import RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size
 
 log = logging.getLogger("splicegate")
 
@@ -104,6 +104,7 @@ cdef struct Core:
     double lifetime
     size_t pipe_size
     int64_t max_pipes
+    int pool_keep           # empty pipes each thread may keep: a share of max_pipes
     int64_t pipes_total     # pipes that exist: in use or pooled
     int64_t pipes_in_use
     int64_t bytes_up
@@ -179,7 +180,7 @@ cdef void put_pipe(Worker* w, Pipe* p, bint holds_data) noexcept nogil:
     can only be destroyed. The pool stays small: a burst of transfers must not leave
     hundreds of idle pipes (two fds and kernel memory each) behind it."""
     sg_add(&w.core.pipes_in_use, -1)
-    if holds_data or w.free_count >= POOL_KEEP:
+    if holds_data or w.free_count >= w.core.pool_keep:
         destroy_pipe(w, p)
     else:
         p.next = w.free_pipes
@@ -657,6 +658,20 @@ cdef void* worker_main(void* arg) noexcept nogil:
     return NULL
 
 
+cdef void forget_tunnel(Tunnel* t) noexcept nogil:
+    """A parent's tunnel, in a forked child: close this process's copies of its fds and free
+    it, without a word to either peer (the parent still relays it)."""
+    cdef int side
+    for side in range(2):
+        close(t.fd[side])
+        if t.dir[side].pipe != NULL:
+            close(t.dir[side].pipe.rfd)
+            close(t.dir[side].pipe.wfd)
+            free(t.dir[side].pipe)
+        free(t.dir[side].buf)
+    free(t)
+
+
 # --- the engine, in the hub ---------------------------------------------------------------
 
 _engines = weakref.WeakSet()
@@ -667,19 +682,6 @@ _running = set()
 
 def _default_threads():
     return max(1, min(MAX_THREADS, (os.cpu_count() or 2) - 1))
-
-
-def _default_max_pipes(pipe_size):
-    """Pipes fit in the per-user pipe quota (fs.pipe-user-pages-soft, in pages); past it
-    the kernel hands out tiny pipes, so the pool stays within it."""
-    try:
-        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
-            pages = int(f.read())
-    except (OSError, ValueError):
-        pages = 16384
-    if pages <= 0:
-        return 4096
-    return max(1, pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096))
 
 
 cdef class NativeEngine:
@@ -717,8 +719,11 @@ cdef class NativeEngine:
         self.core.idle = timeouts.idle
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
-        self.core.pipe_size = pipe_size
-        self.core.max_pipes = int(max_pipes) if max_pipes else _default_max_pipes(pipe_size)
+        self.core.pipe_size = usable_pipe_size(pipe_size)
+        self.core.max_pipes = int(max_pipes) if max_pipes else default_max_pipes(pipe_size)
+        # Idle pools may hold a quarter of the cap between them, so that pipes one thread
+        # keeps for later never push another thread's live transfer onto the copy path.
+        self.core.pool_keep = max(1, min(POOL_KEEP, self.core.max_pipes // (4 * threads)))
         self.callbacks = {}
         self.workers = <Worker*>calloc(threads, sizeof(Worker))
         if self.workers == NULL:
@@ -748,6 +753,7 @@ cdef class NativeEngine:
 
     cdef _start_threads(self):
         cdef int i
+        cdef int started = 0
         cdef Worker* w
         cdef epoll_event ev
         cdef sigset_t all_signals, old
@@ -755,30 +761,46 @@ cdef class NativeEngine:
             w = &self.workers[i]
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
             w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-            if w.epfd < 0 or w.wake_fd < 0:
-                raise OSError(sg_errno(), "cannot create the engine's epoll or eventfd")
             ev.events = EPOLLIN
             ev.data.u64 = 0
-            if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wake_fd, &ev) < 0:
-                raise OSError(sg_errno(), "epoll_ctl failed")
+            if (w.epfd < 0 or w.wake_fd < 0
+                    or epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wake_fd, &ev) < 0):
+                error = OSError(sg_errno(), "cannot set up a relay thread's epoll and eventfd")
+                self._close_worker_fds(0)  # a later submit tries again from nothing
+                raise error
         # Engine threads take no signals: splice has no MSG_NOSIGNAL, so a write into a reset
         # socket raises SIGPIPE, which must not kill an application that restored SIG_DFL.
         sigfillset(&all_signals)
         pthread_sigmask(SIG_SETMASK, &all_signals, &old)
         try:
-            for i in range(self.nworkers):
-                if pthread_create(&self.workers[i].thread, NULL, worker_main,
-                                  &self.workers[i]) != 0:
+            while started < self.nworkers:
+                if pthread_create(&self.workers[started].thread, NULL, worker_main,
+                                  &self.workers[started]) != 0:
                     break
-                self.workers[i].running = True
+                self.workers[started].running = True
+                started += 1
         finally:
             pthread_sigmask(SIG_SETMASK, &old, NULL)
-        if i == 0 and not self.workers[0].running:
-            raise OSError(EAGAIN, "cannot start a relay thread")
         # Fewer threads than asked for: tunnels go only to the ones that run.
-        self.nworkers = i + 1 if self.workers[i].running else i
+        self._close_worker_fds(started)
+        if started == 0:
+            raise OSError(EAGAIN, "cannot start a relay thread")
+        self.nworkers = started
         self.threads_started = True
         _running.add(self)
+
+    cdef _close_worker_fds(self, int first):
+        """Close the epoll and eventfd of the workers from ``first`` on, whose threads do
+        not run."""
+        cdef int i
+        cdef Worker* w
+        for i in range(first, self.nworkers):
+            w = &self.workers[i]
+            if w.epfd >= 0:
+                close(w.epfd)
+            if w.wake_fd >= 0:
+                close(w.wake_fd)
+            w.epfd = w.wake_fd = -1
 
     def submit(self, int client_fd, int origin_fd, bytes early_up, on_done):
         cdef Tunnel* t
@@ -947,7 +969,7 @@ cdef class NativeEngine:
     def _forget_after_fork(self):
         """In a forked child: the threads did not survive the fork, and every fd the parent's
         tunnels hold must be closed here, or the parent's closes would never reach peers."""
-        cdef int i, side
+        cdef int i
         cdef Worker* w
         cdef Tunnel* t
         cdef Pipe* p
@@ -957,20 +979,12 @@ cdef class NativeEngine:
             pthread_mutex_init(&w.lock, NULL)
             w.running = False
             while w.heap_len > 0:
-                t = w.heap[w.heap_len - 1]
                 w.heap_len -= 1
-                close(t.fd[0])
-                close(t.fd[1])
-                for side in range(2):
-                    if t.dir[side].pipe != NULL:
-                        close(t.dir[side].pipe.rfd)
-                        close(t.dir[side].pipe.wfd)
-            t = w.inbox
-            while t != NULL:
-                close(t.fd[0])
-                close(t.fd[1])
-                t = t.next
-            w.inbox = NULL
+                forget_tunnel(w.heap[w.heap_len])
+            while w.inbox != NULL:
+                t = w.inbox
+                w.inbox = t.next
+                forget_tunnel(t)
             while w.free_pipes != NULL:
                 p = w.free_pipes
                 w.free_pipes = p.next
@@ -978,16 +992,12 @@ cdef class NativeEngine:
                 close(p.wfd)
                 free(p)
             w.free_count = 0
-            if w.epfd >= 0:
-                close(w.epfd)
-            if w.wake_fd >= 0:
-                close(w.wake_fd)
-            w.epfd = w.wake_fd = -1
             w.heap_len = 0
             # The parent's tunnels on these lists are gone here: never pump or report them.
             w.ready = NULL
             w.graveyard = NULL
             w.command = CMD_RUN
+        self._close_worker_fds(0)
         self.threads_started = False
         _running.discard(self)
         self.core.pipes_total = self.core.pipes_in_use = 0

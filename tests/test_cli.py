@@ -57,6 +57,7 @@ def test_engine_python_can_be_forced() -> None:
         (["--listen", "localhost"], "has no port"),
         (["--header-timeout", "soon"], "header-timeout: 'soon' is not a float"),
         (["--connect-timeout", "0"], "connect-timeout: '0' is too small"),
+        (["--pipe-size", "100000000"], "pipe-size: '100000000' is too large; the most is"),
         (["--engine", "turbo"], "engine: 'turbo' is not one of auto, native, python"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],

@@ -1017,3 +1017,153 @@ def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
         os.close(good)
         peer.close()
     exchange(rig.open(), b"after", b"wards")
+
+
+def test_relay_threads_that_cannot_start_leak_nothing_and_a_retry_works() -> None:
+    """Past the open-file limit a relay thread's epoll or eventfd cannot be made: submit
+    fails with OSError, leaves the caller both fds, keeps none of the engine fds it did make
+    (else every retry would leak more), and works once fds are free again. In a child: the
+    limit is the whole process's."""
+
+    def child(channel: Channel) -> dict[str, Any]:
+        engine = create_engine("native", NO_TIMEOUTS, threads=2)
+        rig = Rig(engine, "127.0.0.1", None)
+        client, held = socket.socketpair()
+        origin, other = socket.socketpair()
+        before = fds_by_kind()
+        open_fds = open_fd_numbers()
+        # The lowest limit that leaves three fd numbers free: the first thread's epoll and
+        # eventfd, the second's epoll; its eventfd is one too many.
+        limit = next(n for n in range(1, 1 << 20) if n - len([f for f in open_fds if f < n]) == 3)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            engine.submit(held.fileno(), other.fileno(), b"", lambda record: None)
+            failure = None
+        except OSError as exc:
+            failure = exc.errno
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if failure is None:
+            return {"failure": None}  # the engine owns both fds now: touch nothing
+        after_failure = fds_by_kind()
+        # The caller still owns both: they work as before.
+        client.sendall(b"mine")
+        still_mine = recv_exactly(held, 4) == b"mine"
+        for sock in (client, held, origin, other):
+            sock.close()
+        exchange(rig.open(), b"up after the retry", b"down after the retry")
+        threads = engine.stats()["threads"]
+        rig.close()
+        engine.shutdown(time.monotonic() + WAIT)
+        return {
+            "failure": failure,
+            "leaked": {k: after_failure[k] - before[k] for k in after_failure - before},
+            "still_mine": still_mine,
+            "threads": threads,
+        }
+
+    child_process = Forked(child)
+    try:
+        result = child_process.result()
+    finally:
+        child_process.kill()
+    assert result["failure"] == errno.EMFILE
+    assert result["leaked"] == {}, f"fds left behind by the failed start: {result['leaked']}"
+    assert result["still_mine"]
+    assert result["threads"] == 2
+
+
+def open_fd_numbers() -> set[int]:
+    """The fds open now; not the one os.listdir used to read /proc/self/fd, closed since."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        found.add(int(name))
+    return found
+
+
+def new_pipes(before: set[int]) -> list[int]:
+    """Pipe fds of this process opened since ``before`` (a set of fd numbers)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:") and int(name) not in before:
+                found.append(int(name))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def test_idle_pipe_pool_keeps_a_quarter_of_the_cap(rigs: Any) -> None:
+    """Pipes a burst leaves behind stay pooled for the next transfer, but only up to a
+    quarter of the cap per thread set: with a cap of 8 and one thread, 2. More would let
+    idle pipes in one thread's pool push another thread's transfers onto the copy path."""
+    before = open_fd_numbers()
+    rig = rigs("native", threads=1, max_pipes=8, bufsize=64 * 1024)
+    tunnels = [rig.open() for _ in range(6)]
+    data = [randbytes(2 * MiB, 60 + i) for i in range(6)]
+    writers = [gevent.spawn(push, t.client, d) for t, d in zip(tunnels, data, strict=True)]
+    wait_stalled(rig.engine, 6, "six tunnels to hold a pipe each")
+    received = together(
+        *[(recv_exactly, t.origin, len(d)) for t, d in zip(tunnels, data, strict=True)]
+    )
+    assert received == data
+    assert [w.get(timeout=WAIT) for w in writers] == [len(d) for d in data]
+    for t in tunnels:
+        t.client.shutdown(socket.SHUT_WR)
+        t.origin.shutdown(socket.SHUT_WR)
+    assert [t.record().reason for t in tunnels] == ["eof"] * 6
+    assert rig.engine.stats()["pipes_in_use"] == 0
+    assert len(new_pipes(before)) == 2 * 2  # two pooled pipes, two fds each
+
+
+def test_a_pipe_size_past_the_kernel_limit_gets_the_limit(
+    rigs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past fs.pipe-max-size F_SETPIPE_SZ needs CAP_SYS_RESOURCE; without it the pipe would
+    silently stay at 64 KiB. The engine asks for the limit instead and says so; with the
+    capability it gets what it asked for."""
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        limit = int(f.read())
+    with open("/proc/self/status") as f:
+        caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    privileged = bool(caps >> 24 & 1)
+    before = open_fd_numbers()
+    with caplog.at_level("WARNING", logger="splicegate"):
+        rig = rigs("native", threads=1, pipe_size=2 * limit)
+    exchange(rig.open(), randbytes(4 * MiB, 70), b"")
+    sizes = {fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd in new_pipes(before)}
+    if privileged:
+        assert sizes == {2 * limit}
+    else:
+        assert sizes == {limit}
+        assert f"above fs.pipe-max-size ({limit})" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, lambda quota: quota),
+        ({"workers": 3}, lambda quota: quota // 3),
+        ({"workers": 3, "max_pipes": 30}, lambda quota: 10),
+        ({"workers": 4, "max_pipes": 2}, lambda quota: 1),
+    ],
+    ids=["one-process", "three-workers-share-the-quota", "explicit-cap-split", "at-least-one"],
+)
+def test_pipe_cap_is_the_whole_servers(
+    settings: dict[str, Any], expected: Callable[[int], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers processes share one user's pipe quota, so each engine gets its share of the
+    cap (the quota's, or --max-pipes), not all of it."""
+    from splicegate import config as config_module
+    from splicegate.config import Config
+    from splicegate.relay import default_max_pipes
+
+    asked: dict[str, Any] = {}
+    monkeypatch.setattr(config_module, "create_engine", lambda *a, **kw: asked.update(kw))
+    Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
+    assert asked["max_pipes"] == expected(default_max_pipes(MiB))

@@ -25,7 +25,7 @@ from splicegate.policy import (
     parse_network,
     parse_port_spec,
 )
-from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine
+from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine, default_max_pipes
 from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
@@ -63,7 +63,9 @@ def parse_nameserver(value: Any) -> Address:
     return parse_address(value, default_port=53)
 
 
-def _number(kind: type, low: float, *, zero_ok: bool = False) -> Callable[[Any], Any]:
+def _number(
+    kind: type, low: float, *, high: float | None = None, zero_ok: bool = False
+) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         try:
             number = kind(value)
@@ -74,6 +76,8 @@ def _number(kind: type, low: float, *, zero_ok: bool = False) -> Callable[[Any],
         if number < low:
             off = " (0 turns it off)" if zero_ok else ""
             raise ValueError(f"{value!r} is too small; the least is {low}{off}")
+        if high is not None and number > high:
+            raise ValueError(f"{value!r} is too large; the most is {high}")
         return number
 
     return parse
@@ -412,7 +416,7 @@ class Config:
     )
     pipe_size: int = setting(
         1024 * 1024,
-        _number(int, 4096),
+        _number(int, 4096, high=64 * 1024 * 1024),
         "native engine: bytes each splice pipe holds (more: fewer system calls per byte)",
         metavar="BYTES",
         restart=True,
@@ -420,7 +424,8 @@ class Config:
     max_pipes: int = setting(
         0,
         _number(int, 1, zero_ok=True),
-        "native engine: pipes at most; past it tunnels copy through a buffer instead",
+        "native engine: pipes at most, split between --workers processes; past it tunnels "
+        "copy through a buffer instead",
         metavar="N",
         shown_default="what the per-user pipe quota holds",
         restart=True,
@@ -516,7 +521,10 @@ class Config:
             self.relay_timeouts,
             threads=self.relay_threads or None,
             pipe_size=self.pipe_size,
-            max_pipes=self.max_pipes or None,
+            # The cap is the whole server's: --workers processes share the one user quota.
+            max_pipes=max(1, self.max_pipes // self.workers)
+            if self.max_pipes
+            else default_max_pipes(self.pipe_size, self.workers),
         )
 
     @property

@@ -74,6 +74,50 @@ ENGINES = ("auto", "native", "python")
 PUREPYTHON_ENV = "SPLICEGATE_PUREPYTHON"
 
 
+def default_max_pipes(pipe_size: int, processes: int = 1) -> int:
+    """The native engine's pipe cap: this process's share of the per-user pipe quota
+    (fs.pipe-user-pages-soft, in pages). Past the quota the kernel hands out one-page pipes,
+    so pipes beyond it would splice a page at a time; ``--workers`` processes split it."""
+    try:
+        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+            pages = int(f.read())
+    except (OSError, ValueError):
+        pages = 16384
+    if pages <= 0:  # no quota
+        return 4096
+    quota = pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096)
+    return max(1, quota // max(1, processes))
+
+
+#: Capability bit that lets a process size a pipe past fs.pipe-max-size.
+CAP_SYS_RESOURCE = 24
+
+
+def usable_pipe_size(requested: int) -> int:
+    """The pipe size the kernel will grant: past fs.pipe-max-size only a process with
+    CAP_SYS_RESOURCE may go, and every other one's F_SETPIPE_SZ fails and leaves the pipe at
+    its 64 KiB default. Asking for the limit instead, and saying so once, keeps the big
+    pipes the operator meant rather than silently sixteen times smaller ones."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            limit = int(f.read())
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+        privileged = bool(int(caps.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, StopIteration):
+        return requested  # nothing to go by: let the kernel decide
+    if requested <= limit or privileged:
+        return requested
+    log.warning(
+        "--pipe-size %d is above fs.pipe-max-size (%d), which only a privileged process may "
+        "pass: pipes get %d bytes (raise fs.pipe-max-size for more)",
+        requested,
+        limit,
+        limit,
+    )
+    return limit
+
+
 def native_engine_error() -> str | None:
     """Why the native engine cannot load, or None when it can."""
     if os.environ.get(PUREPYTHON_ENV, "") not in ("", "0"):
