@@ -923,9 +923,15 @@ cdef class NativeEngine:
         _running.discard(self)
 
     def shutdown(self, double deadline):
-        """Stop taking tunnels; active ones get until ``deadline`` (time.monotonic())."""
+        """Stop taking tunnels; active ones get until ``deadline`` (time.monotonic()).
+        Called again while the first call waits, it closes what is left at once."""
         self.closing = True
         if self.closed:
+            return
+        if self.drained is not None:  # a drain in progress: cut it short
+            if self.callbacks:
+                self._command(CMD_CLOSE_ALL)
+            self.drained.wait(timeout=10)
             return
         if self.threads_started:
             self.drained = Event()

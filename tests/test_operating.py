@@ -324,6 +324,44 @@ def test_sigterm_closes_what_is_left_at_the_drain_deadline() -> None:
         proc.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_a_second_sigterm_ends_the_drain_at_once(workers: int) -> None:
+    """An operator who will not wait out --drain-timeout signals again: the open tunnels
+    close now (reason shutdown), and the process exits 0. Under --workers the supervisor
+    passes the second signal on."""
+    extra = ["--workers", str(workers)] if workers > 1 else []
+    proc = ProxyProcess(
+        *LOOPBACK,
+        *ANY_PORT,
+        "--drain-timeout",
+        "3600",
+        "--access-log",
+        "-",
+        *extra,
+        listen=[f"127.0.0.1:{free_port()}"],
+    )
+    try:
+        if workers > 1:
+            proc.wait_for_log(f"all {workers} workers ready")
+        with origin(echo) as srv:
+            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"open")
+            assert reply.status == 200 and recv_exactly(sock, 4) == b"open"
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.wait_for_log("stop again to close them now")
+            sock.sendall(b"still")  # the drain keeps the tunnel working
+            assert recv_exactly(sock, 5) == b"still"
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(WAIT) == 0
+            sock.settimeout(WAIT)
+            assert recv_until_eof(sock) == b""
+            sock.close()
+        log = proc.log()
+        assert "closing the open tunnels now" in log
+        assert "reason=shutdown" in log
+    finally:
+        proc.stop()
+
+
 # --- SIGHUP: reload -----------------------------------------------------------------------
 
 

@@ -514,6 +514,29 @@ def test_shutdown_returns_once_tunnels_finish(make_rig: Any) -> None:
     rig.engine.shutdown(time.monotonic() + 30)  # nothing left: returns at once
 
 
+def test_a_second_shutdown_cuts_a_drain_short(make_rig: Any) -> None:
+    """The operator's second SIGTERM: while one greenlet drains with an hour to go, a
+    second call closes what is left at once, and both calls return."""
+    rig = make_rig()
+    tunnels = [rig.open() for _ in range(3)]
+    exchange(tunnels[0], b"", b"")  # one ends on its own first
+    started = time.monotonic()
+    draining = gevent.spawn(rig.engine.shutdown, started + 3600)
+    gevent.sleep(0.2)
+    assert not draining.ready()
+    assert not any(t.done.ready() for t in tunnels[1:])  # the drain waits for them
+    rig.engine.shutdown(time.monotonic())
+    draining.get(timeout=WAIT)
+    assert time.monotonic() - started < WAIT
+    for t in tunnels[1:]:
+        record = t.record()
+        assert (record.reason, record.first_closer) == ("shutdown", "proxy")
+        assert drain(t.client) == (0, EMPTY_SHA)
+        assert drain(t.origin) == (0, EMPTY_SHA)
+    assert tunnels[0].record().reason == "eof"
+    assert rig.engine.stats()["active"] == 0
+
+
 def test_an_on_done_exception_is_logged_not_raised(
     make_rig: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,8 +2,9 @@
 
 Signal handlers only record what was asked and wake the loop; the loop acts, one thing at
 a time, in a greenlet (gunicorn's arbiter works the same way): SIGTERM or SIGINT stops
-accepting and drains, SIGHUP reloads the settings, SIGUSR1 reopens the access log. The
-CLI runs this for a single process, and each ``--workers`` process runs it too.
+accepting and drains, a second one ends the drain at once, SIGHUP reloads the settings,
+SIGUSR1 reopens the access log. The CLI runs this for a single process, and each
+``--workers`` process runs it too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ class Signals:
         self.wake.wait(timeout)
         self.wake.clear()
 
+    def on_second_stop(self, act: Callable[..., None], *args: object) -> None:
+        """While a drain runs (in another greenlet): a second SIGTERM or SIGINT means the
+        operator will not wait, so ``act`` ends it now."""
+        while not self.take("stop"):
+            self.wait()
+        log.warning("stop signal while draining: closing the open tunnels now")
+        act(*args)
+
 
 def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
     """Run a proxy until SIGTERM/SIGINT, then drain for ``config.drain_timeout`` and
@@ -89,8 +98,15 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         if signals.take("reopen") and server.access_log is not None:
             server.access_log.reopen()
     notify("STOPPING=1")
-    log.info("stopping: no new connections; open tunnels get %g s", server.config.drain_timeout)
-    server.stop()
+    log.info(
+        "stopping: no new connections; open tunnels get %g s (stop again to close them now)",
+        server.config.drain_timeout,
+    )
+    impatient = gevent.spawn(signals.on_second_stop, server.hurry)
+    try:
+        server.stop()
+    finally:
+        impatient.kill()
     log.info("stopped")
     return 0
 

@@ -385,8 +385,11 @@ class PythonEngine:
         self._closing = True
         if not self._tunnels:
             return
-        if self._drained is None:
-            self._drained = Event()
+        if self._drained is not None:  # a drain in progress: cut it short
+            self._close_all()
+            self._drained.wait()
+            return
+        self._drained = Event()
         timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
         timer.start(self._close_all)
         try:

@@ -63,7 +63,9 @@ class Engine(Protocol):
     def shutdown(self, deadline: float) -> None:
         """Stop taking tunnels; let active ones finish until ``deadline`` (a
         ``time.monotonic()`` value), then close the rest with reason ``shutdown``. Blocks
-        the calling greenlet until every tunnel's ``on_done`` has run."""
+        the calling greenlet until every tunnel's ``on_done`` has run. A second call, from
+        another greenlet while the first waits, closes the rest at once (an operator's
+        second SIGTERM)."""
 
 
 ENGINES = ("auto", "native", "python")

@@ -109,6 +109,7 @@ class ProxyServer:
         self.admin: AdminServer | None = None
         #: set when stop() begins: /healthz says 503 while tunnels drain
         self.draining = False
+        self._stop_deadline = float("inf")
         self._observer: gevent.Greenlet | None = None
         self._configure(self.config)
         self._servers: list[Acceptor] = []
@@ -183,17 +184,18 @@ class ProxyServer:
         self._stopped.wait()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting; give handlers and tunnels ``timeout`` seconds, then close them."""
+        """Stop accepting; give handlers and tunnels ``timeout`` seconds, then close them.
+        :meth:`hurry`, from another greenlet, cuts that time short."""
         if timeout is None:
             timeout = self.config.drain_timeout
-        deadline = time.monotonic() + timeout
+        self._stop_deadline = time.monotonic() + timeout
         self.draining = True
         self._close_listeners()
-        self._pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._pool.join(timeout=max(0.0, self._stop_deadline - time.monotonic()))
         self._pool.kill(block=True, timeout=1)
         self.resolver.close()
         if self.engine is not None:
-            self.engine.shutdown(deadline)
+            self.engine.shutdown(self._stop_deadline)
         if self._observer is not None:
             self._observer.kill()
             assert self.engine is not None
@@ -203,6 +205,17 @@ class ProxyServer:
         if self.access_log is not None:
             self.access_log.close()  # every line of the tunnels just closed is written
         self._stopped.set()
+
+    def hurry(self) -> None:
+        """End a drain now: requests still being handled are dropped, open tunnels closed
+        (reason ``shutdown``). For the operator who will not wait, as nginx's second signal
+        or gunicorn's SIGQUIT; a no-op unless :meth:`stop` runs."""
+        if not self.draining:
+            return
+        self._stop_deadline = time.monotonic()
+        self._pool.kill(block=False)
+        if self.engine is not None:
+            self.engine.shutdown(self._stop_deadline)
 
     def _close_listeners(self) -> None:
         for server in self._servers:

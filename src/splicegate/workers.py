@@ -9,8 +9,9 @@ supervisor's greenlets or admin socket, and prometheus_client sees
 
 The supervisor serves ``--admin`` for the whole daemon (the workers' metrics added up from
 that directory), restarts a worker that dies (waiting longer each time one dies young),
-and passes SIGHUP and SIGUSR1 on; SIGTERM and SIGINT go on to the workers, which drain, and
-the supervisor exits 0 once they have. Workers tell it they are ready the way it tells
+and passes SIGHUP and SIGUSR1 on; SIGTERM and SIGINT go on to the workers, which drain (a
+second one, passed on too, ends their drain at once), and the supervisor exits 0 once they
+have. Workers tell it they are ready the way it tells
 systemd: ``READY=1`` datagrams, to a socket of its own in their ``NOTIFY_SOCKET``.
 """
 
@@ -102,8 +103,16 @@ class Supervisor:
             self.draining = True
             notify("STOPPING=1")
             drain = self.config.drain_timeout
-            log.info("stopping: the workers stop accepting; open tunnels get %g s", drain)
-            ok = self._stop_workers(signal.SIGTERM, time.monotonic() + drain + 10)
+            log.info(
+                "stopping: the workers stop accepting; open tunnels get %g s "
+                "(stop again to close them now)",
+                drain,
+            )
+            impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGTERM)
+            try:
+                ok = self._stop_workers(signal.SIGTERM, time.monotonic() + drain + 10)
+            finally:
+                impatient.kill()
             log.info("stopped")
             return 0 if ok else 1
         except OSError as exc:
