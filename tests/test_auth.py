@@ -16,8 +16,11 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -36,7 +39,7 @@ from proxyproc import (
 )
 from splicegate import auth
 from splicegate.config import Config
-from splicegate.errors import AuthRequired, render
+from splicegate.errors import AuthRequired, OverCapacity, render
 from splicegate.request import Request, parse_head
 
 CHEAP = auth.Params(16, 1, 1)
@@ -260,6 +263,39 @@ def test_hashing_runs_off_the_hub(users: Path) -> None:
     gevent.spawn(other).join(WAIT)
     checker.join(WAIT)
     assert order == ["other ran", "hash done"]
+
+
+def test_a_flooded_hashing_pool_answers_503_not_an_endless_queue(
+    authenticator: auth.Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of guesses (each an expensive hash) must not queue requests without end:
+    past ``hash_wait`` the request gets a 503 with Retry-After, and the queued job skips
+    its hash when its turn comes, so the flood costs nothing more once it has given up."""
+    pool = auth._hash_pool()
+    release = threading.Event()
+    blockers = [pool.spawn(release.wait, WAIT) for _ in range(pool.maxsize)]
+    hashed: list[bytes] = []
+    real_scrypt = auth._scrypt
+
+    def counting_scrypt(*args: Any) -> bytes:
+        hashed.append(args[0])
+        return real_scrypt(*args)
+
+    monkeypatch.setattr(auth, "_scrypt", counting_scrypt)
+    monkeypatch.setattr(authenticator, "hash_wait", 0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OverCapacity) as refused:
+            authenticator.check(with_auth(basic("alice", "guess")))
+        assert time.monotonic() - started < WAIT
+        assert refused.value.headers() == [("Retry-After", "1")]
+        assert "overloaded" in str(refused.value)
+    finally:
+        release.set()
+        gevent.joinall(blockers, timeout=WAIT)
+    # the pool is free again: the same user gets in, and the abandoned guess was never hashed
+    assert authenticator.check(with_auth(basic("alice", "wonderland"))) == "alice"
+    assert hashed == [b"wonderland"]
 
 
 def test_reload_rereads_only_a_changed_file(

@@ -49,7 +49,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from splicegate.errors import AuthRequired
+from gevent import Timeout
+
+from splicegate.errors import AuthRequired, OverCapacity
 from splicegate.request import Request
 
 log = logging.getLogger("splicegate")
@@ -106,6 +108,13 @@ def _scrypt(password: bytes, salt: bytes, params: Params, length: int) -> bytes:
         maxmem=params.memory * 2 + (1 << 20),  # OpenSSL wants a little over 128*N*r
         dklen=length,
     )
+
+
+def _scrypt_by(deadline: float, password: bytes, target: Record, length: int) -> bytes | None:
+    """The hash, unless the request has given up waiting for it by now."""
+    if time.monotonic() > deadline:
+        return None
+    return _scrypt(password, target.salt, target.params, length)
 
 
 def hash_password(password: str, params: Params = DEFAULT_PARAMS) -> str:
@@ -224,6 +233,8 @@ class Authenticator:
     cache_seconds = 60.0
     #: most credentials remembered; the oldest go first
     cache_size = 10_000
+    #: longest a request waits for the hashing pool (queue and hash): past it, a 503
+    hash_wait = 5.0
 
     def __init__(self, path: str, realm: str = "splicegate") -> None:
         self.path = path
@@ -277,7 +288,19 @@ class Authenticator:
         if record is not None and self._cached(user, mac):
             return user
         target = record or self._dummy
-        key = _hash_pool().apply(_scrypt, (password, target.salt, target.params, len(target.key)))
+        deadline = time.monotonic() + self.hash_wait
+        job = _hash_pool().spawn(_scrypt_by, deadline, password, target, len(target.key))
+        try:
+            key = job.get(timeout=max(0.0, deadline - time.monotonic()))
+        except Timeout:
+            key = None
+        if key is None:
+            # A flood of guesses fills the pool: refuse as over capacity rather than queue
+            # without end; the job, when its turn comes, sees the deadline and skips the hash.
+            raise OverCapacity(
+                "proxy authentication is overloaded; try again shortly",
+                details="password hashing queue full",
+            )
         # Both branches compare, so an unknown user does the same work as a known one.
         matches = hmac.compare_digest(key, target.key)
         if record is None or not matches:
