@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,25 @@ def test_access_log_json_one_line_per_outcome_with_byte_counts(
             assert (e["bytes_up"], e["bytes_down"], e["first_closer"], e["reason"]) == (
                 0, 0, None, None,
             )  # fmt: skip
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_client_that_resets_mid_request_gets_a_499_line(tmp_path: Path) -> None:
+    """No one is left to answer, but the line says someone asked, as nginx's 499 does."""
+    path = tmp_path / "access.log"
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json")
+    try:
+        with socket.create_connection(proc.address, timeout=WAIT) as sock:
+            sock.sendall(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0")  # no end of head
+            time.sleep(0.2)  # the proxy has it, and waits for the rest
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        (line,) = log_lines(path, 1)
+        entry = json.loads(line)
+        assert (entry["status"], entry["error"], entry["method"]) == (499, None, None)
+        assert entry["client"] == "127.0.0.1" and entry["bytes_up"] == 0
+        assert 150 <= entry["duration_ms"] < WAIT * 1000
+        assert "left before the answer" in proc.log()
     finally:
         assert proc.stop() == 0
 

@@ -48,6 +48,10 @@ log = logging.getLogger("splicegate")
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
+#: The status logged for a request whose client left before its answer (nginx's 499).
+CLIENT_GONE = 499
+
+
 @dataclass(slots=True)
 class Attempt:
     """What is known about one CONNECT as it goes; the access-log line is made from it."""
@@ -237,7 +241,7 @@ class ProxyServer:
         except ProxyError as err:
             self._refuse(sock, attempt, err)
         except OSError as exc:
-            log.debug("client %s gone: %s", show_address(address), exc)
+            self._client_gone(attempt, exc.strerror or str(exc))
         except Exception:
             log.exception("internal error serving %s", show_address(address))
             self._refuse(sock, attempt, InternalError("internal proxy error; see the proxy log"))
@@ -360,6 +364,20 @@ class ProxyServer:
                 record.duration_s,
             )
         self._finished(attempt, record)
+
+    def _client_gone(self, attempt: Attempt, why: str) -> None:
+        """The connection broke before the answer (the client reset it mid-head, or while
+        we dialled): no one to answer, but the line still says what was asked and what it
+        cost, with nginx's 499 "client closed request". (A client that closes mid-head
+        gets its 400 on the half it left open, through the refusal path.)"""
+        attempt.status, attempt.error = CLIENT_GONE, None
+        self._finished(attempt, None)
+        log.info(
+            "client %s left before the answer (%s): %s",
+            _show_client(attempt),
+            attempt.target or "-",
+            why,
+        )
 
     def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
         """Answer, then close in stages so the answer is read rather than reset away."""
