@@ -1,5 +1,6 @@
-"""Measurements bench/run.py and bench/peers.py share: a stream with the proxy's CPU per GiB,
-and the memory a proxy holds per idle tunnel. Each report keeps its own labels and notes."""
+"""Measurements bench/run.py and bench/peers.py share: the CONNECT rate with the proxy's CPU,
+a stream with the proxy's CPU per GiB, the memory a proxy holds per idle tunnel, and the
+command-line options that set them. Each report keeps its own labels and notes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from loadgen import (
     IdleOpened,
     IdleRun,
     RateResult,
+    RateRun,
     run_multi_stream,
     run_stream,
     warm_up,
@@ -135,6 +137,92 @@ def hold_idle(proxy: Measured, echo: Address, args: argparse.Namespace) -> IdleH
     finally:
         run.kill()
     return IdleHold(rest, fds_rest, held, fds_held, opened, closed)
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark of proxies against the direct path takes."""
+    parser.add_argument("--runs", type=int, default=3, help="runs; each figure is the median")
+    parser.add_argument("--duration", type=float, default=10.0, help="rate test seconds")
+    parser.add_argument("--concurrency", type=int, default=50, help="rate test loops")
+    parser.add_argument(
+        "--client-procs", type=int, default=1, help="processes the rate loops are split over"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="throughput window seconds")
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="throughput warm-up before the window"
+    )
+    parser.add_argument("--file-mib", type=int, default=32, help="size of the sendfile file")
+    parser.add_argument(
+        "--streams", type=int, default=8, help="streams side by side in the multi-stream part"
+    )
+    parser.add_argument(
+        "--idle-tunnels", type=int, default=2000, help="idle tunnels held in the idle part"
+    )
+    parser.add_argument(
+        "--idle-warmup",
+        type=float,
+        default=1.0,
+        help="idle part: seconds of tunnels one at a time before the at-rest reading",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="rate and idle tests: bound on each socket step"
+    )
+
+
+def check_measure_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.runs < 1 or args.duration <= 0 or args.seconds <= 0 or args.concurrency < 1:
+        parser.error("--runs, --duration, --seconds and --concurrency must be positive")
+    if args.streams < 1 or args.idle_tunnels < 1 or args.idle_warmup < 0:
+        parser.error("--streams and --idle-tunnels must be positive, --idle-warmup not negative")
+
+
+def rate(
+    samples: Samples,
+    notes: list[str],
+    key: str,
+    proxy: Measured | None,
+    echo: Address,
+    origin_pid: int,
+    args: argparse.Namespace,
+) -> tuple[str, RateResult]:
+    """``--concurrency`` CONNECT + echo + close loops through ``proxy`` (or direct) for
+    ``--duration`` s, with the CPU of the proxy, the origin and the load generator over
+    exactly that window; recorded under ``key`` (see :func:`record_rate`)."""
+    run = RateRun(
+        proxy.address if proxy else None,
+        echo,
+        args.concurrency,
+        args.duration,
+        args.client_procs,
+        args.timeout,
+    )
+    try:
+        time.sleep(max(0.0, run.start_at - time.time()))
+        p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+        o0 = cpu_seconds_tree(origin_pid)
+        time.sleep(max(0.0, run.end_at - time.time()))
+        p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
+        o1 = cpu_seconds_tree(origin_pid)
+        result = run.collect()
+    finally:
+        run.kill()
+    if result.late_s > 0.5:
+        notes.append(
+            f"a rate load generator ({key}) started {result.late_s:.1f} s late; "
+            "its loops ran that much less of the window"
+        )
+    text = record_rate(
+        samples,
+        notes,
+        key,
+        result,
+        100 * (p1 - p0) / args.duration if proxy else None,
+        {
+            "rate_cpu_client": 100 * result.cpu_s / args.duration,
+            "rate_cpu_origin": 100 * (o1 - o0) / args.duration,
+        },
+    )
+    return text, result
 
 
 def record_rate(

@@ -61,11 +61,10 @@ from typing import IO, Protocol
 
 import loadgen
 import measure
-from loadgen import ESTABLISHED_ENV, PAYLOAD, RateRun
+from loadgen import ESTABLISHED_ENV, PAYLOAD
 from measure import IDLE_SETTLE_S
 from origin import Origin
 from procs import (
-    cpu_seconds_tree,
     describe_machine,
     describe_source,
     engine_available,
@@ -806,25 +805,9 @@ class Bench:
     # -- one measurement each
 
     def rate(self, key: str, proxy: Running | None) -> str:
-        args = self.args
-        run = RateRun(
-            proxy.address if proxy else None,
-            self.origin.echo,
-            args.concurrency,
-            args.duration,
-            args.client_procs,
-            args.timeout,
+        text, result = measure.rate(
+            self.samples, self.notes, key, proxy, self.origin.echo, self.origin.pid, self.args
         )
-        try:
-            time.sleep(max(0.0, run.start_at - time.time()))
-            p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-            time.sleep(max(0.0, run.end_at - time.time()))
-            p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-            result = run.collect()
-        finally:
-            run.kill()
-        proxy_cpu = 100 * (p1 - p0) / args.duration if proxy else None
-        text = measure.record_rate(self.samples, self.notes, key, result, proxy_cpu)
         if not result.completed:
             raise RuntimeError(f"no loop completed; first error: {result.first_error}")
         return text
@@ -1428,24 +1411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=",".join(PARTS), help=f"parts, comma-separated, of: {','.join(PARTS)}"
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs; each figure is the median")
-    parser.add_argument("--duration", type=float, default=10.0, help="rate test seconds")
-    parser.add_argument("--concurrency", type=int, default=50, help="rate test loops")
-    parser.add_argument(
-        "--client-procs", type=int, default=1, help="processes the rate loops are split over"
-    )
-    parser.add_argument("--seconds", type=float, default=2.0, help="throughput window seconds")
-    parser.add_argument("--warmup", type=float, default=0.5, help="throughput warm-up seconds")
-    parser.add_argument("--file-mib", type=int, default=32, help="size of the sendfile file")
-    parser.add_argument("--streams", type=int, default=8, help="streams side by side")
-    parser.add_argument("--idle-tunnels", type=int, default=2000, help="idle tunnels held")
-    parser.add_argument(
-        "--idle-warmup",
-        type=float,
-        default=1.0,
-        help="idle part: seconds of tunnels one at a time before 'at rest'",
-    )
-    parser.add_argument("--timeout", type=float, default=5.0, help="bound on each socket step")
+    measure.add_measure_arguments(parser)
     parser.add_argument(
         "--error-wait",
         type=float,
@@ -1474,8 +1440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--peers takes some of {','.join(PATHS)}, not {args.peers!r}")
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--only takes some of {','.join(PARTS)}, not {args.only!r}")
-    if args.runs < 1 or args.duration <= 0 or args.seconds <= 0 or args.concurrency < 1:
-        parser.error("--runs, --duration, --seconds and --concurrency must be positive")
+    measure.check_measure_arguments(parser, args)
     if not ipaddress.ip_address(args.dns_host).is_loopback:
         parser.error("--dns-host must be a loopback address")
     args.paths = [p for p in PATHS if p in paths]

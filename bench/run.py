@@ -36,12 +36,17 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from loadgen import RateRun
-from measure import IDLE_SETTLE_S, hold_idle, record_rate, transfer
+from measure import (
+    IDLE_SETTLE_S,
+    add_measure_arguments,
+    check_measure_arguments,
+    hold_idle,
+    rate,
+    transfer,
+)
 from origin import Origin
 from procs import (
     Proxy,
-    cpu_seconds_tree,
     describe_machine,
     describe_source,
     engine_available,
@@ -110,50 +115,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="parts to run, comma-separated: rate (CONNECT rate), stream (single-stream "
         "throughput), streams8 (--streams streams side by side), idle (memory per tunnel)",
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="rate test seconds")
-    parser.add_argument("--seconds", type=float, default=2.0, help="throughput window seconds")
-    parser.add_argument(
-        "--warmup", type=float, default=0.5, help="throughput warm-up before the window"
-    )
-    parser.add_argument("--runs", type=int, default=3, help="runs; each figure is the median")
-    parser.add_argument("--concurrency", type=int, default=50, help="rate test loops")
-    parser.add_argument(
-        "--client-procs", type=int, default=1, help="processes the rate loops are split over"
-    )
-    parser.add_argument("--file-mib", type=int, default=32, help="size of the sendfile file")
-    parser.add_argument(
-        "--streams", type=int, default=8, help="streams side by side in the streams8 part"
-    )
-    parser.add_argument(
-        "--idle-tunnels", type=int, default=2000, help="idle tunnels held in the idle part"
-    )
-    parser.add_argument(
-        "--idle-warmup",
-        type=float,
-        default=1.0,
-        help="idle part: seconds of tunnels one at a time before the at-rest reading",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, help="rate test: bound on each socket step"
-    )
+    add_measure_arguments(parser)
     parser.add_argument(
         "--results-dir", type=Path, default=BENCH / "results", help="where the report goes"
     )
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.duration <= 0 or args.seconds <= 0 or args.concurrency < 1:
-        parser.error("--runs, --duration, --seconds and --concurrency must be positive")
-    if args.streams < 1 or args.idle_tunnels < 1 or args.idle_warmup < 0:
-        parser.error("--streams and --idle-tunnels must be positive, --idle-warmup not negative")
+    check_measure_arguments(parser, args)
     only = [part.strip() for part in args.only.split(",") if part.strip()]
     unknown = sorted(set(only) - set(PARTS))
     if unknown or not only:
         parser.error(f"--only takes some of {','.join(PARTS)}, not {args.only!r}")
     args.parts = [part for part in PARTS if part in only]
     return args
-
-
-def sleep_until(when: float) -> None:
-    time.sleep(max(0.0, when - time.time()))
 
 
 class Bench:
@@ -190,38 +163,10 @@ class Bench:
             )
 
     def rate(self, column: str, proxy: Proxy | None) -> str:
-        args = self.args
-        address = proxy.address if proxy else None
-        run = RateRun(
-            address, self.origin.echo, args.concurrency, args.duration, args.client_procs,
-            args.timeout,
-        )  # fmt: skip
-        try:
-            sleep_until(run.start_at)
-            p0 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-            o0 = cpu_seconds_tree(self.origin.pid)
-            sleep_until(run.end_at)
-            p1 = cpu_seconds_tree(proxy.pid) if proxy else 0.0
-            o1 = cpu_seconds_tree(self.origin.pid)
-            result = run.collect()
-        finally:
-            run.kill()
-        if result.late_s > 0.5:
-            self.notes.append(
-                f"a rate load generator ({column}) started {result.late_s:.1f} s late; "
-                "its loops ran that much less of the window"
-            )
-        return record_rate(
-            self.samples,
-            self.notes,
-            column,
-            result,
-            100 * (p1 - p0) / args.duration if proxy else None,
-            {
-                "rate_cpu_client": 100 * result.cpu_s / args.duration,
-                "rate_cpu_origin": 100 * (o1 - o0) / args.duration,
-            },
+        text, _ = rate(
+            self.samples, self.notes, column, proxy, self.origin.echo, self.origin.pid, self.args
         )
+        return text
 
     def stream(self, direction: str, column: str, proxy: Proxy | None) -> str:
         return transfer(self.samples, direction, column, proxy, self.origin.stream, self.args)
