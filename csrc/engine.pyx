@@ -32,7 +32,9 @@ import weakref
 import gevent
 from gevent.event import Event
 
-from splicegate.relay import RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size
+from splicegate.relay import (
+    RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size,
+)
 
 log = logging.getLogger("splicegate")
 
@@ -659,17 +661,17 @@ cdef void* worker_main(void* arg) noexcept nogil:
 
 
 cdef void forget_tunnel(Tunnel* t) noexcept nogil:
-    """A parent's tunnel, in a forked child: close this process's copies of its fds and free
-    it, without a word to either peer (the parent still relays it)."""
+    """A parent's tunnel, in a forked child: close this process's copies of its fds, without
+    a word to either peer (the parent still relays it). Nothing is freed: the fork may have
+    caught a relay thread mid-change (a tunnel at two heap slots during a swap, a pipe both
+    pooled and still a tunnel's), and a double free would abort the child; the copies are
+    the child's to leak."""
     cdef int side
     for side in range(2):
         close(t.fd[side])
         if t.dir[side].pipe != NULL:
             close(t.dir[side].pipe.rfd)
             close(t.dir[side].pipe.wfd)
-            free(t.dir[side].pipe)
-        free(t.dir[side].buf)
-    free(t)
 
 
 # --- the engine, in the hub ---------------------------------------------------------------
@@ -698,6 +700,8 @@ cdef class NativeEngine:
     cdef object callbacks
     cdef object watcher
     cdef object drained
+    cdef object stopped         # set when a shutdown() call has finished its work
+    cdef int allocated          # workers allocated; nworkers may be fewer if threads failed
     cdef object __weakref__
 
     name = "native"
@@ -707,7 +711,8 @@ cdef class NativeEngine:
         self.core.done_fd = -1
         pthread_mutex_init(&self.core.done_lock, NULL)
 
-    def __init__(self, timeouts=None, threads=None, pipe_size=None, max_pipes=None):
+    def __init__(self, timeouts=None, threads=None, pipe_size=None, max_pipes=None,
+                 processes=1):
         cdef int i
         timeouts = timeouts or RelayTimeouts()
         pipe_size = int(pipe_size or DEFAULT_PIPE_SIZE)
@@ -720,7 +725,8 @@ cdef class NativeEngine:
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
         self.core.pipe_size = usable_pipe_size(pipe_size)
-        self.core.max_pipes = int(max_pipes) if max_pipes else default_max_pipes(pipe_size)
+        self.core.max_pipes = (int(max_pipes) if max_pipes
+                               else default_max_pipes(self.core.pipe_size, processes))
         # Idle pools may hold a quarter of the cap between them, so that pipes one thread
         # keeps for later never push another thread's live transfer onto the copy path.
         self.core.pool_keep = max(1, min(POOL_KEEP, self.core.max_pipes // (4 * threads)))
@@ -728,7 +734,7 @@ cdef class NativeEngine:
         self.workers = <Worker*>calloc(threads, sizeof(Worker))
         if self.workers == NULL:
             raise MemoryError()
-        self.nworkers = threads
+        self.nworkers = self.allocated = threads
         for i in range(threads):
             self.workers[i].core = &self.core
             self.workers[i].epfd = -1
@@ -786,6 +792,7 @@ cdef class NativeEngine:
         if started == 0:
             raise OSError(EAGAIN, "cannot start a relay thread")
         self.nworkers = started
+        self.next_worker = 0
         self.threads_started = True
         _running.add(self)
 
@@ -924,30 +931,37 @@ cdef class NativeEngine:
 
     def shutdown(self, double deadline):
         """Stop taking tunnels; active ones get until ``deadline`` (time.monotonic()).
-        Called again while the first call waits, it closes what is left at once."""
+        Called again while the first call waits, it closes what is left at once and waits
+        for the first call to finish."""
         self.closing = True
         if self.closed:
             return
-        if self.drained is not None:  # a drain in progress: cut it short
-            if self.callbacks:
+        if self.stopped is not None:  # another greenlet's shutdown waits: cut it short
+            if self.callbacks and self.threads_started:
                 self._command(CMD_CLOSE_ALL)
-            self.drained.wait(timeout=10)
+            self.stopped.wait(timeout=30)
             return
-        if self.threads_started:
-            self.drained = Event()
-            if self.callbacks:
-                self.drained.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if self.callbacks:
-                self._command(CMD_CLOSE_ALL)
-                self.drained.wait(timeout=10)
-            self._join_threads()
-            self._on_done_ready()
-            self._release_worker_resources()
-        self.closed = True
-        self.watcher.stop()
-        self.watcher.close()
-        close(self.core.done_fd)
-        self.core.done_fd = -1
+        self.stopped = Event()
+        try:
+            if self.threads_started:
+                self.drained = Event()
+                if self.callbacks:
+                    self.drained.wait(timeout=max(0.0, deadline - time.monotonic()))
+                if self.callbacks:
+                    self._command(CMD_CLOSE_ALL)
+                    self.drained.wait(timeout=10)
+                self._join_threads()
+                self._on_done_ready()
+                self._release_worker_resources()
+            self.closed = True
+            self.watcher.stop()
+            self.watcher.close()
+            close(self.core.done_fd)
+            self.core.done_fd = -1
+        finally:
+            # Killed while waiting (a caller's timeout): a later call starts over.
+            self.stopped.set()
+            self.stopped = None
 
     cdef _release_worker_resources(self):
         cdef int i
@@ -980,6 +994,8 @@ cdef class NativeEngine:
         cdef Tunnel* t
         cdef Pipe* p
         pthread_mutex_init(&self.core.done_lock, NULL)
+        self.nworkers = self.allocated  # the child starts as many threads as were asked for
+        self.next_worker = 0
         for i in range(self.nworkers):
             w = &self.workers[i]
             pthread_mutex_init(&w.lock, NULL)
@@ -996,7 +1012,6 @@ cdef class NativeEngine:
                 w.free_pipes = p.next
                 close(p.rfd)
                 close(p.wfd)
-                free(p)
             w.free_count = 0
             w.heap_len = 0
             # The parent's tunnels on these lists are gone here: never pump or report them.
@@ -1009,6 +1024,7 @@ cdef class NativeEngine:
         self.core.pipes_total = self.core.pipes_in_use = 0
         self.core.done_head = NULL
         self.callbacks.clear()
+        self.drained = self.stopped = None  # a parent's shutdown in progress is not ours
         if not self.closed:
             self.watcher.stop()
             close(self.core.done_fd)

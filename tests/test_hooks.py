@@ -69,6 +69,8 @@ def test_authorize_allows_names_and_refuses(origin: StreamServer) -> None:
         verdict = request.field(b"x-verdict")
         if verdict == b"raise":
             raise DomainDenied("no such place")
+        if verdict == b"backend-down":  # an OSError of the hook's own, not the client's
+            raise ConnectionRefusedError(111, "the policy service is down")
         return {
             None: None,
             b"true": True,
@@ -103,6 +105,9 @@ def test_authorize_allows_names_and_refuses(origin: StreamServer) -> None:
         assert auth.startswith(b"HTTP/1.1 407 ") and b'Basic realm="app"' in auth
         odd = exchange(proxy, target, extra="X-Verdict: odd\r\n")
         assert odd.startswith(b"HTTP/1.1 500 ")  # a hook's mistake is the proxy's fault
+        down = exchange(proxy, target, extra="X-Verdict: backend-down\r\n")
+        assert down.startswith(b"HTTP/1.1 500 ")  # answered, not taken for a client gone
+        assert b"error=proxy_internal_error" in down
         assert len(closed) == 3  # refusals are no tunnels
         assert b"\nsplicegate_tunnels_active 0.0\n" in proxy.metrics.render()
     finally:

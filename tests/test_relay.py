@@ -537,6 +537,29 @@ def test_a_second_shutdown_cuts_a_drain_short(make_rig: Any) -> None:
     assert rig.engine.stats()["active"] == 0
 
 
+def test_a_shutdown_killed_while_it_waits_can_be_done_again(make_rig: Any) -> None:
+    """A caller's timeout may kill shutdown() in its wait; a later call must still close the
+    tunnels and stop the engine, not take the first for still running."""
+    rig = make_rig()
+    tunnels = [rig.open() for _ in range(2)]
+    waiting = gevent.spawn(rig.engine.shutdown, time.monotonic() + 3600)
+    gevent.sleep(0.1)
+    waiting.kill(timeout=WAIT)
+    assert not any(t.done.ready() for t in tunnels)
+    rig.engine.shutdown(time.monotonic())
+    for t in tunnels:
+        assert t.record().reason == "shutdown"
+    assert rig.engine.stats()["active"] == 0
+    client, proxy_client = rig.connect(rig.front)
+    proxy_origin, origin = rig.connect(rig.back)
+    try:
+        with pytest.raises(RuntimeError):  # stopped for good: it takes no more tunnels
+            rig.engine.submit(proxy_client.fileno(), proxy_origin.fileno(), b"", lambda r: None)
+    finally:
+        for sock in (client, proxy_client, proxy_origin, origin):
+            sock.close()
+
+
 def test_an_on_done_exception_is_logged_not_raised(
     make_rig: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

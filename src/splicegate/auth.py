@@ -49,8 +49,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from gevent import Timeout
-
 from splicegate.errors import AuthRequired, OverCapacity
 from splicegate.request import Request
 
@@ -290,10 +288,10 @@ class Authenticator:
         target = record or self._dummy
         deadline = time.monotonic() + self.hash_wait
         job = _hash_pool().spawn(_scrypt_by, deadline, password, target, len(target.key))
-        try:
-            key = job.get(timeout=max(0.0, deadline - time.monotonic()))
-        except Timeout:
-            key = None
+        # wait() rather than get(timeout): a gevent.Timeout a caller set around check()
+        # must reach that caller, not turn into a 503 here.
+        job.wait(timeout=max(0.0, deadline - time.monotonic()))
+        key = job.get() if job.ready() else None
         if key is None:
             # A flood of guesses fills the pool: refuse as over capacity rather than queue
             # without end; the job, when its turn comes, sees the deadline and skips the hash.

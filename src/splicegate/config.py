@@ -25,7 +25,7 @@ from splicegate.policy import (
     parse_network,
     parse_port_spec,
 )
-from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine, default_max_pipes
+from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine
 from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
@@ -522,9 +522,8 @@ class Config:
             threads=self.relay_threads or None,
             pipe_size=self.pipe_size,
             # The cap is the whole server's: --workers processes share the one user quota.
-            max_pipes=max(1, self.max_pipes // self.workers)
-            if self.max_pipes
-            else default_max_pipes(self.pipe_size, self.workers),
+            max_pipes=max(1, self.max_pipes // self.workers) if self.max_pipes else None,
+            processes=self.workers,
         )
 
     @property

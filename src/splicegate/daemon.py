@@ -2,13 +2,15 @@
 
 Signal handlers only record what was asked and wake the loop; the loop acts, one thing at
 a time, in a greenlet (gunicorn's arbiter works the same way): SIGTERM or SIGINT stops
-accepting and drains, a second one ends the drain at once, SIGHUP reloads the settings,
+accepting and drains, a second one or SIGQUIT ends the drain at once (SIGQUIT alone stops
+without one, as gunicorn's does), SIGHUP reloads the settings,
 SIGUSR1 reopens the access log. The CLI runs this for a single process, and each
 ``--workers`` process runs it too.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -34,23 +36,26 @@ class Signals:
     NAMES = {
         signal.SIGTERM: "stop",
         signal.SIGINT: "stop",
+        signal.SIGQUIT: "quit",
         signal.SIGHUP: "reload",
         signal.SIGUSR1: "reopen",
     }
 
     def __init__(self) -> None:
-        self.pending: set[str] = set()
+        # Counted, not a set: two SIGTERMs before the loop looks are a stop and a second
+        # stop (a repeated SIGHUP merely reloads twice).
+        self.pending: collections.Counter[str] = collections.Counter()
         self.wake = Event()
         for signum, name in self.NAMES.items():
             gevent.signal_handler(signum, self._flag, name)
 
     def _flag(self, name: str) -> None:
-        self.pending.add(name)
+        self.pending[name] += 1
         self.wake.set()
 
     def take(self, name: str) -> bool:
-        if name in self.pending:
-            self.pending.discard(name)
+        if self.pending[name] > 0:
+            self.pending[name] -= 1
             return True
         return False
 
@@ -58,10 +63,15 @@ class Signals:
         self.wake.wait(timeout)
         self.wake.clear()
 
+    def stopping(self) -> bool:
+        """A stop asked for: SIGTERM or SIGINT (drain), or SIGQUIT (no drain)."""
+        return self.pending["stop"] > 0 or self.pending["quit"] > 0
+
     def on_second_stop(self, act: Callable[..., None], *args: object) -> None:
-        """While a drain runs (in another greenlet): a second SIGTERM or SIGINT means the
-        operator will not wait, so ``act`` ends it now."""
-        while not self.take("stop"):
+        """While a drain runs (in another greenlet): SIGQUIT, or a second SIGTERM or SIGINT,
+        means the operator will not wait, so ``act`` ends it now."""
+        self.take("stop")  # the one that started the drain
+        while not (self.take("quit") or self.take("stop")):
             self.wait()
         log.warning("stop signal while draining: closing the open tunnels now")
         act(*args)
@@ -88,7 +98,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         log.error("%s", exc)
         return 1
     notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))
-    while not signals.take("stop"):
+    while not signals.stopping():
         signals.wait(1.0 if worker else None)
         if worker and os.getppid() != supervisor:  # it was killed: no one would stop us
             log.warning("the supervisor (pid %d) is gone; stopping", supervisor)

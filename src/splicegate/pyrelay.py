@@ -385,11 +385,10 @@ class PythonEngine:
         self._closing = True
         if not self._tunnels:
             return
-        if self._drained is not None:  # a drain in progress: cut it short
-            self._close_all()
-            self._drained.wait()
-            return
-        self._drained = Event()
+        if self._drained is None:
+            self._drained = Event()
+        # A second call (another greenlet, while the first waits) with an earlier deadline
+        # gets its own timer: the rest close then, in the hub like every other close.
         timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
         timer.start(self._close_all)
         try:

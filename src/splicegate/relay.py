@@ -10,6 +10,7 @@ stay interchangeable and every relay test runs against both.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Callable
@@ -85,31 +86,33 @@ def default_max_pipes(pipe_size: int, processes: int = 1) -> int:
             pages = int(f.read())
     except (OSError, ValueError):
         pages = 16384
-    if pages <= 0:  # no quota
-        return 4096
-    quota = pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096)
+    # No quota (pages <= 0): a cap all the same, against running out of fds.
+    quota = 4096 if pages <= 0 else pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096)
     return max(1, quota // max(1, processes))
 
 
-#: Capability bit that lets a process size a pipe past fs.pipe-max-size.
-CAP_SYS_RESOURCE = 24
-
-
 def usable_pipe_size(requested: int) -> int:
-    """The pipe size the kernel will grant: past fs.pipe-max-size only a process with
-    CAP_SYS_RESOURCE may go, and every other one's F_SETPIPE_SZ fails and leaves the pipe at
-    its 64 KiB default. Asking for the limit instead, and saying so once, keeps the big
-    pipes the operator meant rather than silently sixteen times smaller ones."""
+    """The pipe size the kernel will grant. Past fs.pipe-max-size only a process with
+    CAP_SYS_RESOURCE (in the initial user namespace) may go; any other one's F_SETPIPE_SZ
+    fails and leaves the pipe at its 64 KiB default. So one pipe is tried at that size: on
+    EPERM the engine asks for the limit instead and says so once, keeping the big pipes the
+    operator meant rather than silently sixteen times smaller ones."""
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
             limit = int(f.read())
-        with open("/proc/self/status") as f:
-            caps = next(line for line in f if line.startswith("CapEff:"))
-        privileged = bool(int(caps.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    except (OSError, ValueError, StopIteration):
+    except (OSError, ValueError):
         return requested  # nothing to go by: let the kernel decide
-    if requested <= limit or privileged:
+    if requested <= limit:
         return requested
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, requested)
+        return requested
+    except PermissionError:
+        pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
     log.warning(
         "--pipe-size %d is above fs.pipe-max-size (%d), which only a privileged process may "
         "pass: pipes get %d bytes (raise fs.pipe-max-size for more)",
@@ -138,13 +141,14 @@ def create_engine(
     threads: int | None = None,
     pipe_size: int | None = None,
     max_pipes: int | None = None,
+    processes: int = 1,
 ) -> Engine:
     """The engine ``kind`` asks for: native where it imports (auto), or the one named.
 
     ``--engine native`` fails clearly when the extension cannot load; ``auto`` falls back to
     the pure-Python engine and logs why, so a missing compiler never goes unnoticed. The
-    keyword arguments tune the native engine (None: its defaults); the pure-Python engine
-    has no threads or pipes.
+    keyword arguments tune the native engine (None: its defaults; ``processes``: how many
+    share the per-user pipe quota); the pure-Python engine has no threads or pipes.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
@@ -153,7 +157,7 @@ def create_engine(
         if why is None:
             from splicegate._engine import NativeEngine  # type: ignore[import-not-found]
 
-            return NativeEngine(timeouts, threads, pipe_size, max_pipes)
+            return NativeEngine(timeouts, threads, pipe_size, max_pipes, processes)
         if kind == "native":
             raise RuntimeError(f"the native relay engine cannot be loaded: {why}")
         log.warning("native relay engine unavailable (%s); running the pure-Python engine", why)

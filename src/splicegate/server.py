@@ -52,6 +52,11 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 CLIENT_GONE = 499
 
 
+class ClientGone(Exception):
+    """The client's socket failed (a reset) before the tunnel was handed over: nothing to
+    answer, and not the proxy's fault. Other OSErrors are the proxy's, and get a 500."""
+
+
 @dataclass(slots=True)
 class Attempt:
     """What is known about one CONNECT as it goes; the access-log line is made from it."""
@@ -114,6 +119,7 @@ class ProxyServer:
         #: set when stop() begins: /healthz says 503 while tunnels drain
         self.draining = False
         self._stop_deadline = float("inf")
+        self._engine_draining = False
         self._observer: gevent.Greenlet | None = None
         self._configure(self.config)
         self._servers: list[Acceptor] = []
@@ -199,6 +205,7 @@ class ProxyServer:
         self._pool.kill(block=True, timeout=1)
         self.resolver.close()
         if self.engine is not None:
+            self._engine_draining = True
             self.engine.shutdown(self._stop_deadline)
         if self._observer is not None:
             self._observer.kill()
@@ -216,9 +223,10 @@ class ProxyServer:
         or gunicorn's SIGQUIT; a no-op unless :meth:`stop` runs."""
         if not self.draining:
             return
-        self._stop_deadline = time.monotonic()
+        self._stop_deadline = time.monotonic()  # stop() reads it when it reaches the engine
         self._pool.kill(block=False)
-        if self.engine is not None:
+        if self._engine_draining:  # stop() waits in the engine's shutdown: cut it short
+            assert self.engine is not None
             self.engine.shutdown(self._stop_deadline)
 
     def _close_listeners(self) -> None:
@@ -240,8 +248,8 @@ class ProxyServer:
             handed_off = self._serve(sock, attempt)
         except ProxyError as err:
             self._refuse(sock, attempt, err)
-        except OSError as exc:
-            self._client_gone(attempt, exc.strerror or str(exc))
+        except ClientGone as gone:
+            self._client_gone(attempt, str(gone))
         except Exception:
             log.exception("internal error serving %s", show_address(address))
             self._refuse(sock, attempt, InternalError("internal proxy error; see the proxy log"))
@@ -287,15 +295,17 @@ class ProxyServer:
                     f"made ({exc.strerror or exc})",
                     details=f"closed at once: port {request.port}",
                 ) from None
-            if not NODELAY_INHERITED:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
+            try:
+                if not NODELAY_INHERITED:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                send_all(sock, ESTABLISHED, time.monotonic() + self.config.header_timeout)
+            except OSError as exc:  # Expired too: a client that reads nothing
+                raise ClientGone(exc.strerror or str(exc) or "the 200 could not be sent") from None
         except BaseException:
             origin.close()
             raise
         attempt.status = 200
-        self._hand_off(sock, origin, early, attempt)
-        return True
+        return self._hand_off(sock, origin, early, attempt)
 
     def _read_head(self, sock: socket.socket, deadline: float) -> tuple[Request, bytes] | None:
         """The request and the bytes after it, or None if the client left without one.
@@ -315,6 +325,8 @@ class ProxyServer:
                     f"the request head was not complete within {timeout:g} s",
                     details=f"head not complete in {timeout:g} s",
                 ) from None
+            except OSError as exc:
+                raise ClientGone(exc.strerror or str(exc)) from None
             event = parser.next_event()
         if event is CLOSED:
             return None
@@ -332,7 +344,8 @@ class ProxyServer:
 
     def _hand_off(
         self, sock: socket.socket, origin: socket.socket, early: bytes, attempt: Attempt
-    ) -> None:
+    ) -> bool:
+        """Give both sockets to the engine; True once it owns them."""
         client_fd = sock.detach()
         origin_fd = origin.detach()
 
@@ -343,11 +356,19 @@ class ProxyServer:
         try:
             assert self.engine is not None
             self.engine.submit(client_fd, origin_fd, early, on_done)
-        except BaseException:
+        except BaseException as exc:
             os.close(client_fd)
             os.close(origin_fd)
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # The 200 is out, so no error answer can follow: the client sees the tunnel
+            # close; the log says why, and the line has the proxy's error.
+            log.exception("the relay engine did not take the tunnel to %s", attempt.target)
+            attempt.error = "proxy_internal_error"
+            self._finished(attempt, None)
+            return False
         self._observe_times(attempt)
+        return True
 
     def tunnel_finished(self, attempt: Attempt, record: TunnelRecord) -> None:
         """Called in the hub once both sockets of a tunnel are closed."""
@@ -366,10 +387,10 @@ class ProxyServer:
         self._finished(attempt, record)
 
     def _client_gone(self, attempt: Attempt, why: str) -> None:
-        """The connection broke before the answer (the client reset it mid-head, or while
-        we dialled): no one to answer, but the line still says what was asked and what it
-        cost, with nginx's 499 "client closed request". (A client that closes mid-head
-        gets its 400 on the half it left open, through the refusal path.)"""
+        """The client's connection broke before its answer (a reset mid-head, or before the
+        200 could be sent): no one to answer, but the line still says what was asked and
+        what it cost, with nginx's 499 "client closed request". (A client that closes
+        mid-head gets its 400 on the half it left open, through the refusal path.)"""
         attempt.status, attempt.error = CLIENT_GONE, None
         self._finished(attempt, None)
         log.info(

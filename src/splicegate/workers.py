@@ -9,10 +9,12 @@ supervisor's greenlets or admin socket, and prometheus_client sees
 
 The supervisor serves ``--admin`` for the whole daemon (the workers' metrics added up from
 that directory), restarts a worker that dies (waiting longer each time one dies young),
-and passes SIGHUP and SIGUSR1 on; SIGTERM and SIGINT go on to the workers, which drain (a
-second one, passed on too, ends their drain at once), and the supervisor exits 0 once they
-have. Workers tell it they are ready the way it tells
-systemd: ``READY=1`` datagrams, to a socket of its own in their ``NOTIFY_SOCKET``.
+and passes SIGHUP and SIGUSR1 on; SIGTERM and SIGINT go on to the workers as SIGTERM, and they
+drain; a second one, or SIGQUIT, goes on as SIGQUIT and ends their drain at once; the
+supervisor exits 0 once they have stopped. The workers run in a process group of their own,
+so a Ctrl-C at a terminal reaches the supervisor alone. Workers tell it they are ready the
+way it tells systemd: ``READY=1`` datagrams, to a socket of its own in their
+``NOTIFY_SOCKET``.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class Supervisor:
                 return 1
             log.info("all %d workers ready", len(self.workers))
             notify("READY=1", f"MAINPID={os.getpid()}")
-            while not signals.take("stop"):
+            while not signals.stopping():
                 signals.wait(self.tick)
                 if signals.take("reload"):
                     self._reload(signals)
@@ -108,7 +110,9 @@ class Supervisor:
                 "(stop again to close them now)",
                 drain,
             )
-            impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGTERM)
+            # "Now" goes on as SIGQUIT: a second SIGTERM could merge with the first in a
+            # worker that has not taken it yet.
+            impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGQUIT)
             try:
                 ok = self._stop_workers(signal.SIGTERM, time.monotonic() + drain + 10)
             finally:
@@ -154,6 +158,9 @@ class Supervisor:
             [sys.executable, "-m", "splicegate", *self.argv],
             env=self._worker_env,
             stdin=DEVNULL,
+            # Their own process group: a Ctrl-C at the terminal reaches the supervisor
+            # alone, which passes one stop on; two would cut the drain short.
+            process_group=0,
         )
         worker.started = time.monotonic()
         worker.ready = False
@@ -180,7 +187,7 @@ class Supervisor:
                 return True
             if any(w.proc is None or w.proc.poll() is not None for w in self.workers):
                 return False  # a worker could not start: its error is on stderr
-            if "stop" in signals.pending:
+            if signals.stopping():
                 return False
         return False
 
@@ -228,7 +235,7 @@ class Supervisor:
             self._signal_all(signal.SIGHUP)
             deadline = time.monotonic() + 10
             while not all(w.ready or w.proc is None for w in self.workers):
-                if time.monotonic() > deadline or "stop" in signals.pending:
+                if time.monotonic() > deadline or signals.stopping():
                     break
                 self._readiness(self.tick)
         notify("READY=1")
