@@ -15,6 +15,7 @@ import pytest
 from gevent import socket
 from gevent.server import StreamServer
 
+from dnsserver import DnsServer
 from splicegate import Config, ProxyServer
 from splicegate.accesslog import Entry
 from splicegate.dial import dial
@@ -184,6 +185,27 @@ def test_embedded_reload_keeps_hooks_and_reports_restart_settings(origin: Stream
         assert len(closed) == 1
     finally:
         proxy.stop(timeout=1)
+
+
+def test_reload_applies_new_dns_settings_with_a_fresh_cache(origin: StreamServer) -> None:
+    """--nameserver and the DNS cache settings apply on reload, as Squid's reconfigure
+    does: the next lookup asks the new server, and the old server's answers (here a cached
+    NXDOMAIN) are not carried over."""
+    target = f"svc.splicegate.test:{origin.server_port}"
+    with DnsServer() as old, DnsServer() as new:
+        new.add("svc.splicegate.test", a=["127.0.0.1"])
+        settings = {**LOOPBACK_OK, "dns_negative_ttl": 300}
+        proxy = ProxyServer(Config(**settings, nameserver=[f"{old.host}:{old.port}"]))
+        proxy.start()
+        try:
+            refused = exchange(proxy, target)
+            assert refused.startswith(b"HTTP/1.1 502 ") and b"error=dns_error" in refused
+            ignored = proxy.reload(Config(**settings, nameserver=[f"{new.host}:{new.port}"]))
+            assert ignored == []
+            assert exchange(proxy, target).endswith(b"\r\n\r\nping")
+            assert new.count("svc.splicegate.test", "A") >= 1
+        finally:
+            proxy.stop(timeout=1)
 
 
 def test_example_hooks_runs() -> None:

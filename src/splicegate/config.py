@@ -332,7 +332,6 @@ class Config:
         metavar="HOST:PORT",
         multiple=True,
         shown_default="the system resolver",
-        restart=True,
     )
     dns_timeout: float = setting(
         5.0, _number(float, 0.001), "seconds to resolve a name (else 504)", metavar="S"
@@ -342,28 +341,24 @@ class Config:
         _number(int, 0, zero_ok=True),
         "names the DNS cache holds, least recently used evicted first (0 keeps none)",
         metavar="N",
-        restart=True,
     )
     dns_min_ttl: float = setting(
         5.0,
         _number(float, 0.0, zero_ok=True),
         "keep a DNS answer at least this many seconds, whatever its TTL",
         metavar="S",
-        restart=True,
     )
     dns_max_ttl: float = setting(
         300.0,
         _number(float, 0.0, zero_ok=True),
         "keep a DNS answer at most this many seconds, whatever its TTL",
         metavar="S",
-        restart=True,
     )
     dns_negative_ttl: float = setting(
         5.0,
         _number(float, 0.001, zero_ok=True),
         "keep a DNS failure (NXDOMAIN, SERVFAIL, no address) this many seconds",
         metavar="S",
-        restart=True,
     )
     connect_timeout: float = setting(
         10.0,

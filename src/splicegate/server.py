@@ -98,13 +98,8 @@ class ProxyServer:
     ) -> None:
         self.config = config or Config()
         self.engine = engine
-        self.resolver = DnsCache(
-            self.config.resolver or make_resolver(list(self.config.nameserver)),
-            size=self.config.dns_cache_size,
-            min_ttl=self.config.dns_min_ttl,
-            max_ttl=self.config.dns_max_ttl,
-            negative_ttl=self.config.dns_negative_ttl,
-        )
+        self.resolver: DnsCache
+        self._dns_settings: tuple | None = None  # what self.resolver was built from
         self.dialer: dial_module.Dialer = self.config.dialer or dial_module.dial
         #: where the proxy listens (with the real ports once started), and as policy sees it
         self.addresses: list[tuple[str, int]] = []
@@ -132,6 +127,26 @@ class ProxyServer:
         # First, as it may raise (a broken password file) before anything has changed. The
         # same file and realm keep their authenticator, which re-reads a changed file.
         authenticator = auth.configure(self.authenticator, config.auth_file, config.auth_realm)
+        dns_settings = (
+            config.resolver,
+            config.nameserver,
+            config.dns_cache_size,
+            config.dns_min_ttl,
+            config.dns_max_ttl,
+            config.dns_negative_ttl,
+        )
+        resolver = None
+        if dns_settings != self._dns_settings:
+            # A fresh cache for new DNS settings: answers from the old nameservers or
+            # under the old TTL bounds are not carried over. Lookups in flight finish on the
+            # old one, for the requests waiting on them.
+            resolver = DnsCache(
+                config.resolver or make_resolver(list(config.nameserver)),
+                size=config.dns_cache_size,
+                min_ttl=config.dns_min_ttl,
+                max_ttl=config.dns_max_ttl,
+                negative_ttl=config.dns_negative_ttl,
+            )
         access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
         self.policy = Policy(
             allow_client=config.allow_client,
@@ -143,6 +158,8 @@ class ProxyServer:
             deny_domain=config.deny_domain,
         )
         self.authenticator = authenticator
+        if resolver is not None:
+            self.resolver, self._dns_settings = resolver, dns_settings
         self.connections.set_caps(config.max_connections, config.max_connections_per_client)
         if self.access_log is not access_log:
             if self.access_log is not None:
