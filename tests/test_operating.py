@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dnsserver import DnsServer
 from proxyproc import (
     WAIT,
+    Origin,
     ProxyProcess,
     connect_head,
     echo,
@@ -329,17 +330,28 @@ def test_sigterm_drains_an_active_64mib_transfer_byte_exact() -> None:
         proc.stop()
 
 
+def open_echo_tunnel(proc: ProxyProcess, srv: Origin) -> socket.socket:
+    """A working tunnel to the echo origin ``srv``, idle after its first 4 bytes."""
+    sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"open")
+    assert reply.status == 200 and recv_exactly(sock, 4) == b"open"
+    return sock
+
+
+def assert_closed_at_exit(proc: ProxyProcess, sock: socket.socket) -> None:
+    """The proxy exits 0 and closes the tunnel cleanly on its way out."""
+    assert proc.proc.wait(WAIT) == 0
+    sock.settimeout(WAIT)
+    assert recv_until_eof(sock) == b""
+    sock.close()
+
+
 def test_sigterm_closes_what_is_left_at_the_drain_deadline() -> None:
     proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "0.5")
     try:
         with origin(echo) as srv:
-            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"idle")
-            assert reply.status == 200 and recv_exactly(sock, 4) == b"idle"
+            sock = open_echo_tunnel(proc, srv)
             proc.proc.send_signal(signal.SIGTERM)  # the tunnel stays open, idle
-            assert proc.proc.wait(WAIT) == 0
-            sock.settimeout(WAIT)
-            assert recv_until_eof(sock) == b""  # closed by the proxy at the deadline
-            sock.close()
+            assert_closed_at_exit(proc, sock)  # closed by the proxy at the deadline
     finally:
         proc.stop()
 
@@ -364,17 +376,13 @@ def test_a_second_sigterm_ends_the_drain_at_once(workers: int) -> None:
         if workers > 1:
             proc.wait_for_log(f"all {workers} workers ready")
         with origin(echo) as srv:
-            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"open")
-            assert reply.status == 200 and recv_exactly(sock, 4) == b"open"
+            sock = open_echo_tunnel(proc, srv)
             proc.proc.send_signal(signal.SIGTERM)
             proc.wait_for_log("stop again to close them now")
             sock.sendall(b"still")  # the drain keeps the tunnel working
             assert recv_exactly(sock, 5) == b"still"
             proc.proc.send_signal(signal.SIGTERM)
-            assert proc.proc.wait(WAIT) == 0
-            sock.settimeout(WAIT)
-            assert recv_until_eof(sock) == b""
-            sock.close()
+            assert_closed_at_exit(proc, sock)
         log = proc.log()
         assert "closing the open tunnels now" in log
         assert "reason=shutdown" in log
@@ -387,13 +395,9 @@ def test_sigquit_stops_without_a_drain() -> None:
     proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "3600")
     try:
         with origin(echo) as srv:
-            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"open")
-            assert reply.status == 200 and recv_exactly(sock, 4) == b"open"
+            sock = open_echo_tunnel(proc, srv)
             proc.proc.send_signal(signal.SIGQUIT)
-            assert proc.proc.wait(WAIT) == 0
-            sock.settimeout(WAIT)
-            assert recv_until_eof(sock) == b""
-            sock.close()
+            assert_closed_at_exit(proc, sock)
         assert "closing the open tunnels now" in proc.log()
     finally:
         proc.stop()
@@ -410,8 +414,7 @@ def test_ctrl_c_at_a_terminal_drains_the_workers() -> None:
     try:
         proc.wait_for_log("all 2 workers ready")
         with origin(echo) as srv:
-            sock, reply = open_tunnel(proc.address, f"127.0.0.1:{srv.port}", early=b"open")
-            assert reply.status == 200 and recv_exactly(sock, 4) == b"open"
+            sock = open_echo_tunnel(proc, srv)
             os.killpg(proc.pid, signal.SIGINT)  # setsid made the proxy its group's leader
             wait_until(
                 lambda: proc.log().count("stopping: no new connections") == 2,
@@ -422,8 +425,7 @@ def test_ctrl_c_at_a_terminal_drains_the_workers() -> None:
             assert recv_exactly(sock, 5) == b"still"
             assert "closing the open tunnels now" not in proc.log()
             proc.proc.send_signal(signal.SIGTERM)  # the operator's second stop
-            assert proc.proc.wait(WAIT) == 0
-            sock.close()
+            assert_closed_at_exit(proc, sock)
     finally:
         for pid in worker_pids(proc):  # only if the test failed: the workers it started
             if not gone(pid):
