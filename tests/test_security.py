@@ -133,6 +133,32 @@ def test_a_tunnel_counts_until_it_closes() -> None:
         assert proc.stop() == 0
 
 
+def test_an_over_capacity_refusal_lets_go_of_its_socket_soon() -> None:
+    """A refusal lingers (reads what the client still sends) so its answer is not lost to
+    a reset; 2 s for most, but an over-capacity 503 comes when fds are scarce, so it lets
+    go after a quarter of a second even of a client that never closes."""
+    proc = ProxyProcess(*LOOPBACK_OK, "--max-connections", "1")
+    try:
+        with origin() as server:
+            target = f"127.0.0.1:{server.port}"
+            held, reply = open_tunnel(proc.address, target)
+            assert reply.status == 200
+            with socket.create_connection(proc.address, timeout=WAIT) as lingering:
+                lingering.sendall(connect_head(target))
+                assert_503(read_reply(lingering), "over --max-connections 1")
+                assert lingering.recv(1) == b""  # the proxy's FIN; we never close ours
+                # While it lingers the proxy reads and drops what comes; once it has let
+                # go, its kernel answers with a reset. Well within the 2 s of other refusals:
+                time.sleep(0.6)
+                with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                    for _ in range(50):  # bounded: 1 s
+                        lingering.sendall(b"late")
+                        time.sleep(0.02)
+            held.close()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_per_client_cap() -> None:
     proc = ProxyProcess(*LOOPBACK_OK, "--max-connections-per-client", "2")
     try:

@@ -31,6 +31,7 @@ from splicegate.errors import (
     HeadTimeout,
     InternalError,
     MethodNotAllowed,
+    OverCapacity,
     ProxyError,
     render,
 )
@@ -87,6 +88,9 @@ class ProxyServer:
     #: response is not lost to a reset (RFC 9112 §9.6)
     linger_seconds = 2.0
     linger_bytes = 64 * 1024
+    #: the linger of an over-capacity 503: short, since a flood is when fds are scarce and
+    #: its head has arrived already (deferred accept); a polite client closes within an RTT
+    busy_linger_seconds = 0.25
     #: listen(2) backlog
     backlog = 1024
 
@@ -430,7 +434,8 @@ class ProxyServer:
             err.proxy_status_error or "-",
             err.message,
         )
-        deadline = time.monotonic() + self.linger_seconds
+        linger = self.busy_linger_seconds if isinstance(err, OverCapacity) else self.linger_seconds
+        deadline = time.monotonic() + linger
         try:
             send_all(sock, render(err), deadline)
             sock.shutdown(socket.SHUT_WR)
