@@ -592,6 +592,23 @@ def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
+def test_workers_reload_reports_a_listen_change_once(tmp_path: Path) -> None:
+    """--listen is the supervisor's (it needs a restart): its log says so once, not once
+    more per worker."""
+    port, other = free_port(), free_port()
+    config = tmp_path / "splicegate.toml"
+    config.write_text(f'listen = ["127.0.0.1:{port}"]\n')
+    proc = ProxyProcess(*LOOPBACK, "--workers", "2", "--config", str(config), listen=[])
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        config.write_text(f'listen = ["127.0.0.1:{other}"]\n')
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
+        assert proc.log().count("--listen changed, which needs a restart") == 1
+    finally:
+        assert proc.stop() == 0
+
+
 def gone(pid: int) -> bool:
     """Exited (a zombie counts: its parent, the supervisor, is dead and cannot reap it)."""
     try:

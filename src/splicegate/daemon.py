@@ -28,6 +28,8 @@ log = logging.getLogger("splicegate")
 
 #: set in a worker's environment by the supervisor (workers.py): the supervisor's pid
 WORKER_ENV = "SPLICEGATE_WORKER"
+#: restart-only settings that a supervisor reports on reload, once, rather than each worker
+SUPERVISOR_SETTINGS = ("listen", "workers", "admin")
 
 
 class Signals:
@@ -132,7 +134,7 @@ def reload(server: ProxyServer, load: Callable[[], Config], source: str, worker:
     else:
         log.setLevel(server.config.log_level_number)
         for name in ignored:
-            if not (worker and name in ("admin", "workers")):  # the supervisor's to say
+            if not (worker and name in SUPERVISOR_SETTINGS):  # the supervisor's to say
                 log.warning(
                     "reload: --%s changed, which needs a restart; ignored until then",
                     name.replace("_", "-"),

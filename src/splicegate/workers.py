@@ -37,7 +37,7 @@ from gevent.subprocess import DEVNULL, Popen
 
 from splicegate.admin import AdminServer
 from splicegate.config import Config
-from splicegate.daemon import WORKER_ENV, Signals
+from splicegate.daemon import SUPERVISOR_SETTINGS, WORKER_ENV, Signals
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 
@@ -227,7 +227,7 @@ class Supervisor:
         except ValueError as exc:
             log.error("reload refused, the running settings stay: %s", exc)
         else:
-            for name in ("listen", "workers", "admin"):
+            for name in SUPERVISOR_SETTINGS:
                 if getattr(config, name) != getattr(self.config, name):
                     log.warning("reload: --%s changed, which needs a restart; ignored", name)
             for worker in self.workers:
