@@ -138,11 +138,11 @@ def _start(address: IPAddress, port: int) -> tuple[socket.socket | None, _Failur
     """A socket with a connect in progress, or the reason it failed at once."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Non-blocking from socket(2) on: no ioctl(FIONBIO) afterwards.
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as exc:  # EAFNOSUPPORT without IPv6, EMFILE
         return None, _Failure(address, exc.errno, _reason(exc))
     try:
-        sock.setblocking(False)
         code = sock.connect_ex((_text(address), port))
     except BaseException:
         sock.close()
