@@ -13,10 +13,12 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gevent.event import Event
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsserver import DnsServer
@@ -32,6 +34,7 @@ from proxyproc import (
     recv_until_eof,
     request,
 )
+from splicegate.daemon import Signals
 
 LOOPBACK = ("--allow-dest", "127.0.0.0/8")
 ANY_PORT = ("--allow-port", "any")
@@ -594,19 +597,40 @@ def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
 
 def test_workers_reload_reports_a_listen_change_once(tmp_path: Path) -> None:
     """--listen is the supervisor's (it needs a restart): its log says so once, not once
-    more per worker."""
+    more per worker. The rest of a reload is the supervisor's to go by too: the drain it
+    waits for at stop is the new --drain-timeout."""
     port, other = free_port(), free_port()
     config = tmp_path / "splicegate.toml"
     config.write_text(f'listen = ["127.0.0.1:{port}"]\n')
     proc = ProxyProcess(*LOOPBACK, "--workers", "2", "--config", str(config), listen=[])
     try:
         proc.wait_for_log("all 2 workers ready")
-        config.write_text(f'listen = ["127.0.0.1:{other}"]\n')
+        config.write_text(f'listen = ["127.0.0.1:{other}"]\ndrain_timeout = 7\n')
         proc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
         assert proc.log().count("--listen changed, which needs a restart") == 1
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(WAIT) == 0
+        assert "the workers stop accepting; open tunnels get 7 s" in proc.log()
     finally:
-        assert proc.stop() == 0
+        proc.stop()
+
+
+def test_signals_that_come_together_are_stops_counted_and_reloads_once() -> None:
+    """Two SIGHUPs before the main loop looks are one reload, not one now and one left for
+    whatever signal comes next (a logrotate SIGUSR1 hours later, say); two SIGTERMs are a
+    stop and a second stop. The handlers are called directly: real signals that close
+    together are merged by the kernel and by libev before they could show this."""
+    signals = Signals.__new__(Signals)  # no handlers installed in the test process
+    signals.pending = Counter()
+    signals.wake = Event()
+    for name in ("reload", "reload", "reopen", "reopen", "stop", "stop"):
+        signals._flag(name)
+    assert signals.stopping()
+    assert signals.take("reload") and not signals.take("reload")
+    assert signals.take("reopen") and not signals.take("reopen")
+    assert signals.take("stop") and signals.take("stop") and not signals.take("stop")
+    assert not signals.stopping()
 
 
 def gone(pid: int) -> bool:

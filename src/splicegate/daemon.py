@@ -43,16 +43,18 @@ class Signals:
         signal.SIGUSR1: "reopen",
     }
 
+    #: counted: two SIGTERMs before the loop looks are a stop and a second stop; the others
+    #: coalesce, as one reload (or reopen) covers any number asked for before it runs
+    COUNTED = ("stop", "quit")
+
     def __init__(self) -> None:
-        # Counted, not a set: two SIGTERMs before the loop looks are a stop and a second
-        # stop (a repeated SIGHUP merely reloads twice).
         self.pending: collections.Counter[str] = collections.Counter()
         self.wake = Event()
         for signum, name in self.NAMES.items():
             gevent.signal_handler(signum, self._flag, name)
 
     def _flag(self, name: str) -> None:
-        self.pending[name] += 1
+        self.pending[name] = self.pending[name] + 1 if name in self.COUNTED else 1
         self.wake.set()
 
     def take(self, name: str) -> bool:
@@ -85,6 +87,10 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
     flags); ``source`` names the file for the log."""
     supervisor = int(os.environ.get(WORKER_ENV) or 0)
     worker = supervisor != 0
+    if worker:
+        # A process group of its own makes a worker a background job at a terminal: its
+        # log lines must not stop it (SIGTTOU under `stty tostop`).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     if worker:  # the supervisor serves --admin for all workers
         config = dataclasses.replace(config, admin=None)
         read = load

@@ -10,6 +10,7 @@ stay interchangeable and every relay test runs against both.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -104,20 +105,26 @@ def usable_pipe_size(requested: int) -> int:
         return requested  # nothing to go by: let the kernel decide
     if requested <= limit:
         return requested
-    read_end, write_end = os.pipe()
     try:
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, requested)
-        return requested
-    except PermissionError:
-        pass
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+        read_end, write_end = os.pipe()
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, requested)
+            return requested
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+    except OSError as exc:  # EPERM as expected; anything else: the limit is the safe size
+        why = (
+            "which only a privileged process may pass"
+            if exc.errno == errno.EPERM
+            else f"and a pipe of that size could not be made ({exc.strerror})"
+        )
     log.warning(
-        "--pipe-size %d is above fs.pipe-max-size (%d), which only a privileged process may "
-        "pass: pipes get %d bytes (raise fs.pipe-max-size for more)",
+        "--pipe-size %d is above fs.pipe-max-size (%d), %s: pipes get %d bytes "
+        "(raise fs.pipe-max-size for more)",
         requested,
         limit,
+        why,
         limit,
     )
     return limit

@@ -20,6 +20,7 @@ way it tells systemd: ``READY=1`` datagrams, to a socket of its own in their
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -230,6 +231,11 @@ class Supervisor:
             for name in SUPERVISOR_SETTINGS:
                 if getattr(config, name) != getattr(self.config, name):
                     log.warning("reload: --%s changed, which needs a restart; ignored", name)
+            # The rest is the workers' to apply, and the supervisor's to go by: how long it
+            # waits for them to drain, above all.
+            self.config = dataclasses.replace(
+                config, **{name: getattr(self.config, name) for name in SUPERVISOR_SETTINGS}
+            )
             for worker in self.workers:
                 worker.ready = False
             self._signal_all(signal.SIGHUP)
