@@ -1013,7 +1013,6 @@ cdef class NativeEngine:
                 close(p.rfd)
                 close(p.wfd)
             w.free_count = 0
-            w.heap_len = 0
             # The parent's tunnels on these lists are gone here: never pump or report them.
             w.ready = NULL
             w.graveyard = NULL

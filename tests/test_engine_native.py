@@ -1088,14 +1088,11 @@ def open_fd_numbers() -> set[int]:
 
 def new_pipes(before: set[int]) -> list[int]:
     """Pipe fds of this process opened since ``before`` (a set of fd numbers)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:") and int(name) not in before:
-                found.append(int(name))
-        except FileNotFoundError:
-            continue
-    return found
+    return [
+        fd
+        for fd in open_fd_numbers() - before
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    ]
 
 
 def test_idle_pipe_pool_keeps_a_quarter_of_the_cap(rigs: Any) -> None:

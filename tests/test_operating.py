@@ -348,13 +348,23 @@ def assert_closed_at_exit(proc: ProxyProcess, sock: socket.socket) -> None:
     sock.close()
 
 
-def test_sigterm_closes_what_is_left_at_the_drain_deadline() -> None:
-    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "0.5")
+@pytest.mark.parametrize(
+    ("drain", "sig"),
+    [("0.5", signal.SIGTERM), ("3600", signal.SIGQUIT)],
+    ids=["sigterm-at-the-drain-deadline", "sigquit-without-a-drain"],
+)
+def test_a_stop_closes_what_is_left(drain: str, sig: signal.Signals) -> None:
+    """SIGTERM closes the tunnels still open at the drain deadline; SIGQUIT, as gunicorn's,
+    closes them at once, however long the drain would have been. Either way the process
+    exits 0."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", drain)
     try:
         with origin(echo) as srv:
             sock = open_echo_tunnel(proc, srv)
-            proc.proc.send_signal(signal.SIGTERM)  # the tunnel stays open, idle
-            assert_closed_at_exit(proc, sock)  # closed by the proxy at the deadline
+            proc.proc.send_signal(sig)  # the tunnel stays open, idle
+            assert_closed_at_exit(proc, sock)  # closed by the proxy
+        if sig == signal.SIGQUIT:
+            assert "closing the open tunnels now" in proc.log()
     finally:
         proc.stop()
 
@@ -389,19 +399,6 @@ def test_a_second_sigterm_ends_the_drain_at_once(workers: int) -> None:
         log = proc.log()
         assert "closing the open tunnels now" in log
         assert "reason=shutdown" in log
-    finally:
-        proc.stop()
-
-
-def test_sigquit_stops_without_a_drain() -> None:
-    """SIGQUIT, as gunicorn's: the open tunnels close at once, and the process exits 0."""
-    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "3600")
-    try:
-        with origin(echo) as srv:
-            sock = open_echo_tunnel(proc, srv)
-            proc.proc.send_signal(signal.SIGQUIT)
-            assert_closed_at_exit(proc, sock)
-        assert "closing the open tunnels now" in proc.log()
     finally:
         proc.stop()
 

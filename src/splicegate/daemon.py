@@ -3,9 +3,8 @@
 Signal handlers only record what was asked and wake the loop; the loop acts, one thing at
 a time, in a greenlet (gunicorn's arbiter works the same way): SIGTERM or SIGINT stops
 accepting and drains, a second one or SIGQUIT ends the drain at once (SIGQUIT alone stops
-without one, as gunicorn's does), SIGHUP reloads the settings,
-SIGUSR1 reopens the access log. The CLI runs this for a single process, and each
-``--workers`` process runs it too.
+without one, as gunicorn's does), SIGHUP reloads the settings, SIGUSR1 reopens the access
+log. The CLI runs this for a single process, and each ``--workers`` process runs it too.
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         # A process group of its own makes a worker a background job at a terminal: its
         # log lines must not stop it (SIGTTOU under `stty tostop`).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    if worker:  # the supervisor serves --admin for all workers
+        # The supervisor serves --admin for all workers.
         config = dataclasses.replace(config, admin=None)
         read = load
 
