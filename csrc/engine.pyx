@@ -10,6 +10,10 @@ no buffer. Where no pipe is to be had (the pool is at its cap, the pipe quota is
 splice refuses the socket, the same direction copies through a 64 KiB buffer with
 recv/send instead, one chunk at a time, so nothing is lost or reordered.
 
+Relay threads ask for SCHED_BATCH (``scheduling="batch"``, the default): a woken relay thread
+then waits for the running task's slice instead of preempting it, so under load it handles
+several events per wake-up rather than paying a context switch for each.
+
 Nothing on the loop touches a Python object: every function there is ``noexcept nogil`` and
 reports failures as return codes. Finished tunnels are queued with their record and an
 eventfd wakes a gevent io watcher, which drains the queue in the hub and calls each
@@ -625,11 +629,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
     cdef double now = sg_monotonic()
     cdef bint exiting = False
     if w.core.batch:
-        # SCHED_BATCH: a wake-up of this thread does not preempt what runs on the core. Under
-        # load the thread then wakes less often and finds more events per wake, instead of
-        # one context switch per socket event; on 2 cores that took 20-25 % off the CPU a
-        # CONNECT costs. An idle core still runs it at once. Unprivileged, so it only fails
-        # under a seccomp filter, and then the thread just keeps the normal policy.
+        # SCHED_BATCH (see the module docstring): on 2 cores it took 20-25 % off the CPU a
+        # CONNECT costs. Allowed unprivileged; where a seccomp filter refuses it, the thread
+        # keeps the normal policy and relays the same.
         sg_batch_thread()
     while not exiting:
         n = epoll_wait(w.epfd, events, BATCH, wait_timeout(w, now))
