@@ -738,8 +738,11 @@ cdef class NativeEngine:
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
         self.core.pipe_size = usable_pipe_size(pipe_size)
-        self.core.max_pipes = (int(max_pipes) if max_pipes
-                               else default_max_pipes(self.core.pipe_size, processes))
+        # The cap is the whole server's: --workers processes share the one user's quota, so
+        # each engine takes its share.
+        self.core.max_pipes = max(1, (int(max_pipes) if max_pipes
+                                      else default_max_pipes(self.core.pipe_size))
+                                  // max(1, int(processes)))
         # Idle pools may hold a quarter of the cap between them, so that pipes one thread
         # keeps for later never push another thread's live transfer onto the copy path.
         self.core.pool_keep = max(1, min(POOL_KEEP, self.core.max_pipes // (4 * threads)))
@@ -910,6 +913,11 @@ cdef class NativeEngine:
                 log.exception("on_done of a finished tunnel failed")
         if self.drained is not None and not self.callbacks:
             self.drained.set()
+
+    @property
+    def pipe_cap(self):
+        """The pipes this engine may hold at once: its share of the server's cap."""
+        return self.core.max_pipes
 
     def stats(self):
         return {

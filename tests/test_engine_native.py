@@ -1171,22 +1171,43 @@ def test_a_pipe_size_past_the_kernel_limit_gets_the_limit(
 
 
 @pytest.mark.parametrize(
-    ("settings", "cap", "processes"),
-    [({}, None, 1), ({"workers": 3}, None, 3), ({"workers": 3, "max_pipes": 30}, 10, 3)],
-    ids=["one-process", "three-workers-share-the-quota", "explicit-cap-split"],
+    ("settings", "share"),
+    [
+        ({}, lambda quota: quota),
+        ({"workers": 3}, lambda quota: quota // 3),
+        ({"workers": 3, "max_pipes": 30}, lambda quota: 10),
+        ({"workers": 4, "max_pipes": 2}, lambda quota: 1),
+    ],
+    ids=["one-process", "three-workers-share-the-quota", "explicit-cap-split", "at-least-one"],
 )
 def test_pipe_cap_is_the_whole_servers(
-    settings: dict[str, Any], cap: int | None, processes: int, monkeypatch: pytest.MonkeyPatch
+    settings: dict[str, Any], share: Callable[[int], int]
 ) -> None:
     """--workers processes share one user's pipe quota, so each engine gets its share of the
     cap (the quota's, or --max-pipes), not all of it."""
-    from splicegate import config as config_module
     from splicegate.config import Config
     from splicegate.relay import default_max_pipes
 
+    engine = Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
+    try:
+        assert engine.pipe_cap == share(default_max_pipes(MiB))  # type: ignore[attr-defined]
+    finally:
+        engine.shutdown(time.monotonic())
+
+
+def test_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splicegate import config as config_module
+    from splicegate.config import Config
+
     asked: dict[str, Any] = {}
     monkeypatch.setattr(config_module, "create_engine", lambda *a, **kw: asked.update(kw))
-    Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
-    assert (asked["max_pipes"], asked["processes"]) == (cap, processes)
-    assert asked["scheduling"] == "batch"
-    assert default_max_pipes(MiB, 3) == max(1, default_max_pipes(MiB) // 3)
+    Config(
+        listen=["127.0.0.1:3128"], engine="native", relay_threads=2, pipe_size=MiB, max_pipes=30
+    ).create_engine()
+    assert asked == {
+        "threads": 2,
+        "pipe_size": MiB,
+        "max_pipes": 30,
+        "processes": 1,
+        "scheduling": "batch",
+    }

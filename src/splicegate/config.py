@@ -525,8 +525,7 @@ class Config:
             self.relay_timeouts,
             threads=self.relay_threads or None,
             pipe_size=self.pipe_size,
-            # The cap is the whole server's: --workers processes share the one user quota.
-            max_pipes=max(1, self.max_pipes // self.workers) if self.max_pipes else None,
+            max_pipes=self.max_pipes or None,  # the whole server's: the engines split it
             processes=self.workers,
             scheduling=self.relay_scheduling,
         )

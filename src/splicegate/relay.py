@@ -84,10 +84,10 @@ PUREPYTHON_ENV = "SPLICEGATE_PUREPYTHON"
 SCHEDULING = ("batch", "normal")
 
 
-def default_max_pipes(pipe_size: int, processes: int = 1) -> int:
-    """The native engine's pipe cap: this process's share of the per-user pipe quota
-    (fs.pipe-user-pages-soft, in pages). Past the quota the kernel hands out one-page pipes,
-    so pipes beyond it would splice a page at a time; ``--workers`` processes split it."""
+def default_max_pipes(pipe_size: int) -> int:
+    """The pipes the per-user pipe quota (fs.pipe-user-pages-soft, in pages) holds: the
+    server's default pipe cap. Past the quota the kernel hands out one-page pipes, so pipes
+    beyond it would splice a page at a time."""
     try:
         with open("/proc/sys/fs/pipe-user-pages-soft") as f:
             pages = int(f.read())
@@ -95,7 +95,7 @@ def default_max_pipes(pipe_size: int, processes: int = 1) -> int:
         pages = 16384
     # No quota (pages <= 0): a cap all the same, against running out of fds.
     quota = 4096 if pages <= 0 else pages * os.sysconf("SC_PAGE_SIZE") // max(pipe_size, 4096)
-    return max(1, quota // max(1, processes))
+    return max(1, quota)
 
 
 def usable_pipe_size(requested: int) -> int:
@@ -162,7 +162,8 @@ def create_engine(
     ``--engine native`` fails clearly when the extension cannot load; ``auto`` falls back to
     the pure-Python engine and logs why, so a missing compiler never goes unnoticed. The
     keyword arguments tune the native engine (None: its defaults; ``processes``: how many
-    share the per-user pipe quota; ``scheduling``: one of SCHEDULING); the pure-Python engine
+    share the server's pipe cap, ``max_pipes`` or the per-user quota's, so each takes its
+    share; ``scheduling``: one of SCHEDULING); the pure-Python engine
     has no threads or pipes.
     """
     if kind not in ENGINES:
