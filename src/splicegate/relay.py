@@ -163,8 +163,8 @@ def create_engine(
     the pure-Python engine and logs why, so a missing compiler never goes unnoticed. The
     keyword arguments tune the native engine (None: its defaults; ``processes``: how many
     share the server's pipe cap, ``max_pipes`` or the per-user quota's, so each takes its
-    share; ``scheduling``: one of SCHEDULING); the pure-Python engine
-    has no threads or pipes.
+    share; ``scheduling``: one of SCHEDULING); the pure-Python engine has no threads or
+    pipes.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
