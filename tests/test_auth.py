@@ -39,7 +39,8 @@ from proxyproc import (
 )
 from splicegate import auth
 from splicegate.config import Config
-from splicegate.errors import AuthRequired, OverCapacity, render
+from splicegate.errors import AuthOverloaded, AuthRequired, render
+from splicegate.metrics import cause_label
 from splicegate.request import Request, parse_head
 
 CHEAP = auth.Params(16, 1, 1)
@@ -285,11 +286,17 @@ def test_a_flooded_hashing_pool_answers_503_not_an_endless_queue(
     monkeypatch.setattr(authenticator, "hash_wait", 0.3)
     try:
         started = time.monotonic()
-        with pytest.raises(OverCapacity) as refused:
+        with pytest.raises(AuthOverloaded) as refused:
             authenticator.check(with_auth(basic("alice", "guess")))
         assert time.monotonic() - started < WAIT
+        assert (refused.value.status, refused.value.proxy_status_error) == (
+            503,
+            "proxy_internal_response",
+        )
         assert refused.value.headers() == [("Retry-After", "1")]
         assert "overloaded" in str(refused.value)
+        # its own cause in splicegate_refusals_total, apart from the connection caps'
+        assert cause_label(refused.value) == "auth_overloaded"
     finally:
         release.set()
         gevent.joinall(blockers, timeout=WAIT)

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from splicegate.errors import AuthRequired, OverCapacity
+from splicegate.errors import AuthOverloaded, AuthRequired
 from splicegate.request import Request
 
 log = logging.getLogger("splicegate")
@@ -295,7 +295,7 @@ class Authenticator:
         if key is None:
             # A flood of guesses fills the pool: refuse as over capacity rather than queue
             # without end; the job, when its turn comes, sees the deadline and skips the hash.
-            raise OverCapacity(
+            raise AuthOverloaded(
                 "proxy authentication is overloaded; try again shortly",
                 details="password hashing queue full",
             )

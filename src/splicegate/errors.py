@@ -101,6 +101,11 @@ class OverCapacity(ProxyError):
         return [("Retry-After", str(self.retry_after))]
 
 
+class AuthOverloaded(OverCapacity):
+    """Proxy authentication's password hashing is saturated (a flood of guesses): the same
+    503 as a connection cap, but its own cause in the metrics, since the remedy differs."""
+
+
 class DnsTimeout(ProxyError):
     """Our own DNS deadline (--dns-timeout) expired."""
 
@@ -148,6 +153,7 @@ TABLE: dict[type[ProxyError], Response] = {
     HeadTimeout: Response(408, "http_request_error"),
     HeadTooLarge: Response(431, "http_request_error"),
     OverCapacity: Response(503, "proxy_internal_response"),
+    AuthOverloaded: Response(503, "proxy_internal_response"),
     DnsTimeout: Response(504, "dns_timeout"),
     DnsError: Response(502, "dns_error"),
     ConnectionRefused: Response(502, "connection_refused"),
