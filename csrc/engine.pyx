@@ -631,7 +631,7 @@ cdef void* worker_main(void* arg) noexcept nogil:
     if w.core.batch:
         # SCHED_BATCH (see the module docstring): on 2 cores it took 20-25 % off the CPU a
         # CONNECT costs. Allowed unprivileged; where a seccomp filter refuses it, the thread
-        # keeps the normal policy and relays the same.
+        # keeps the policy it inherited and relays the same.
         sg_batch_thread()
     while not exiting:
         n = epoll_wait(w.epfd, events, BATCH, wait_timeout(w, now))

@@ -3,6 +3,7 @@
 #define SG_SYS_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <time.h>
@@ -27,13 +28,16 @@ static inline int64_t sg_load(int64_t *counter) {
 /* errno as a function, so Cython code reads it right after the failing call. */
 static inline int sg_errno(void) { return errno; }
 
-static inline int sg_batch_thread(void) {
-#ifdef SCHED_BATCH
-    struct sched_param p = {0};
-    return sched_setscheduler(0, SCHED_BATCH, &p);
-#else
-    return -1;
+#ifndef SCHED_BATCH
+#define SCHED_BATCH 3 /* Linux's value; glibc only names it with _GNU_SOURCE */
 #endif
+
+/* The calling thread to SCHED_BATCH. pthread_setschedparam, not sched_setscheduler: musl's
+   sched_setscheduler is a stub that fails with ENOSYS, its pthread_setschedparam works on
+   the thread (as glibc's does). Returns 0 or an error number. */
+static inline int sg_batch_thread(void) {
+    struct sched_param p = {0};
+    return pthread_setschedparam(pthread_self(), SCHED_BATCH, &p);
 }
 
 #endif

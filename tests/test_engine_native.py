@@ -1019,6 +1019,10 @@ def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
     exchange(rig.open(), b"after", b"wards")
 
 
+@pytest.mark.skipif(
+    os.sched_getscheduler(0) != os.SCHED_OTHER,
+    reason="threads inherit the policy this test process runs under (chrt, a batch unit)",
+)
 @pytest.mark.parametrize(
     ("scheduling", "policy"), [("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)]
 )
@@ -1186,11 +1190,12 @@ def test_pipe_cap_is_the_whole_servers(
     """--workers processes share one user's pipe quota, so each engine gets its share of the
     cap (the quota's, or --max-pipes), not all of it."""
     from splicegate.config import Config
-    from splicegate.relay import default_max_pipes
+    from splicegate.relay import default_max_pipes, usable_pipe_size
 
     engine = Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
     try:
-        assert engine.pipe_cap == share(default_max_pipes(MiB))  # type: ignore[attr-defined]
+        quota = default_max_pipes(usable_pipe_size(MiB))  # the pipe size the engine gets
+        assert engine.pipe_cap == share(quota)  # type: ignore[attr-defined]
     finally:
         engine.shutdown(time.monotonic())
 
@@ -1201,13 +1206,14 @@ def test_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 
     asked: dict[str, Any] = {}
     monkeypatch.setattr(config_module, "create_engine", lambda *a, **kw: asked.update(kw))
-    Config(
-        listen=["127.0.0.1:3128"], engine="native", relay_threads=2, pipe_size=MiB, max_pipes=30
-    ).create_engine()
+    settings = {"relay_threads": 2, "pipe_size": MiB, "max_pipes": 30}
+    Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
     assert asked == {
         "threads": 2,
         "pipe_size": MiB,
         "max_pipes": 30,
         "processes": 1,
-        "scheduling": "batch",
+        "scheduling": "batch",  # the default
     }
+    Config(listen=["127.0.0.1:3128"], engine="native", relay_scheduling="normal").create_engine()
+    assert asked["scheduling"] == "normal"

@@ -505,12 +505,13 @@ class ProxyServer:
             gevent.sleep(every)
 
     def reload(self, config: Config) -> list[str]:
-        """Apply new settings (policy, credentials, caps, timeouts, access log) without
-        dropping a tunnel. Settings that need a restart (``restart=True`` in the table: a
-        listener, the engine) keep their running values; their names are returned. Raises
-        ValueError or OSError, with the running settings untouched, when the new ones
-        cannot be applied. The objects only an application gives are kept when ``config``
-        has none; new hooks apply, a new resolver or dialer needs a restart."""
+        """Apply new settings (policy, credentials, caps, request timeouts, DNS, access log)
+        without dropping a tunnel. Settings that need a restart (``restart=True`` in the
+        table: a listener's, the engine's, the tunnel timeouts) keep their running values;
+        their names are returned. Raises ValueError or OSError, with the running settings
+        untouched, when the new ones cannot be applied. The objects only an application
+        gives are kept when ``config`` has none; new hooks apply, a new resolver or dialer
+        needs a restart."""
         ignored = restart_only_changes(self.config, config)
         for f in dataclasses.fields(Config):
             new, old = getattr(config, f.name), getattr(self.config, f.name)
