@@ -118,7 +118,6 @@ cdef struct Core:
     pthread_mutex_t done_lock
     Tunnel* done_head
     int done_fd
-    bint batch              # relay threads ask for SCHED_BATCH (see worker_main)
 
 
 cdef struct Worker:
@@ -628,11 +627,6 @@ cdef void* worker_main(void* arg) noexcept nogil:
     cdef Tunnel* t
     cdef double now = sg_monotonic()
     cdef bint exiting = False
-    if w.core.batch:
-        # SCHED_BATCH (see the module docstring): on 2 cores it took 20-25 % off the CPU a
-        # CONNECT costs. Allowed unprivileged; where a seccomp filter refuses it, the thread
-        # keeps the policy it inherited and relays the same.
-        sg_batch_thread()
     while not exiting:
         n = epoll_wait(w.epfd, events, BATCH, wait_timeout(w, now))
         now = sg_monotonic()
@@ -712,6 +706,7 @@ cdef class NativeEngine:
     cdef object drained
     cdef object stopped         # set when a shutdown() call has finished its work
     cdef int allocated          # workers allocated; nworkers may be fewer if threads failed
+    cdef bint batch             # relay threads are put under SCHED_BATCH
     cdef object __weakref__
 
     name = "native"
@@ -733,7 +728,7 @@ cdef class NativeEngine:
             raise ValueError("threads must be from 1 to 64")
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}")
-        self.core.batch = scheduling == "batch"
+        self.batch = scheduling == "batch"
         self.core.idle = timeouts.idle
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
@@ -803,6 +798,8 @@ cdef class NativeEngine:
                 started += 1
         finally:
             pthread_sigmask(SIG_SETMASK, &old, NULL)
+        if self.batch:
+            self._schedule_batch(started)
         # Fewer threads than asked for: tunnels go only to the ones that run.
         self._close_worker_fds(started)
         if started == 0:
@@ -811,6 +808,19 @@ cdef class NativeEngine:
         self.next_worker = 0
         self.threads_started = True
         _running.add(self)
+
+    cdef _schedule_batch(self, int started):
+        """SCHED_BATCH (see the module docstring): on 2 cores it took 20-25 % off the CPU a
+        CONNECT costs. Set from here rather than by each thread, so that a refusal (a
+        seccomp filter) is known and said; the threads then keep the policy they inherited
+        and relay the same."""
+        cdef int i
+        cdef int err = 0
+        for i in range(started):
+            err = sg_batch_thread(self.workers[i].thread) or err
+        if err:
+            log.warning("relay threads keep their inherited scheduling policy: SCHED_BATCH "
+                        "was refused (%s)", os.strerror(err))
 
     cdef _close_worker_fds(self, int first):
         """Close the epoll and eventfd of the workers from ``first`` on, whose threads do

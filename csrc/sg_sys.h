@@ -32,12 +32,12 @@ static inline int sg_errno(void) { return errno; }
 #define SCHED_BATCH 3 /* Linux's value; glibc only names it with _GNU_SOURCE */
 #endif
 
-/* The calling thread to SCHED_BATCH. pthread_setschedparam, not sched_setscheduler: musl's
+/* A thread to SCHED_BATCH. pthread_setschedparam, not sched_setscheduler: musl's
    sched_setscheduler is a stub that fails with ENOSYS, its pthread_setschedparam works on
    the thread (as glibc's does). Returns 0 or an error number. */
-static inline int sg_batch_thread(void) {
+static inline int sg_batch_thread(pthread_t thread) {
     struct sched_param p = {0};
-    return pthread_setschedparam(pthread_self(), SCHED_BATCH, &p);
+    return pthread_setschedparam(thread, SCHED_BATCH, &p);
 }
 
 #endif

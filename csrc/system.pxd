@@ -103,4 +103,4 @@ cdef extern from "sg_sys.h" nogil:
     void sg_add(int64_t* counter, int64_t n)
     int64_t sg_load(int64_t* counter)
     int sg_errno()
-    int sg_batch_thread()
+    int sg_batch_thread(pthread_t thread)

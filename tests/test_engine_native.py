@@ -1041,6 +1041,43 @@ def test_relay_threads_run_under_the_scheduling_asked_for(
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
+def test_a_refused_batch_policy_is_said_and_the_relay_goes_on() -> None:
+    """Where SCHED_BATCH is refused, the log says so and the threads relay under the policy
+    they inherited. The refusal is the kernel's own: an unprivileged thread under SCHED_IDLE
+    may not leave it while RLIMIT_NICE is 0. In a forked child, as nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping to an unprivileged uid needs root")
+
+    def child(channel: Channel) -> dict[str, Any]:
+        import logging
+
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        said: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("splicegate").addHandler(handler)
+        before = thread_ids()
+        engine = create_engine("native", NO_TIMEOUTS, threads=1, scheduling="batch")
+        rig = Rig(engine, "127.0.0.1", None)
+        exchange(rig.open(), b"still up", b"still down")
+        policies = [os.sched_getscheduler(tid) for tid in thread_ids() - before]
+        rig.close()
+        engine.shutdown(time.monotonic() + WAIT)
+        return {"said": said, "policies": policies}
+
+    child_process = Forked(child, timeout=60)
+    try:
+        result = child_process.result()
+    finally:
+        child_process.kill()
+    assert result["policies"] == [os.SCHED_IDLE]
+    assert any("SCHED_BATCH was refused (Operation not permitted)" in m for m in result["said"])
+
+
 def test_an_unknown_scheduling_is_refused() -> None:
     with pytest.raises(ValueError, match="scheduling must be one of batch, normal"):
         create_engine("native", NO_TIMEOUTS, scheduling="fifo")
