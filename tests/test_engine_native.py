@@ -173,6 +173,13 @@ def thread_ids() -> set[int]:
     return {int(tid) for tid in os.listdir("/proc/self/task")}
 
 
+def become_nobody() -> None:
+    """In a forked child: drop to the unprivileged user, groups first."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
 def fds_by_kind() -> Counter[str]:
     """Open fds by what they are: socket, pipe, anon_inode:[eventfd], /dev/null ..."""
     kinds: Counter[str] = Counter()
@@ -266,6 +273,17 @@ class Forked:
         if "error" in message:
             pytest.fail(f"the child failed:\n{message['error']}")
         return message
+
+    @classmethod
+    def run(
+        cls, body: Callable[[Channel], dict[str, Any]], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Fork, wait for the result, and kill the child if that fails."""
+        child = cls(body, timeout)
+        try:
+            return child.result()
+        finally:
+            child.kill()
 
     def result(self) -> dict[str, Any]:
         """The child's result, once it has exited with status 0."""
@@ -618,9 +636,7 @@ def test_pipe_quota_as_an_unprivileged_user(max_pipes: int | None) -> None:
     count, each = 40, 2 * MiB
 
     def child(channel: Channel) -> dict[str, Any]:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        become_nobody()
         tuning = {"max_pipes": max_pipes} if max_pipes else {}
         engine = create_engine("native", NO_TIMEOUTS, threads=1, pipe_size=MiB, **tuning)
         rig = Rig(engine, "127.0.0.1", 64 * 1024)
@@ -684,11 +700,7 @@ def test_pipe_quota_as_an_unprivileged_user(max_pipes: int | None) -> None:
             "reasons": dict(reasons),
         }
 
-    child_process = Forked(child, timeout=100)
-    try:
-        result = child_process.result()
-    finally:
-        child_process.kill()
+    result = Forked.run(child, timeout=100)
     assert result["uid"] == NOBODY
     assert result["wrong"] == [], f"tunnels with wrong bytes: {result['wrong']}"
     assert result["reasons"] == {"eof": count}
@@ -1051,9 +1063,7 @@ def test_a_refused_batch_policy_is_said_and_the_relay_goes_on() -> None:
     def child(channel: Channel) -> dict[str, Any]:
         import logging
 
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        become_nobody()
         resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         said: list[str] = []
@@ -1069,11 +1079,7 @@ def test_a_refused_batch_policy_is_said_and_the_relay_goes_on() -> None:
         engine.shutdown(time.monotonic() + WAIT)
         return {"said": said, "policies": policies}
 
-    child_process = Forked(child, timeout=60)
-    try:
-        result = child_process.result()
-    finally:
-        child_process.kill()
+    result = Forked.run(child, timeout=60)
     assert result["policies"] == [os.SCHED_IDLE]
     assert any("SCHED_BATCH was refused (Operation not permitted)" in m for m in result["said"])
 
@@ -1127,11 +1133,7 @@ def test_relay_threads_that_cannot_start_leak_nothing_and_a_retry_works() -> Non
             "threads": threads,
         }
 
-    child_process = Forked(child)
-    try:
-        result = child_process.result()
-    finally:
-        child_process.kill()
+    result = Forked.run(child)
     assert result["failure"] == errno.EMFILE
     assert result["leaked"] == {}, f"fds left behind by the failed start: {result['leaked']}"
     assert result["still_mine"]

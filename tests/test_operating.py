@@ -427,10 +427,7 @@ def test_ctrl_c_at_a_terminal_drains_the_workers() -> None:
             proc.proc.send_signal(signal.SIGTERM)  # the operator's second stop
             assert_closed_at_exit(proc, sock)
     finally:
-        for pid in worker_pids(proc):  # only if the test failed: the workers it started
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        proc.stop()
+        stop_with_workers(proc)
 
 
 # --- SIGHUP: reload -----------------------------------------------------------------------
@@ -630,6 +627,15 @@ def test_signals_that_come_together_are_stops_counted_and_reloads_once() -> None
     assert not signals.stopping()
 
 
+def stop_with_workers(proc: ProxyProcess) -> None:
+    """Stop the supervisor, and first kill the workers it started that are still there
+    (only if the test failed: a passing one has stopped them)."""
+    for pid in worker_pids(proc):
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.stop()
+
+
 def gone(pid: int) -> bool:
     """Exited (a zombie counts: its parent, the supervisor, is dead and cannot reap it)."""
     try:
@@ -649,7 +655,4 @@ def test_workers_stop_when_the_supervisor_is_killed() -> None:
         wait_until(lambda: all(gone(pid) for pid in pids), "the orphaned workers stopped")
         assert "the supervisor (pid " in proc.log()
     finally:
-        for pid in worker_pids(proc):  # only if the test failed: the workers it started
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        proc.stop()
+        stop_with_workers(proc)

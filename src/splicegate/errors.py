@@ -21,6 +21,10 @@ class ProxyError(Exception):
     the message.
     """
 
+    #: how long the proxy reads and drops what the client still sends after the answer, so
+    #: that the answer is not lost to a reset (RFC 9112 §9.6)
+    linger_seconds = 2.0
+
     def __init__(self, message: str, *, details: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -92,6 +96,10 @@ class HeadTooLarge(ProxyError):
 
 class OverCapacity(ProxyError):
     """A connection cap is reached."""
+
+    #: short: a flood is when fds are scarce, and its head has arrived already (deferred
+    #: accept); a polite client closes within an RTT
+    linger_seconds = 0.25
 
     def __init__(self, message: str, *, retry_after: int = 1, details: str | None = None) -> None:
         super().__init__(message, details=details)

@@ -31,7 +31,6 @@ from splicegate.errors import (
     HeadTimeout,
     InternalError,
     MethodNotAllowed,
-    OverCapacity,
     ProxyError,
     render,
 )
@@ -84,13 +83,9 @@ class ProxyServer:
 
     #: bytes read per recv while the head comes in
     recv_size = 16 * 1024
-    #: after a refusal: how long and how much to read and discard before closing, so the
-    #: response is not lost to a reset (RFC 9112 §9.6)
-    linger_seconds = 2.0
+    #: after a refusal: how much to read and discard before closing, for at most the
+    #: error's ``linger_seconds``, so the response is not lost to a reset (RFC 9112 §9.6)
     linger_bytes = 64 * 1024
-    #: the linger of an over-capacity 503: short, since a flood is when fds are scarce and
-    #: its head has arrived already (deferred accept); a polite client closes within an RTT
-    busy_linger_seconds = 0.25
     #: listen(2) backlog
     backlog = 1024
 
@@ -131,26 +126,19 @@ class ProxyServer:
         # First, as it may raise (a broken password file) before anything has changed. The
         # same file and realm keep their authenticator, which re-reads a changed file.
         authenticator = auth.configure(self.authenticator, config.auth_file, config.auth_realm)
-        dns_settings = (
-            config.resolver,
-            config.nameserver,
-            config.dns_cache_size,
-            config.dns_min_ttl,
-            config.dns_max_ttl,
-            config.dns_negative_ttl,
-        )
+        cache = {
+            "size": config.dns_cache_size,
+            "min_ttl": config.dns_min_ttl,
+            "max_ttl": config.dns_max_ttl,
+            "negative_ttl": config.dns_negative_ttl,
+        }
+        dns_settings = (config.resolver, config.nameserver, cache)
         resolver = None
         if dns_settings != self._dns_settings:
             # A fresh cache for new DNS settings: answers from the old nameservers or
             # under the old TTL bounds are not carried over. Lookups in flight finish on the
             # old one, for the requests waiting on them.
-            resolver = DnsCache(
-                config.resolver or make_resolver(list(config.nameserver)),
-                size=config.dns_cache_size,
-                min_ttl=config.dns_min_ttl,
-                max_ttl=config.dns_max_ttl,
-                negative_ttl=config.dns_negative_ttl,
-            )
+            resolver = DnsCache(config.resolver or make_resolver(list(config.nameserver)), **cache)
         access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
         self.policy = Policy(
             allow_client=config.allow_client,
@@ -434,8 +422,7 @@ class ProxyServer:
             err.proxy_status_error or "-",
             err.message,
         )
-        linger = self.busy_linger_seconds if isinstance(err, OverCapacity) else self.linger_seconds
-        deadline = time.monotonic() + linger
+        deadline = time.monotonic() + err.linger_seconds
         try:
             send_all(sock, render(err), deadline)
             sock.shutdown(socket.SHUT_WR)
