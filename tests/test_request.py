@@ -278,6 +278,8 @@ def outcome_of(data: bytes, cuts: list[int], **limits: int):
     except errors.ProxyError as err:
         assert 400 <= err.status < 600 and err.message and err.details
         assert err.status in (400, 431, 505), err
+        # the body quotes the client's bytes as escapes, never as latin-1 characters
+        assert err.message.isascii(), err
         return type(err)
 
 

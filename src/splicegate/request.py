@@ -118,12 +118,12 @@ def parse_authority(
     host_part, sep, port_part = target.rpartition(b":")
     if not sep or not host_part:
         raise BadRequest(
-            f"CONNECT needs a target of the form host:port, got {shown!r}",
+            f"CONNECT needs a target of the form host:port, got {shown!a}",
             details=f"bad CONNECT target: {shown}",
         )
     if not _PORT.fullmatch(port_part) or not 1 <= int(port_part) <= 65535:
         raise BadRequest(
-            f"the port in {shown!r} must be a number from 1 to 65535",
+            f"the port in {shown!a} must be a number from 1 to 65535",
             details=f"bad port in target: {shown}",
         )
     port = int(port_part)
@@ -151,7 +151,7 @@ def parse_authority(
     ):
         return host_part.decode("ascii").rstrip(".").lower(), port, None
     raise BadRequest(
-        f"{host_part.decode('latin-1')!r} is not a valid host name or address "
+        f"{host_part.decode('latin-1')!a} is not a valid host name or address "
         "(IPv6 addresses go in brackets: [2001:db8::1]:443)",
         details=f"bad host in target: {shown}",
     )
@@ -174,7 +174,7 @@ def _parse_request_line(line: bytes) -> tuple[str, bytes, tuple[int, int]]:
     if match is None:
         shown = line[:100].decode("latin-1")
         raise BadRequest(
-            f"malformed request line {shown!r}; expected 'CONNECT host:port HTTP/1.1'",
+            f"malformed request line {shown!a}; expected 'CONNECT host:port HTTP/1.1'",
             details="malformed request line",
         )
     major, minor = int(match["major"]), int(match["minor"])
@@ -204,7 +204,7 @@ def _parse_fields(lines: list[bytes], max_fields: int) -> tuple[tuple[bytes, byt
         if match is None:
             name = line.partition(b":")[0][:60].decode("latin-1")
             raise BadRequest(
-                f"malformed header field {name!r}: a field is 'Name: value', no space before "
+                f"malformed header field {name!a}: a field is 'Name: value', no space before "
                 "the colon, no control characters in the value",
                 details=f"malformed field: {name}",
             )
@@ -226,7 +226,7 @@ def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...
         return
     if not _HOST_FIELD.fullmatch(hosts[0]):
         shown = hosts[0][:100].decode("latin-1")
-        raise BadRequest(f"the Host field {shown!r} is not valid", details="bad Host")
+        raise BadRequest(f"the Host field {shown!a} is not valid", details="bad Host")
 
 
 def parse_head(
