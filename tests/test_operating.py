@@ -120,14 +120,22 @@ def test_access_log_json_one_line_per_outcome_with_byte_counts(
             refused = request(proc.address, connect_head(f"127.0.0.1:{closed.getsockname()[1]}"))
         assert refused.status == 502
         assert request(proc.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 405
-        assert request(proc.address, b"CONNECT nonsense HTTP/1.1\r\n\r\n").status == 400
-        lines = [json.loads(line) for line in log_lines(path, 4)]
+        assert request(proc.address, b"CONNECT \xfcber.example HTTP/1.1\r\n\r\n").status == 400
+        assert request(proc.address, b"\x16\x03\x01\x02\x00\r\n\r\n").status == 400
+        lines = [json.loads(line) for line in log_lines(path, 5)]
         assert [(e["status"], e["error"]) for e in lines[1:]] == [
             (502, "connection_refused"),
             (405, "http_request_denied"),
             (400, "http_request_error"),
+            (400, "http_request_error"),
         ]
-        assert [e["method"] for e in lines[1:]] == ["CONNECT", "GET", None]  # None: unparsed
+        # A refused head says what its request line asked for, its bytes as sent (escaped
+        # outside ASCII); None: no request line to show.
+        assert [(e["method"], e["target"]) for e in lines[2:]] == [
+            ("GET", "/"),
+            ("CONNECT", "\\xfcber.example"),
+            (None, None),
+        ]
         for e in lines[1:]:
             assert (e["bytes_up"], e["bytes_down"], e["first_closer"], e["reason"]) == (
                 0, 0, None, None,
@@ -147,7 +155,8 @@ def test_a_client_that_resets_mid_request_gets_a_499_line(tmp_path: Path) -> Non
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         (line,) = log_lines(path, 1)
         entry = json.loads(line)
-        assert (entry["status"], entry["error"], entry["method"]) == (499, None, None)
+        assert (entry["status"], entry["error"]) == (499, None)
+        assert (entry["method"], entry["target"]) == ("CONNECT", "127.0.0.1:9")
         assert entry["client"] == "127.0.0.1" and entry["bytes_up"] == 0
         assert 0 < entry["duration_ms"] < WAIT * 1000
         assert "left before the answer" in proc.log()

@@ -168,6 +168,24 @@ def test_garbage_first_line_fails_early() -> None:
     parser.receive_data(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\n")
     with pytest.raises(errors.BadRequest):
         parser.next_event()
+    assert parser.request_line is None  # nothing a log could show as method and target
+
+
+@pytest.mark.parametrize(
+    ("head", "line"),
+    [
+        (b"CONNECT a.example HTTP/1.1\r\nHost: a\r\n\r\n", ("CONNECT", "a.example")),
+        (b"CONNECT \xe4.example:443 HTTP/1.1\r\n\r\n", ("CONNECT", "\\xe4.example:443")),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost a\r\n\r\n", ("CONNECT", "a.example:443")),
+    ],
+)
+def test_a_refused_head_keeps_its_request_line_for_the_log(head: bytes, line: tuple) -> None:
+    parser = RequestParser()
+    assert parser.request_line is None
+    parser.receive_data(head)
+    with pytest.raises(errors.BadRequest):
+        parser.next_event()
+    assert parser.request_line == line
 
 
 def test_head_over_limit_is_431() -> None:

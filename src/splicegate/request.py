@@ -68,8 +68,8 @@ class Request:
     """A parsed request head.
 
     ``host`` and ``port`` are set for CONNECT only; for other methods the server answers 405
-    without looking at the target. ``fields`` keep the wire names' case lowered and the
-    values as bytes, in order.
+    without looking at the target, which is kept as :func:`show_target` shows it. ``fields``
+    keep the wire names' case lowered and the values as bytes, in order.
     """
 
     method: str
@@ -96,6 +96,12 @@ class Request:
     def authority(self) -> str:
         """The target as a log and a message show it: host:port, [v6]:port."""
         return show_address((self.host, self.port))
+
+
+def show_target(target: bytes) -> str:
+    """A request target as a log shows it: as sent, with any byte outside ASCII as \\xNN.
+    The grammar keeps spaces and controls out; this keeps out C1 controls and look-alikes."""
+    return target.decode("ascii", "backslashreplace")
 
 
 def show_address(address: tuple) -> str:
@@ -243,14 +249,14 @@ def parse_head(
     if method != "CONNECT":
         return Request(
             method=method,
-            target=target.decode("latin-1"),
+            target=show_target(target),
             http_version=version,
             fields=fields,
         )
     host, port, address = parse_authority(target)
     return Request(
         method=method,
-        target=target.decode("latin-1"),
+        target=show_target(target),
         http_version=version,
         fields=fields,
         host=host,
@@ -287,6 +293,15 @@ class RequestParser:
         self._eof = False
         self._done = False
         self.trailing_data = b""
+
+    @property
+    def request_line(self) -> tuple[str, str] | None:
+        """The method and the target (as :func:`show_target` shows it) once the request line
+        has passed, also when the head is refused after it: the log can say what was asked."""
+        if self._request_line is None:
+            return None
+        method, target, _ = self._request_line
+        return method, show_target(target)
 
     def receive_data(self, data: bytes) -> None:
         """Append bytes from the client; ``b""`` means the client closed its side."""

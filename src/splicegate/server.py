@@ -270,7 +270,7 @@ class ProxyServer:
 
     def _serve(self, sock: socket.socket, attempt: Attempt) -> bool:
         """Run the checks in DESIGN.md's order; True once the engine owns the sockets."""
-        read = self._read_head(sock, attempt.accepted + self.config.header_timeout)
+        read = self._read_head(sock, attempt)
         if read is None:
             return False
         request, early = read
@@ -316,27 +316,34 @@ class ProxyServer:
         attempt.status = 200
         return self._hand_off(sock, origin, early, attempt)
 
-    def _read_head(self, sock: socket.socket, deadline: float) -> tuple[Request, bytes] | None:
+    def _read_head(self, sock: socket.socket, attempt: Attempt) -> tuple[Request, bytes] | None:
         """The request and the bytes after it, or None if the client left without one.
 
         One deadline for the whole head, counted from accept: a client dripping bytes
-        cannot extend it. The error is only built when the deadline passes."""
+        cannot extend it. The error is only built when the deadline passes. A head refused
+        (or left) after its request line still has its line say what it asked for."""
+        deadline = attempt.accepted + self.config.header_timeout
         parser = RequestParser(
             max_head_bytes=self.config.max_header_bytes, max_fields=self.config.max_header_fields
         )
         event: Request | object = NEED_DATA  # nothing read yet: no need to ask the parser
-        while event is NEED_DATA:
-            try:
-                parser.receive_data(recv(sock, self.recv_size, deadline))
-            except Expired:
-                timeout = self.config.header_timeout
-                raise HeadTimeout(
-                    f"the request head was not complete within {timeout:g} s",
-                    details=f"head not complete in {timeout:g} s",
-                ) from None
-            except OSError as exc:
-                raise ClientGone(exc.strerror or str(exc)) from None
-            event = parser.next_event()
+        try:
+            while event is NEED_DATA:
+                try:
+                    parser.receive_data(recv(sock, self.recv_size, deadline))
+                except Expired:
+                    timeout = self.config.header_timeout
+                    raise HeadTimeout(
+                        f"the request head was not complete within {timeout:g} s",
+                        details=f"head not complete in {timeout:g} s",
+                    ) from None
+                except OSError as exc:
+                    raise ClientGone(exc.strerror or str(exc)) from None
+                event = parser.next_event()
+        except (ProxyError, ClientGone):
+            if parser.request_line is not None:
+                attempt.method, attempt.target = parser.request_line
+            raise
         if event is CLOSED:
             return None
         assert isinstance(event, Request)
