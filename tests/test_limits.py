@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket as stdsocket
+import time
 
 import gevent
 import pytest
@@ -95,7 +96,8 @@ class FlakyListener:
 
 
 def accept_into(handled: list, listener: object) -> Acceptor:
-    def handle(sock: stdsocket.socket, address: tuple) -> None:
+    def handle(sock: stdsocket.socket, address: tuple, accepted: float) -> None:
+        assert accepted <= time.monotonic()  # stamped at accept, before the handler ran
         nodelay = sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY)
         handled.append((address, (sock.getblocking(), nodelay != 0)))
         sock.close()

@@ -41,7 +41,8 @@ ANY_PORT = ("--allow-port", "any")
 
 KEYS = [
     "ts", "client", "client_port", "user", "method", "target", "dialled", "status", "error",
-    "dns_ms", "connect_ms", "bytes_up", "bytes_down", "duration_ms", "first_closer", "reason",
+    "dns_ms", "connect_ms", "established_ms", "bytes_up", "bytes_down", "duration_ms",
+    "first_closer", "reason",
 ]  # fmt: skip
 
 
@@ -112,7 +113,7 @@ def test_access_log_json_one_line_per_outcome_with_byte_counts(
         assert entry["bytes_down"] == len(received)
         assert entry["first_closer"] in ("client", "origin") and entry["reason"] == "eof"
         assert entry["dns_ms"] == 0  # an IP literal: no lookup
-        assert 0 < entry["connect_ms"] <= entry["duration_ms"]
+        assert 0 < entry["connect_ms"] < entry["established_ms"] <= entry["duration_ms"]
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
 
         with socket.socket() as closed:
@@ -140,6 +141,7 @@ def test_access_log_json_one_line_per_outcome_with_byte_counts(
             assert (e["bytes_up"], e["bytes_down"], e["first_closer"], e["reason"]) == (
                 0, 0, None, None,
             )  # fmt: skip
+            assert e["established_ms"] is None  # no 200 was sent
     finally:
         assert proc.stop() == 0
 
@@ -199,7 +201,8 @@ def test_text_line_quotes_what_the_client_chose() -> None:
     entry = Entry(
         ts="t", client="::1", client_port=1, user='a b"c', method="GET", target="/x=1",
         dialled=None, status=405, error="http_request_denied", dns_ms=0, connect_ms=0,
-        bytes_up=0, bytes_down=0, duration_ms=1.5, first_closer=None, reason=None,
+        established_ms=None, bytes_up=0, bytes_down=0, duration_ms=1.5, first_closer=None,
+        reason=None,
     )  # fmt: skip
     text = format_text(entry)
     assert 'user="a b\\"c"' in text and 'target="/x=1"' in text and "dialled=-" in text
@@ -265,6 +268,7 @@ def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str
             assert metric(opened, "splicegate_connections_total") == 1
             assert metric(opened, "splicegate_dns_seconds_count") == 1
             assert metric(opened, "splicegate_connect_seconds_count") == 1
+            assert metric(opened, "splicegate_time_to_established_seconds_count") == 1
             assert metric(opened, "splicegate_bytes_total", direction="up") == 1000
             assert metric(opened, "splicegate_tunnels_total", status="200", error="") == 0
             sock.sendall(b"y" * 2000)
@@ -290,6 +294,8 @@ def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str
             == 1
         )
         assert metric(refused, "splicegate_connections_total") == 2
+        # a refusal has no 200: the time to it is observed for tunnels only
+        assert metric(refused, "splicegate_time_to_established_seconds_count") == 1
     finally:
         assert proc.stop() == 0
 

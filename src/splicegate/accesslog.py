@@ -46,8 +46,8 @@ _CHUNK = 4096
 class Entry:
     """One access-log line: the fields, in the order the JSON object and the text line
     show them. None is JSON null (and ``-`` in text): a refused request has no dialled
-    address, first closer or reason. Times are milliseconds; DNS and connect times are 0
-    when that step did not run (an IP literal needs no DNS)."""
+    address, time to the 200, first closer or reason. Times are milliseconds; DNS and
+    connect times are 0 when that step did not run (an IP literal needs no DNS)."""
 
     ts: str  # RFC 3339, UTC, when the line was made (the tunnel closed, the refusal sent)
     client: str
@@ -60,6 +60,7 @@ class Entry:
     error: str | None  # the Proxy-Status error token
     dns_ms: float
     connect_ms: float
+    established_ms: float | None  # from accept to the 200 written; None: no 200 was sent
     bytes_up: int  # client -> origin, delivered
     bytes_down: int  # origin -> client, delivered
     duration_ms: float  # from accept to the tunnel's close or the refusal
@@ -244,6 +245,7 @@ def entry_for(attempt: Attempt, record: TunnelRecord | None) -> Entry:
         error=attempt.error,
         dns_ms=round(attempt.dns_s * 1000, 3),
         connect_ms=round(attempt.connect_s * 1000, 3),
+        established_ms=round(attempt.established_s * 1000, 3) if attempt.established_s else None,
         bytes_up=record.bytes_up if record else 0,
         bytes_down=record.bytes_down if record else 0,
         duration_ms=round((time.monotonic() - attempt.accepted) * 1000, 3),

@@ -131,10 +131,12 @@ class Acceptor:
     An io watcher on the listener calls :meth:`_accept_ready`, which accepts what is queued
     (at most :attr:`max_accept` per wake-up, so one busy listener cannot starve the rest of
     the loop) and gives each connection, as a non-blocking stdlib socket, to
-    ``spawn(handle, sock, address)``. It is gevent's StreamServer reduced to what the proxy
-    uses: no gevent socket object per connection, no wrapper greenlet; the handler owns and
-    closes the socket. That socket is the C-level ``_socket.socket`` (what the stdlib's
-    ``socket.socket`` subclasses, with the same methods), whose creation runs no Python.
+    ``spawn(handle, sock, address, accepted)``: ``accepted`` is the ``time.monotonic()`` of
+    the accept, since the wait for the handler to run is the proxy's time too. It is
+    gevent's StreamServer reduced to what the proxy uses: no gevent socket object per
+    connection, no wrapper greenlet; the handler owns and closes the socket. That socket is
+    the C-level ``_socket.socket`` (what the stdlib's ``socket.socket`` subclasses, with the
+    same methods), whose creation runs no Python.
 
     The errors that mean "out of a resource for now" (EMFILE, ENFILE, ENOBUFS, ENOMEM), and
     any other that is not one client's, pause
@@ -213,7 +215,7 @@ class Acceptor:
                 raise
             try:
                 sock.setblocking(False)
-                self.spawn(self.handle, sock, address)
+                self.spawn(self.handle, sock, address, time.monotonic())
             except BaseException:
                 sock.close()
                 raise

@@ -68,6 +68,7 @@ class Attempt:
     dialled: tuple | None = None  # the origin's socket address
     dns_s: float = 0.0
     connect_s: float = 0.0
+    established_s: float = 0.0  # from accept to the 200 written; 0 without a 200
     status: int = 0
     error: str | None = None
     user: str = ""  # who passed proxy authentication; never anything of the password
@@ -245,8 +246,8 @@ class ProxyServer:
 
     # --- one connection --------------------------------------------------------------------
 
-    def handle(self, sock: socket.socket, address: tuple) -> None:
-        attempt = Attempt(client=(address[0], address[1]), accepted=time.monotonic())
+    def handle(self, sock: socket.socket, address: tuple, accepted: float) -> None:
+        attempt = Attempt(client=(address[0], address[1]), accepted=accepted)
         self.metrics.connections.inc()
         handed_off = admitted = False
         try:
@@ -314,6 +315,7 @@ class ProxyServer:
             origin.close()
             raise
         attempt.status = 200
+        attempt.established_s = time.monotonic() - attempt.accepted
         return self._hand_off(sock, origin, early, attempt)
 
     def _read_head(self, sock: socket.socket, attempt: Attempt) -> tuple[Request, bytes] | None:
@@ -487,6 +489,8 @@ class ProxyServer:
             self.metrics.dns.observe(attempt.dns_s)
         if attempt.connect_s > 0:
             self.metrics.connect.observe(attempt.connect_s)
+        if attempt.established_s > 0:
+            self.metrics.established.observe(attempt.established_s)
 
     def _scrape(self) -> bytes:
         if self.engine is not None:
