@@ -843,6 +843,8 @@ cdef class NativeEngine:
         cdef int side
         cdef int fds[2]
         cdef int flags[2]
+        cdef int sotype
+        cdef socklen_t solen = sizeof(sotype)
         if self.closing:
             raise RuntimeError("the relay engine is shutting down")
         if not self.threads_started:
@@ -850,8 +852,12 @@ cdef class NativeEngine:
         fds[0] = client_fd
         fds[1] = origin_fd
         # Check both before changing either: when submit raises, the caller still owns both
-        # fds, and neither may have been touched (not even made non-blocking).
+        # fds, and neither may have been touched (not even made non-blocking). A socket, as
+        # the Python engine's socket objects require: a pipe or a file is refused here
+        # (ENOTSOCK), not in the middle of a tunnel.
         for side in range(2):
+            if getsockopt(fds[side], SOL_SOCKET, SO_TYPE, &sotype, &solen) < 0:
+                raise OSError(sg_errno(), "not a usable socket")
             flags[side] = fcntl(fds[side], F_GETFL)
             if flags[side] < 0:
                 raise OSError(sg_errno(), "not a usable socket")

@@ -32,10 +32,12 @@ cdef extern from "<fcntl.h>" nogil:
 
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
     ssize_t recv(int fd, void* buf, size_t len, int flags)
     ssize_t send(int fd, const void* buf, size_t len, int flags)
     int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int name, const void* value, unsigned int length)
+    int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
     struct linger:
         int l_onoff
         int l_linger
@@ -44,6 +46,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_WR
         SOL_SOCKET
         SO_LINGER
+        SO_TYPE
 
 
 cdef extern from "<sys/epoll.h>" nogil:

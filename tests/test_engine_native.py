@@ -37,7 +37,7 @@ import gevent
 import gevent.lock
 import pytest
 from gevent import socket
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 
 from relayrig import (
     EMPTY_SHA,
@@ -952,51 +952,15 @@ def test_churn_twenty_thousand_tunnels_without_fd_or_memory_growth(rigs: Any) ->
 # --- errors inside the engine -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reader", ["open", "closed"])
-def test_a_pipe_as_origin_ends_that_tunnel_with_error(rigs: Any, reader: str) -> None:
-    """A pipe's write end handed over as the origin "socket". With its reader open, bytes
-    even get through (splice moves them pipe to pipe) until the engine passes the client's
-    EOF on: shutdown() on a pipe fails with ENOTSOCK. With its reader gone, reading from the
-    write end fails with EBADF at once. Either way only that tunnel ends, with a reason."""
-    rig = rigs("native", threads=1)
-    healthy = rig.open()
-    client, proxy_client = rig.connect(rig.front)
-    client.settimeout(WAIT)
-    r, w = os.pipe()
-    if reader == "closed":
-        os.close(r)
-    done: AsyncResult = AsyncResult()
-    rig.engine.submit(proxy_client.detach(), w, b"", done.set)
-    try:
-        if reader == "open":
-            client.sendall(b"data")
-            assert read_fd(r, 4) == b"data"
-            client.shutdown(socket.SHUT_WR)
-        record = done.get(timeout=WAIT)
-        assert (record.reason, record.first_closer) == ("error", "proxy")
-        assert record.errno == (errno.ENOTSOCK if reader == "open" else errno.EBADF)
-        with pytest.raises(ConnectionResetError):
-            drain(client)  # a broken stream is aborted, never ended like a whole one
-        if reader == "open":
-            assert read_fd(r, 1) == b""  # the engine closed the write end it owned
-    finally:
-        client.close()
-        if reader == "open":
-            os.close(r)
-    # The engine goes on serving: the tunnel opened before and a new one.
-    exchange(healthy, b"still", b"here")
-    exchange(rig.open(), randbytes(MiB, 90), randbytes(MiB, 91))
-    # A tunnel counts as active until its on_done has run in the hub.
-    wait_until(lambda: rig.engine.stats()["active"] == 0, "every tunnel's on_done")
-
-
 @pytest.mark.parametrize("bad", ["client", "origin"])
-def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
-    rigs: Any, engine_kind: str, bad: str
+@pytest.mark.parametrize("what", ["closed", "pipe"])
+def test_submit_refuses_what_is_not_a_socket_and_leaves_both_fds_with_the_caller(
+    rigs: Any, engine_kind: str, bad: str, what: str
 ) -> None:
-    """When submit raises, the caller still owns both fds and must be able to use or close
-    them as they were: the engine may not have closed, read, written or reconfigured either
-    (not even made the good one non-blocking)."""
+    """A closed fd (EBADF) or a pipe (ENOTSOCK) is refused by submit, by both engines alike.
+    The caller then still owns both fds and must be able to use or close them as they were:
+    the engine may not have closed, read, written or reconfigured either (not even made the
+    good one non-blocking)."""
     rig = rigs(engine_kind)
     # An engine already running: the submit below must not create an fd that could take
     # the closed number.
@@ -1005,14 +969,22 @@ def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
     good = proxy_side.detach()
     os.set_blocking(good, True)  # as a caller may have it: submit must not change it either
     flags, inode = fcntl.fcntl(good, fcntl.F_GETFL), os.fstat(good).st_ino
-    dead = socket.socket().detach()
-    os.close(dead)
+    pipe_r = -1
+    if what == "closed":
+        dead = socket.socket().detach()
+        os.close(dead)
+    else:
+        pipe_r, dead = os.pipe()
     before = rig.engine.stats()
     fds = (dead, good) if bad == "client" else (good, dead)
     try:
         with pytest.raises(OSError) as raised:
             rig.engine.submit(*fds, b"early", lambda record: None)
-        assert raised.value.errno == errno.EBADF
+        assert raised.value.errno == (errno.EBADF if what == "closed" else errno.ENOTSOCK)
+        if what == "pipe":  # still open, still blocking, and nothing written into it
+            assert os.get_blocking(dead)
+            os.write(dead, b"mine")
+            assert os.read(pipe_r, 16) == b"mine"
         # Untouched: the same open socket, the same flags, nothing read or written ...
         assert (fcntl.fcntl(good, fcntl.F_GETFL), os.fstat(good).st_ino) == (flags, inode)
         after = rig.engine.stats()
@@ -1028,6 +1000,9 @@ def test_submit_with_a_closed_fd_leaves_both_fds_with_the_caller(
     finally:
         os.close(good)
         peer.close()
+        if what == "pipe":
+            os.close(dead)
+            os.close(pipe_r)
     exchange(rig.open(), b"after", b"wards")
 
 

@@ -55,7 +55,8 @@ class Engine(Protocol):
     def submit(self, client_fd: int, origin_fd: int, early_up: bytes, on_done: OnDone) -> None:
         """Take ownership of two connected sockets and relay between them.
 
-        ``early_up`` is written to the origin before anything else. Raises RuntimeError once
+        ``early_up`` is written to the origin before anything else. Raises OSError when an
+        fd is not an open socket (EBADF, ENOTSOCK: a pipe or a file), and RuntimeError once
         the engine is shutting down; the caller then still owns and must close the fds.
         """
 
