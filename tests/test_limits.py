@@ -16,6 +16,9 @@ from gevent import socket
 from splicegate import limits
 from splicegate.errors import OverCapacity, render
 from splicegate.limits import Acceptor, ConnectionLimits
+from splicegate.relay import RelayTimeouts, create_engine, native_engine_error, pipe_cap_bound
+
+MiB = 1024 * 1024
 
 
 def test_total_cap() -> None:
@@ -67,7 +70,22 @@ def test_zero_means_no_cap() -> None:
 
 
 def test_fds_needed() -> None:
-    assert limits.fds_needed(10_000) == 60_000 + limits.FDS_SPARE
+    """Two sockets a tunnel, two ends a pipe: pipes count by the engine's cap, not per
+    tunnel, since they are lent only while bytes are in flight."""
+    assert limits.fds_needed(10_000, 64) == 20_000 + 128 + limits.FDS_SPARE
+    assert limits.fds_needed(10_000, 0) == 20_000 + limits.FDS_SPARE
+
+
+def test_pipe_cap_bound_is_what_the_engine_settles_on() -> None:
+    assert pipe_cap_bound("python", MiB, None) == 0
+    assert pipe_cap_bound("native", MiB, 500) == 500
+    if native_engine_error() is None:
+        for size in (64 * 1024, MiB):
+            engine = create_engine("auto", RelayTimeouts(), pipe_size=size)
+            try:
+                assert pipe_cap_bound("auto", size, None) == engine.pipe_cap  # type: ignore[attr-defined]
+            finally:
+                engine.shutdown(time.monotonic())
 
 
 class FlakyListener:

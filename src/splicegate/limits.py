@@ -30,9 +30,13 @@ log = logging.getLogger("splicegate")
 #: the handler sets it on each connection.
 NODELAY_INHERITED = sys.platform.startswith("linux")
 
-#: File descriptors one tunnel may hold: two sockets, and with the native engine a pipe
-#: (two ends) per direction while bytes are in flight.
-FDS_PER_TUNNEL = 6
+#: File descriptors one tunnel holds: its two sockets. A CONNECT still resolving or racing
+#: addresses holds a few more for a moment; the spare below and the accept back-off (when
+#: descriptors run out all the same) cover those.
+FDS_PER_TUNNEL = 2
+#: And one splice pipe, two ends. The native engine lends pipes from a pool only while bytes
+#: are in flight, and never holds more than its pipe cap, so pipes count by that cap.
+FDS_PER_PIPE = 2
 #: Descriptors the proxy needs besides its tunnels: listeners, the engine's epoll and
 #: eventfds, resolver sockets, log files, the hashing pool.
 FDS_SPARE = 64
@@ -261,15 +265,15 @@ class Acceptor:
         self.socket.close()
 
 
-def fds_needed(max_connections: int) -> int:
-    """Descriptors the proxy needs at its connection cap."""
-    return FDS_PER_TUNNEL * max_connections + FDS_SPARE
+def fds_needed(max_connections: int, max_pipes: int) -> int:
+    """Descriptors the proxy needs at its connection cap with every pipe lent out."""
+    return FDS_PER_TUNNEL * max_connections + FDS_PER_PIPE * max_pipes + FDS_SPARE
 
 
-def raise_open_file_limit(max_connections: int) -> int:
+def raise_open_file_limit(max_connections: int, max_pipes: int) -> int:
     """Raise the soft open-file limit as far as the hard one allows, and warn when it is
-    still below what ``max_connections`` tunnels need (six descriptors each). The usual
-    soft limit of 1024 would hold about 170 tunnels. Returns the limit in force."""
+    still below what ``max_connections`` tunnels and ``max_pipes`` pipes need. The usual
+    soft limit of 1024 would hold about 450 tunnels. Returns the limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
@@ -277,16 +281,18 @@ def raise_open_file_limit(max_connections: int) -> int:
             soft = hard
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
-    needed = fds_needed(max_connections)
+    needed = fds_needed(max_connections, max_pipes)
     if soft != resource.RLIM_INFINITY and soft < needed:
+        pipe_fds = FDS_PER_PIPE * max_pipes
         log.warning(
             "open-file limit is %d, below the %d that --max-connections %d needs (%d per "
-            "tunnel): at most about %d tunnels; raise the limit (ulimit -n, systemd's "
+            "tunnel%s): at most about %d tunnels; raise the limit (ulimit -n, systemd's "
             "LimitNOFILE) or lower --max-connections",
             soft,
             needed,
             max_connections,
             FDS_PER_TUNNEL,
-            max(0, soft - FDS_SPARE) // FDS_PER_TUNNEL,
+            f", and {pipe_fds} for {max_pipes} splice pipes" if max_pipes else "",
+            max(0, soft - FDS_SPARE - pipe_fds) // FDS_PER_TUNNEL,
         )
     return soft

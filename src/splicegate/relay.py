@@ -105,10 +105,8 @@ def usable_pipe_size(requested: int) -> int:
     fails and leaves the pipe at its 64 KiB default. So one pipe is tried at that size: on
     EPERM the engine asks for the limit instead and says so once, keeping the big pipes the
     operator meant rather than silently sixteen times smaller ones."""
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            limit = int(f.read())
-    except (OSError, ValueError):
+    limit = _pipe_max_size()
+    if limit is None:
         return requested  # nothing to go by: let the kernel decide
     if requested <= limit:
         return requested
@@ -135,6 +133,27 @@ def usable_pipe_size(requested: int) -> int:
         limit,
     )
     return limit
+
+
+def _pipe_max_size() -> int | None:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pipe_cap_bound(kind: str, pipe_size: int, max_pipes: int | None) -> int:
+    """The most pipes the engine ``kind`` will hold, every process together, known before
+    it is built (for the open-file limit): none for the pure-Python engine, else
+    ``max_pipes`` or what the per-user quota holds. A pipe size past fs.pipe-max-size is
+    counted at that limit, as an unprivileged process gets it: the larger count."""
+    if kind == "python" or (kind == "auto" and native_engine_error() is not None):
+        return 0
+    if max_pipes:
+        return max_pipes
+    limit = _pipe_max_size()
+    return default_max_pipes(pipe_size if limit is None else min(pipe_size, limit))
 
 
 def native_engine_error() -> str | None:
