@@ -37,7 +37,7 @@ import gevent
 from gevent.event import Event
 
 from splicegate.relay import (
-    SCHEDULING, RelayTimeouts, TunnelRecord, default_max_pipes, usable_pipe_size,
+    SCHEDULING, RelayTimeouts, TunnelRecord, pipe_share, usable_pipe_size,
 )
 
 log = logging.getLogger("splicegate")
@@ -735,9 +735,8 @@ cdef class NativeEngine:
         self.core.pipe_size = usable_pipe_size(pipe_size)
         # The cap is the whole server's: --workers processes share the one user's quota, so
         # each engine takes its share.
-        self.core.max_pipes = max(1, (int(max_pipes) if max_pipes
-                                      else default_max_pipes(self.core.pipe_size))
-                                  // max(1, int(processes)))
+        self.core.max_pipes = pipe_share(self.core.pipe_size,
+                                         int(max_pipes) if max_pipes else None, int(processes))
         # Idle pools may hold a quarter of the cap between them, so that pipes one thread
         # keeps for later never push another thread's live transfer onto the copy path.
         self.core.pool_keep = max(1, min(POOL_KEEP, self.core.max_pipes // (4 * threads)))

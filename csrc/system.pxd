@@ -36,7 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void* buf, size_t len, int flags)
     ssize_t send(int fd, const void* buf, size_t len, int flags)
     int shutdown(int fd, int how)
-    int setsockopt(int fd, int level, int name, const void* value, unsigned int length)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
     int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
     struct linger:
         int l_onoff

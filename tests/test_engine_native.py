@@ -1206,10 +1206,13 @@ def test_pipe_cap_is_the_whole_servers(
     from splicegate.config import Config
     from splicegate.relay import default_max_pipes, usable_pipe_size
 
-    engine = Config(listen=["127.0.0.1:3128"], engine="native", **settings).create_engine()
+    config = Config(listen=["127.0.0.1:3128"], engine="native", **settings)
+    engine = config.create_engine()
     try:
         quota = default_max_pipes(usable_pipe_size(MiB))  # the pipe size the engine gets
         assert engine.pipe_cap == share(quota)  # type: ignore[attr-defined]
+        # what the open-file limit counts before the engine is built
+        assert config.pipes_per_process() == engine.pipe_cap  # type: ignore[attr-defined]
     finally:
         engine.shutdown(time.monotonic())
 

@@ -159,6 +159,7 @@ def test_a_client_that_resets_mid_request_gets_a_499_line(tmp_path: Path) -> Non
         entry = json.loads(line)
         assert (entry["status"], entry["error"]) == (499, None)
         assert (entry["method"], entry["target"]) == ("CONNECT", "127.0.0.1:9")
+        assert entry["established_ms"] is None  # no 200 was sent
         assert entry["client"] == "127.0.0.1" and entry["bytes_up"] == 0
         assert 0 < entry["duration_ms"] < WAIT * 1000
         assert "left before the answer" in proc.log()

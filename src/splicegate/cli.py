@@ -15,7 +15,7 @@ from splicegate import configfile, daemon
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
 from splicegate.limits import raise_open_file_limit
-from splicegate.relay import native_engine_error, pipe_cap_bound
+from splicegate.relay import native_engine_error
 
 log = logging.getLogger("splicegate")
 
@@ -155,8 +155,7 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
     do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
-    pipes = pipe_cap_bound(config.engine, config.pipe_size, config.max_pipes or None)
-    raise_open_file_limit(config.max_connections, pipes)
+    raise_open_file_limit(config.max_connections, config.pipes_per_process())
     load = load or (lambda: config)
     if config.workers > 1 and not os.environ.get(daemon.WORKER_ENV):
         from splicegate.workers import Supervisor

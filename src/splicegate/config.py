@@ -25,7 +25,14 @@ from splicegate.policy import (
     parse_network,
     parse_port_spec,
 )
-from splicegate.relay import ENGINES, SCHEDULING, Engine, RelayTimeouts, create_engine
+from splicegate.relay import (
+    ENGINES,
+    SCHEDULING,
+    Engine,
+    RelayTimeouts,
+    create_engine,
+    pipe_cap_bound,
+)
 from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
@@ -517,6 +524,11 @@ class Config:
             half_closed=self.half_closed_timeout,
             lifetime=self.max_lifetime,
         )
+
+    def pipes_per_process(self) -> int:
+        """The most splice pipes the engine of :meth:`create_engine` will hold (0: the
+        Python engine), known before it is built: the open-file limit counts them."""
+        return pipe_cap_bound(self.engine, self.pipe_size, self.max_pipes or None, self.workers)
 
     def create_engine(self) -> Engine:
         """The relay engine these settings ask for."""

@@ -143,17 +143,22 @@ def _pipe_max_size() -> int | None:
         return None
 
 
-def pipe_cap_bound(kind: str, pipe_size: int, max_pipes: int | None) -> int:
-    """The most pipes the engine ``kind`` will hold, every process together, known before
-    it is built (for the open-file limit): none for the pure-Python engine, else
-    ``max_pipes`` or what the per-user quota holds. A pipe size past fs.pipe-max-size is
-    counted at that limit, as an unprivileged process gets it: the larger count."""
+def pipe_share(pipe_size: int, max_pipes: int | None, processes: int) -> int:
+    """The pipes one engine may hold: the server's cap (``max_pipes``, or what the per-user
+    quota holds at ``pipe_size``), split between its ``processes``, which share the one
+    user's quota; at least one each."""
+    return max(1, (max_pipes or default_max_pipes(pipe_size)) // max(1, processes))
+
+
+def pipe_cap_bound(kind: str, pipe_size: int, max_pipes: int | None, processes: int) -> int:
+    """The most pipes the engine ``kind`` will hold in one process, known before it is
+    built (for the open-file limit): none for the pure-Python engine, else its share. A
+    pipe size past fs.pipe-max-size is counted at that limit, as an unprivileged process
+    gets it: the larger count."""
     if kind == "python" or (kind == "auto" and native_engine_error() is not None):
         return 0
-    if max_pipes:
-        return max_pipes
     limit = _pipe_max_size()
-    return default_max_pipes(pipe_size if limit is None else min(pipe_size, limit))
+    return pipe_share(pipe_size if limit is None else min(pipe_size, limit), max_pipes, processes)
 
 
 def native_engine_error() -> str | None:

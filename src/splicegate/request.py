@@ -99,9 +99,10 @@ class Request:
 
 
 def show_target(target: bytes) -> str:
-    """A request target as a log shows it: as sent, with any byte outside ASCII as \\xNN.
-    The grammar keeps spaces and controls out; this keeps out C1 controls and look-alikes."""
-    return target.decode("ascii", "backslashreplace")
+    """A request target as a log shows it: as sent, with any byte outside ASCII as \\xNN
+    and a backslash doubled, so that no client can spell an escape it did not send. The
+    grammar keeps spaces and controls out; this keeps out C1 controls and look-alikes."""
+    return target.replace(b"\\", b"\\\\").decode("ascii", "backslashreplace")
 
 
 def show_address(address: tuple) -> str:
@@ -176,6 +177,7 @@ def _strip_cr(line: bytes) -> bytes:
 
 
 def _parse_request_line(line: bytes) -> tuple[str, bytes, tuple[int, int]]:
+    """Method, target and version as sent; the version is judged by :func:`_speak`."""
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
         shown = line[:100].decode("latin-1")
@@ -183,14 +185,23 @@ def _parse_request_line(line: bytes) -> tuple[str, bytes, tuple[int, int]]:
             f"malformed request line {shown!a}; expected 'CONNECT host:port HTTP/1.1'",
             details="malformed request line",
         )
-    major, minor = int(match["major"]), int(match["minor"])
+    return (
+        match["method"].decode("ascii"),
+        match["target"],
+        (int(match["major"]), int(match["minor"])),
+    )
+
+
+def _speak(version: tuple[int, int]) -> tuple[int, int]:
+    """The version the request is handled as, or a 505."""
+    major, minor = version
     if major != 1:
         raise VersionNotSupported(
             f"HTTP/{major}.{minor} is not supported; send the CONNECT request as HTTP/1.1",
             details=f"unsupported version HTTP/{major}.{minor}",
         )
     # RFC 9110 §2.5: a later minor version of 1.x is handled as the highest we speak.
-    return match["method"].decode("ascii"), match["target"], (1, min(minor, 1))
+    return 1, min(minor, 1)
 
 
 def _parse_fields(lines: list[bytes], max_fields: int) -> tuple[tuple[bytes, bytes], ...]:
@@ -243,7 +254,8 @@ def parse_head(
     """Parse one complete head (up to, not including, the empty line); ``request_line`` is
     its first line already parsed, by a parser that checked it early."""
     first, *rest = head.split(b"\n")
-    method, target, version = request_line or _parse_request_line(_strip_cr(first))
+    method, target, sent_version = request_line or _parse_request_line(_strip_cr(first))
+    version = _speak(sent_version)
     fields = _parse_fields([_strip_cr(line) for line in rest], max_fields)
     _check_host(version, fields)
     if method != "CONNECT":
@@ -390,3 +402,4 @@ class RequestParser:
         if end < 0:
             return
         self._request_line = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
+        _speak(self._request_line[2])  # a 505 at once, the line kept for the log
