@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -577,6 +578,23 @@ def test_two_workers_serve_and_survive_one_killed() -> None:
                 if new in served_by(proc):
                     break
             wait_until(lambda: new in served_by(proc), "the new worker served")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_low_open_file_limit_is_reported_once_for_all_workers() -> None:
+    """The supervisor raises the limit and warns; the workers inherit it and say nothing."""
+    low_limit = [
+        sys.executable, "-c",
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048)); "
+        "os.execv(sys.argv[1], sys.argv[1:])",
+    ]  # fmt: skip
+    proc = ProxyProcess(*LOOPBACK, "--workers", "2", listen=[f"127.0.0.1:{free_port()}"],
+                        prefix=low_limit)  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        warnings = re.findall(r"open-file limit is 2048, below the (\d+)", proc.log())
+        assert len(warnings) == 1, proc.log()
     finally:
         assert proc.stop() == 0
 

@@ -155,7 +155,8 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
     do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
-    raise_open_file_limit(config.max_connections, config.pipes_per_process())
+    if not os.environ.get(daemon.WORKER_ENV):  # workers inherit the raised limit, and warn not
+        raise_open_file_limit(config.max_connections, config.pipes_per_process())
     load = load or (lambda: config)
     if config.workers > 1 and not os.environ.get(daemon.WORKER_ENV):
         from splicegate.workers import Supervisor
