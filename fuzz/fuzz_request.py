@@ -7,8 +7,9 @@
 
 The invariant, as in h11's fuzz target: whatever the bytes and however they are split, the
 parser returns a Request, NEED_DATA or CLOSED, or raises a splicegate ProxyError that knows
-its status (400, 431 or 505); anything else, an IndexError, a UnicodeDecodeError, a
-RuntimeError, is a bug and stops the run with the input that caused it. Fed whole and fed
+its status (400, 431 or 505), an ASCII body, and a request line (if it kept one) fit for a
+log; anything else, an IndexError, a UnicodeDecodeError, a RuntimeError, is a bug and
+stops the run with the input that caused it. Fed whole and fed
 in the fuzzer's chunks, the same head must meet the same fate.
 
 The last four bytes of each input choose the limits and where the head is split (see
@@ -53,6 +54,11 @@ def run(data: bytes, cuts: list[int], max_head_bytes: int, max_fields: int):
     except errors.ProxyError as err:
         if err.status not in STATUSES or not err.message or not err.details:
             raise AssertionError(f"unexpected refusal {err.status}: {err!r}") from err
+        if not err.message.isascii():  # the client's bytes are quoted as escapes
+            raise AssertionError(f"a body with raw client bytes: {err.message!a}") from err
+        shown = parser.request_line  # what the log shows of a refused head
+        if shown is not None and not all(s.isascii() and s.isprintable() for s in shown):
+            raise AssertionError(f"a request line unfit for a log: {shown!a}") from err
         return type(err)
     if event is not CLOSED and not isinstance(event, Request):
         raise AssertionError(f"unexpected event {event!r}")
