@@ -508,6 +508,18 @@ cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
     return 0
 
 
+cdef bint peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
+    """An error reported on a side whose EOF is already in: no read will come to find it,
+    and no write either while the other peer is silent, so a reset after a half-close
+    would pass for the end of the tunnel. Ends the tunnel with it; True if it did."""
+    cdef int err = 0
+    cdef socklen_t errlen = sizeof(err)
+    if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0 or err == 0:
+        return False
+    fail(w, t, side, err, now)
+    return True
+
+
 cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:
     if pump_dir(w, t, UP, now) == 0:
         pump_dir(w, t, DOWN, now)
@@ -653,6 +665,8 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 continue  # ended earlier in this batch
             side = <int>(data & 1)
             mask = events[i].events
+            if mask & EPOLLERR and t.dir[side].eof and peer_error(w, t, side, now):
+                continue
             if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 t.readable[side] = True
             if mask & (EPOLLOUT | EPOLLHUP | EPOLLERR):

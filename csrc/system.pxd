@@ -47,6 +47,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_LINGER
         SO_TYPE
+        SO_ERROR
 
 
 cdef extern from "<sys/epoll.h>" nogil:

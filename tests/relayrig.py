@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,18 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"EOF after {len(out)} of {n} bytes"
         out += chunk
     return bytes(out)
+
+
+def wait_until(
+    predicate: Callable[[], Any], what: str, timeout: float = WAIT, poll: float = 0.01
+) -> Any:
+    """The predicate's first truthy value, polled with gevent.sleep so that an engine in this
+    hub keeps running; a failed assertion after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"gave up after {timeout} s waiting for {what}"
+        gevent.sleep(poll)
+    return value
 
 
 def together(*calls: tuple[Any, ...], timeout: float = 60.0) -> list[Any]:

@@ -56,6 +56,7 @@ from relayrig import (
     recv_exactly,
     sha,
     together,
+    wait_until,
 )
 from splicegate.relay import Engine, RelayTimeouts, TunnelRecord, create_engine
 
@@ -110,15 +111,6 @@ def fd_limit() -> Iterator[Callable[[int], None]]:
 
     yield need
     resource.setrlimit(resource.RLIMIT_NOFILE, original)
-
-
-def wait_until(
-    predicate: Callable[[], bool], what: str, timeout: float = WAIT, poll: float = 0.01
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up after {timeout} s waiting for {what}"
-        gevent.sleep(poll)
 
 
 def wait_stalled(engine: Engine, pipes: int, what: str) -> None:

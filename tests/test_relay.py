@@ -42,6 +42,7 @@ from relayrig import (
     recv_exactly,
     sha,
     together,
+    wait_until,
 )
 from splicegate.relay import Engine, RelayTimeouts
 
@@ -243,6 +244,28 @@ def test_reset_after_half_close_names_the_first_closer(make_rig: Any) -> None:
         drain(t.client)
     record = t.record()
     assert (record.reason, record.first_closer) == ("reset", "client")
+
+
+@pytest.mark.parametrize("side", ["client", "origin"])
+def test_a_reset_after_ones_own_half_close_is_passed_on(make_rig: Any, side: str) -> None:
+    """A peer half-closes, then aborts. The other peer has nothing to send, so no write can
+    find the reset: the relay must notice it on the half-closed socket and pass it on at
+    once, not end the tunnel at the half-closed timeout as if both had finished."""
+    rig = make_rig(RelayTimeouts(idle=0, half_closed=3 * WAIT, lifetime=0))
+    t = rig.open()
+    closer, peer = (t.client, t.origin) if side == "client" else (t.origin, t.client)
+    closer.sendall(b"last")
+    closer.shutdown(socket.SHUT_WR)
+    assert recv_exactly(peer, 4) == b"last" and peer.recv(1) == b""
+    abort(closer)
+    # The peer has read its EOF, so recv returns b"" at once: only the error the abort
+    # leaves on its socket tells. A reset in CLOSE_WAIT is EPIPE.
+    assert wait_until(
+        lambda: peer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "the abort passed on"
+    ) in (errno.EPIPE, errno.ECONNRESET)
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("reset", side)
+    assert t.fds_closed_at_done
 
 
 def test_socket_error_ends_the_tunnel_with_error(make_rig: Any) -> None:

@@ -19,6 +19,8 @@ import _socket
 import contextlib
 import errno
 import logging
+import os
+import select
 import socket
 import struct
 import time
@@ -148,11 +150,67 @@ class _Direction:
             return
         self.done = True
         self.tunnel.direction_done()
+        if not self.tunnel.ended:  # the other way goes on: a reset from src must still count
+            self.tunnel.engine._half_closed.add(self.src, self.tunnel, self.src_side)
 
     def close_watchers(self) -> None:
         for watcher in (self.reader, self.writer):
             watcher.stop()
             watcher.close()
+
+
+class _HalfClosedWatch:
+    """Errors on sockets whose EOF is in, for the engine's tunnels.
+
+    Such a socket stays readable for good (recv returns b""), so no io watcher can wait on it
+    for a reset; yet while the other peer is silent no write finds the reset either, and the
+    tunnel would end at the half-closed timeout as if both had finished. epoll reports
+    EPOLLERR and EPOLLHUP whatever the mask, so a socket registered with no events (edge
+    triggered) reports only those: one epoll holds them all, watched from the hub.
+    """
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._epoll: select.epoll | None = None
+        self._watcher: Any = None
+        self._watched: dict[int, tuple[_Tunnel, Closer, _socket.socket]] = {}
+
+    def add(self, sock: _socket.socket, tunnel: _Tunnel, side: Closer) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._watcher = self._loop.io(self._epoll.fileno(), _READ)
+            self._watcher.start(self._on_ready)
+        fd = sock.fileno()
+        self._epoll.register(fd, select.EPOLLET)
+        self._watched[fd] = (tunnel, side, sock)
+
+    def remove(self, sock: _socket.socket) -> None:
+        """Before the socket closes: a later socket may get its number."""
+        fd = sock.fileno()
+        if self._watched.pop(fd, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _on_ready(self) -> None:
+        assert self._epoll is not None  # the watcher runs only once the epoll exists
+        for fd, _ in self._epoll.poll(0):
+            entry = self._watched.get(fd)
+            if entry is None:
+                continue
+            tunnel, side, sock = entry
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                tunnel.fail(OSError(code, os.strerror(code)), side)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        self._watched.clear()
 
 
 class _Tunnel:
@@ -167,6 +225,7 @@ class _Tunnel:
     __slots__ = (
         "client",
         "down",
+        "ended",
         "engine",
         "first_closer",
         "first_eof",
@@ -196,6 +255,7 @@ class _Tunnel:
         self.started = self.last_activity = time.monotonic()
         self.first_eof: float | None = None
         self.first_closer: Closer | None = None
+        self.ended = False
         self.timer: Any = None
         self.timer_at = float("inf")
 
@@ -299,9 +359,13 @@ class _Tunnel:
         abort_client: bool,
         abort_origin: bool,
     ) -> None:
-        # Watchers go before their fds: libev must never watch a closed (maybe reused) fd.
+        # Watchers go before their fds: libev must never watch a closed (maybe reused) fd,
+        # nor the engine's epoll of half-closed sockets.
+        self.ended = True
         self.up.close_watchers()
         self.down.close_watchers()
+        self.engine._half_closed.remove(self.client)
+        self.engine._half_closed.remove(self.origin)
         self._drop_timer()
         for sock, abort in ((self.client, abort_client), (self.origin, abort_origin)):
             # close() releases the fd even when it reports an error, so errors here change
@@ -337,6 +401,7 @@ class PythonEngine:
         self.timeouts = timeouts
         self.loop = gevent.get_hub().loop
         self._tunnels: set[_Tunnel] = set()
+        self._half_closed = _HalfClosedWatch(self.loop)
         self._closing = False
         self._drained: Event | None = None
         self._tunnels_total = 0
@@ -384,6 +449,7 @@ class PythonEngine:
         """
         self._closing = True
         if not self._tunnels:
+            self._half_closed.close()
             return
         if self._drained is None:
             self._drained = Event()
@@ -396,6 +462,7 @@ class PythonEngine:
         finally:
             timer.stop()
             timer.close()
+        self._half_closed.close()
 
     def _close_all(self) -> None:
         for tunnel in list(self._tunnels):
