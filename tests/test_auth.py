@@ -328,10 +328,24 @@ def test_reload_rereads_only_a_changed_file(
 def test_configure_keeps_the_authenticator_for_the_same_file(
     users: Path, authenticator: auth.Authenticator
 ) -> None:
-    assert auth.configure(authenticator, str(users), "test realm") is authenticator
-    other = auth.configure(authenticator, str(users), "another realm")
+    same, _ = auth.configure(authenticator, str(users), "test realm")
+    assert same is authenticator
+    other, _ = auth.configure(authenticator, str(users), "another realm")
     assert other is not authenticator and other is not None and other.realm == "another realm"
-    assert auth.configure(authenticator, "", "x") is None
+    assert auth.configure(authenticator, "", "x")[0] is None
+
+
+def test_a_changed_file_is_read_at_once_and_put_in_force_only_when_applied(
+    users: Path, authenticator: auth.Authenticator
+) -> None:
+    auth.set_password(str(users), "alice", "new password", CHEAP)
+    same, apply = auth.configure(authenticator, str(users), "test realm")
+    assert same is authenticator
+    assert authenticator.check(with_auth(basic("alice", "wonderland"))) == "alice"  # old, yet
+    apply()
+    with pytest.raises(AuthRequired):
+        authenticator.check(with_auth(basic("alice", "wonderland")))
+    assert authenticator.check(with_auth(basic("alice", "new password"))) == "alice"
 
 
 def test_server_configure_rebuilds_auth_from_the_settings(users: Path) -> None:
@@ -353,6 +367,17 @@ def test_server_configure_rebuilds_auth_from_the_settings(users: Path) -> None:
     with pytest.raises(ValueError, match="line 1"):
         server._configure(checked)
     assert server.authenticator is first and server.policy is policy
+    # A good new file, but the reload fails later (a log path that cannot be opened): the
+    # old users stay in force, as does everything else.
+    auth.set_password(str(users.with_name("fresh")), "erin", "e", CHEAP)
+    users.write_text(users.with_name("fresh").read_text())
+    unopenable = str(users.with_name("no such dir") / "access.log")
+    with pytest.raises(OSError):
+        server._configure(Config(auth_file=str(users), allow_port=["any"], access_log=unopenable))
+    assert server.authenticator is first and server.policy is policy
+    assert first.users == {"alice", "bob", "dave"}
+    server._configure(Config(auth_file=str(users)))  # the same file, now applied
+    assert first.users == {"erin"}
     server._configure(Config())
     assert server.authenticator is None
     server.resolver.close()

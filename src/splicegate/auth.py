@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -251,25 +251,37 @@ class Authenticator:
     def reload(self) -> bool:
         """Re-read the file if it changed; True when it did. A bad file raises ValueError
         and leaves the users as they were, so a reload can refuse it and keep serving."""
+        apply = self.prepare_reload()
+        if apply is None:
+            return False
+        apply()
+        return True
+
+    def prepare_reload(self) -> Callable[[], None] | None:
+        """The changed file read and checked, and what puts it in force: a server's reload
+        calls that only once every other new setting has been built, so a reload refused
+        for another reason keeps the old users too. None when the file has not changed; a
+        bad file raises ValueError."""
         try:
             identity = _file_identity(self.path)
         except OSError as exc:
             raise ValueError(f"cannot read {self.path}: {exc}") from None
         if identity == self._identity:
-            return False
+            return None
         users = read_users(self.path)
         common = collections.Counter(r.params for r in users.values()).most_common(1)
         params = common[0][0] if common else DEFAULT_PARAMS
-        salt = os.urandom(SALT_BYTES)
         # A record no password matches, with the file's usual cost: an unknown user is
         # hashed against it, so it takes as long as a known one.
-        self._dummy = Record(params, salt, os.urandom(KEY_BYTES), "")
-        self._users = users
-        self._identity = identity
-        self._cache.clear()
-        if not users:
-            log.warning("%s lists no users: every request will get 407", self.path)
-        return True
+        dummy = Record(params, os.urandom(SALT_BYTES), os.urandom(KEY_BYTES), "")
+
+        def apply() -> None:
+            self._dummy, self._users, self._identity = dummy, users, identity
+            self._cache.clear()
+            if not users:
+                log.warning("%s lists no users: every request will get 407", self.path)
+
+        return apply
 
     def check(self, request: Request) -> str:
         """The authenticated user name, or AuthRequired (407) for anything else."""
@@ -348,16 +360,22 @@ class Authenticator:
             self._cache.popitem(last=False)
 
 
-def configure(previous: Authenticator | None, path: str, realm: str) -> Authenticator | None:
-    """The authenticator for these settings: the previous one re-read when it is for the same
-    file and realm (a reload keeps its cache and re-reads only a changed file), else a new
-    one; None when auth is off."""
+def configure(
+    previous: Authenticator | None, path: str, realm: str
+) -> tuple[Authenticator | None, Callable[[], None]]:
+    """The authenticator for these settings, and what to call once the rest of a reload has
+    been built: the previous one, with a changed file read but not yet in force, when it is
+    for the same file and realm (a reload keeps its cache and re-reads only a changed file);
+    else a new one; None when auth is off."""
     if not path:
-        return None
+        return None, _nothing
     if previous is not None and (previous.path, previous.realm) == (path, realm):
-        previous.reload()
-        return previous
-    return Authenticator(path, realm)
+        return previous, previous.prepare_reload() or _nothing
+    return Authenticator(path, realm), _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 # --- splicegate passwd FILE USER --------------------------------------------------------------

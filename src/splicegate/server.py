@@ -123,10 +123,14 @@ class ProxyServer:
 
     def _configure(self, config: Config) -> None:
         """Build what a reload may change from the settings: the one place for it, so that
-        start-up and a reload can never derive them differently."""
-        # First, as it may raise (a broken password file) before anything has changed. The
-        # same file and realm keep their authenticator, which re-reads a changed file.
-        authenticator = auth.configure(self.authenticator, config.auth_file, config.auth_realm)
+        start-up and a reload can never derive them differently. Everything is built before
+        anything is put in force, so settings that fail (a broken password file, a log path
+        that cannot be opened) leave the running ones whole."""
+        # The same file and realm keep their authenticator; a changed file is read here and
+        # its users put in force with the rest, below.
+        authenticator, apply_users = auth.configure(
+            self.authenticator, config.auth_file, config.auth_realm
+        )
         cache = {
             "size": config.dns_cache_size,
             "min_ttl": config.dns_min_ttl,
@@ -140,8 +144,7 @@ class ProxyServer:
             # under the old TTL bounds are not carried over. Lookups in flight finish on the
             # old one, for the requests waiting on them.
             resolver = DnsCache(config.resolver or make_resolver(list(config.nameserver)), **cache)
-        access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
-        self.policy = Policy(
+        policy = Policy(
             allow_client=config.allow_client,
             allow_port=config.allow_port,
             allow_dest=config.allow_dest,
@@ -150,6 +153,10 @@ class ProxyServer:
             allow_domain=config.allow_domain,
             deny_domain=config.deny_domain,
         )
+        access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
+        # Nothing below raises: the new settings go in force together.
+        self.policy = policy
+        apply_users()
         self.authenticator = authenticator
         if resolver is not None:
             self.resolver, self._dns_settings = resolver, dns_settings
