@@ -135,6 +135,27 @@ def test_dial_hook_wraps_the_dialer(origin: StreamServer) -> None:
         proxy.stop(timeout=1)
 
 
+def test_what_a_custom_dialer_returns_gets_tcp_nodelay(origin: StreamServer) -> None:
+    """DESIGN.md: TCP_NODELAY on both sockets, whoever dialled; the dup shares the option."""
+    dups: list[socket.socket] = []
+
+    def plain(addresses: list, port: int, deadline: float) -> socket.socket:
+        sock = socket.create_connection((str(addresses[0]), port), timeout=3)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        dups.append(sock.dup())
+        return sock
+
+    proxy = ProxyServer(Config(**LOOPBACK_OK, dialer=plain))
+    proxy.start()
+    try:
+        assert exchange(proxy, f"127.0.0.1:{origin.server_port}").endswith(b"ping")
+        (dup,) = dups
+        assert dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        dup.close()
+    finally:
+        proxy.stop(timeout=1)
+
+
 def test_on_tunnel_closed_gets_the_entry_and_survives_a_failing_hook(
     origin: StreamServer,
 ) -> None:

@@ -9,6 +9,7 @@ client reads its answer instead of a reset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -304,6 +305,9 @@ class ProxyServer:
         finally:
             attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
+            if self.dialer is not dial_module.dial:  # the built-in one has set it
+                with contextlib.suppress(OSError):  # not TCP: no Nagle to turn off
+                    origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 attempt.dialled = origin.getpeername()  # shown only when a line is written
             except OSError as exc:  # connected, then reset before we looked: the origin's
