@@ -34,6 +34,7 @@ from proxyproc import (
     connect_head,
     open_tunnel,
     origin,
+    read_reply,
     recv_exactly,
     request,
 )
@@ -477,6 +478,42 @@ def assert_407(reply) -> None:
 
 def test_407_without_credentials_then_close(proxy: ProxyProcess) -> None:
     assert_407(request(proxy.address, connect_head("127.0.0.1:9")))  # request() checks close
+
+
+def test_the_client_check_comes_before_auth_and_auth_before_the_port(user_file: Path) -> None:
+    """DESIGN.md's order: client allowed, then authentication, then the port. A client
+    that may not use the proxy hears 403, not an invitation to log in; a port check
+    answers only someone who has logged in, so ports do not leak to strangers."""
+    proc = ProxyProcess(
+        "--allow-dest",
+        "127.0.0.0/8",
+        "--auth-file",
+        str(user_file),
+        "--auth-realm",
+        "splicegate test",
+        "--allow-client",
+        "127.0.0.2/32",
+    )  # fmt: skip  (the default ports: 443 only)
+    try:
+        refused = request(proc.address, connect_head("127.0.0.1:80"))
+        assert refused.status == 403 and "proxy-authenticate" not in refused.fields
+        assert "client 127.0.0.1 may not use this proxy" in refused.body.decode()
+        with socket.socket() as other:  # an allowed client, without credentials
+            other.settimeout(WAIT)
+            other.bind(("127.0.0.2", 0))
+            other.connect(proc.address)
+            other.sendall(connect_head("127.0.0.1:80"))
+            assert_407(read_reply(other))
+        with socket.socket() as other:  # the same, logged in: now the port counts
+            other.settimeout(WAIT)
+            other.bind(("127.0.0.2", 0))
+            other.connect(proc.address)
+            extra = f"Proxy-Authorization: {basic('alice', PASSWORD)}\r\n"
+            other.sendall(connect_head("127.0.0.1:80", extra=extra))
+            reply = read_reply(other)
+            assert reply.status == 403 and "port 80 is not allowed" in reply.body.decode()
+    finally:
+        assert proc.stop() == 0
 
 
 def test_http10_without_any_field_is_407(proxy: ProxyProcess) -> None:

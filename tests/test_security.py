@@ -159,6 +159,38 @@ def test_an_over_capacity_refusal_lets_go_of_its_socket_soon() -> None:
         assert proc.stop() == 0
 
 
+def until_reset(sock: socket.socket, chunk: bytes, within: float) -> float:
+    """Send ``chunk`` again and again until the peer's reset shows; how long that took."""
+    started = time.monotonic()
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        while time.monotonic() - started < within:  # bounded
+            sock.sendall(chunk)
+            time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_a_refusal_lingers_two_seconds_or_64_kib_at_most() -> None:
+    """DESIGN.md: after the answer, read and discard for at most 2 s or 64 KiB, so the answer
+    is read rather than reset away, and no client can hold the socket longer."""
+    proc = ProxyProcess("--allow-dest", "127.0.0.0/8")  # only port 443: 80 gets a 403
+    try:
+        with socket.create_connection(proc.address, timeout=WAIT) as quiet:
+            quiet.sendall(connect_head("127.0.0.1:80"))
+            assert read_reply(quiet).status == 403
+            assert quiet.recv(1) == b""  # the proxy's FIN; we never close ours
+            time.sleep(0.6)  # past the 0.25 s of an over-capacity 503, within the 2 s
+            quiet.sendall(b"still read and dropped")
+            # let go at 2 s: from then on the kernel answers with a reset
+            assert 0.5 < until_reset(quiet, b"late", within=WAIT) < WAIT
+        with socket.create_connection(proc.address, timeout=WAIT) as talkative:
+            talkative.sendall(connect_head("127.0.0.1:80"))
+            assert read_reply(talkative).status == 403
+            # past 64 KiB the proxy stops reading and closes at once, long before 2 s
+            assert until_reset(talkative, b"x" * 65536, within=WAIT) < 1.5
+    finally:
+        assert proc.stop() == 0
+
+
 def test_per_client_cap() -> None:
     proc = ProxyProcess(*LOOPBACK_OK, "--max-connections-per-client", "2")
     try:
