@@ -299,6 +299,27 @@ def descriptors_above_1023() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@contextlib.contextmanager
+def no_descriptors_left() -> Iterator[None]:
+    """Every descriptor number below the soft limit in use, so the next socket() inside
+    fails with EMFILE; the limit lowered to just above what is open, and put back after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    filler: list[int] = []
+    try:
+        while True:  # bounded: at most the 16 numbers above the highest, plus any gaps
+            try:
+                filler.append(os.dup(0))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def http_responder(body: bytes, content_type: str) -> Callable[[socket.socket], None]:
     """An origin behaviour: read one request head, answer ``body`` with a 200, close."""
 

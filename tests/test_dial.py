@@ -20,9 +20,19 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from proxyproc import descriptors_above_1023, full_accept_queue, ipv6_loopback
+from proxyproc import (
+    descriptors_above_1023,
+    full_accept_queue,
+    ipv6_loopback,
+    no_descriptors_left,
+)
 from splicegate.dial import _Failure, _failure_error, dial, interleave
-from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
+from splicegate.errors import (
+    ConnectionRefused,
+    ConnectTimeout,
+    DestinationUnavailable,
+    OutOfResources,
+)
 
 ip = ipaddress.ip_address
 
@@ -199,9 +209,38 @@ def test_mixed_failures_are_unavailable_not_refused() -> None:
     assert "::1" in err.message and "127.0.0.1" in err.message
 
 
-@pytest.mark.parametrize("code", [errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.ETIMEDOUT])
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.ETIMEDOUT, errno.EINVAL])
 def test_other_errors_are_unavailable(code: int) -> None:
     assert isinstance(_failure_error([_fail("127.0.0.1", code)], 443), DestinationUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("code", "named"),
+    [
+        (errno.EMFILE, "open files"),
+        (errno.ENFILE, "fs.file-max"),
+        (errno.ENOBUFS, "socket buffer memory"),
+        (errno.EADDRNOTAVAIL, "local ports"),
+    ],
+)
+def test_a_shortage_on_this_host_is_a_503_not_the_destinations_fault(code: int, named: str) -> None:
+    err = _failure_error([_fail("127.0.0.1", code), _fail("::1", code)], 443)
+    assert isinstance(err, OutOfResources) and err.status == 503
+    assert named in err.message and "127.0.0.1" not in err.message
+    assert ("Retry-After", "1") in err.headers()
+
+
+def test_a_firewall_on_this_host_is_named() -> None:
+    err = _failure_error([_fail("127.0.0.1", errno.EPERM)], 443)
+    assert isinstance(err, DestinationUnavailable)
+    assert "blocked on this proxy's own host" in err.message
+
+
+def test_dial_without_descriptors_left_is_out_of_resources(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    with no_descriptors_left(), pytest.raises(OutOfResources) as caught:
+        dial([ipaddress.ip_address("127.0.0.1")], port, time.monotonic() + 2)
+    assert "open files" in caught.value.message
 
 
 def test_all_refused_is_refused() -> None:

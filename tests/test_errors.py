@@ -19,6 +19,7 @@ EXPECTED = {
     errors.HeadTooLarge: (431, "http_request_error"),
     errors.OverCapacity: (503, "proxy_internal_response"),
     errors.AuthOverloaded: (503, "proxy_internal_response"),
+    errors.OutOfResources: (503, "proxy_internal_response"),
     errors.DnsTimeout: (504, "dns_timeout"),
     errors.DnsError: (502, "dns_error"),
     errors.ConnectionRefused: (502, "connection_refused"),

@@ -134,6 +134,21 @@ def test_self_loop() -> None:
     policy.check_not_self(ip_address("192.0.2.1"), 8080)  # not an address of this host
 
 
+@pytest.mark.parametrize(
+    "target", ["ff02::1", "fe80::1", "224.0.0.1", "::ffff:224.0.0.1", "255.255.255.255"]
+)
+def test_addresses_that_bind_oddly_are_never_the_proxy_itself(target: str) -> None:
+    """A wildcard listener makes the loop check bind a probe to the target: multicast and
+    broadcast addresses bind on Linux, a link-local IPv6 one fails with EINVAL. None can
+    reach a listener, so none is a loop, and none may end in an internal error."""
+    policy = Policy(
+        listeners=[Listener(ip_address("::"), 8080), Listener(ip_address("0.0.0.0"), 8080)]
+    )
+    policy.check_not_self(ip_address(target), 8080)  # no ProxyLoop, no OSError
+    with pytest.raises(errors.DestinationDenied):  # the destination table refuses them
+        policy.destinations("x.test", 8080, [ip_address(target)])
+
+
 # --- domain rules (--allow-domain, --deny-domain) -------------------------------------------
 
 

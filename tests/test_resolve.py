@@ -9,6 +9,7 @@ not long after it), never as speed.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -20,8 +21,9 @@ import gevent
 import pytest
 
 from dnsserver import SPOOFED_ADDRESS, DnsServer
-from proxyproc import descriptors_above_1023
-from splicegate.errors import DnsError, DnsTimeout
+from proxyproc import descriptors_above_1023, no_descriptors_left
+from splicegate.dnscache import DnsCache
+from splicegate.errors import DnsError, DnsTimeout, OutOfResources
 from splicegate.resolve import (
     NameserverResolver,
     Resolver,
@@ -415,6 +417,20 @@ def test_system_resolver_failures(code: int, details: str) -> None:
     with pytest.raises(DnsError) as caught:
         r.resolve("x.test", soon())
     assert caught.value.details == details
+
+
+def test_a_shortage_on_this_host_is_no_dns_error(dns_server: DnsServer) -> None:
+    """Out of descriptors for the query's socket (or getaddrinfo's EAI_SYSTEM with EMFILE)
+    is the proxy's own 503, not the nameserver's 502; and a cache in front keeps nothing."""
+    failing = SystemResolver(getaddrinfo=_fake_getaddrinfo(error=OSError(errno.EMFILE, "fake")))
+    with pytest.raises(OutOfResources):
+        failing.resolve("x.test", soon())
+    dns_server.add("short.test", a=["127.0.0.1"])
+    cache = DnsCache(resolver(dns_server))
+    with no_descriptors_left(), pytest.raises(OutOfResources) as caught:
+        cache.resolve("short.test", soon())
+    assert "open files" in caught.value.message and caught.value.status == 503
+    assert cache.resolve("short.test", soon()) == [ip("127.0.0.1")]  # not kept as a failure
 
 
 def test_system_resolver_without_addresses() -> None:

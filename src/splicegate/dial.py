@@ -32,7 +32,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from splicegate.errors import ConnectionRefused, ConnectTimeout, DestinationUnavailable
+from splicegate.errors import (
+    SHORTAGES,
+    ConnectionRefused,
+    ConnectTimeout,
+    DestinationUnavailable,
+    ProxyError,
+    out_of_resources,
+)
 from splicegate.waiting import WRITE, ready
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -216,11 +223,19 @@ def _describe(failures: Sequence[_Failure]) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _failure_error(
-    failures: Sequence[_Failure], port: int
-) -> ConnectionRefused | DestinationUnavailable:
-    """Refused only when every address refused; any other failure means unreachable."""
+def _failure_error(failures: Sequence[_Failure], port: int) -> ProxyError:
+    """Refused only when every address refused; out of resources, or blocked on this host,
+    when every attempt failed so here; any other failure means unreachable."""
     addresses = [f.address for f in failures]
+    if failures and all(f.errno in SHORTAGES for f in failures):
+        return out_of_resources(failures[0].errno, f"connecting to port {port}")
+    if failures and all(f.errno in (errno.EACCES, errno.EPERM) for f in failures):
+        return DestinationUnavailable(
+            f"connections to {_names(addresses)} port {port} are blocked on this proxy's own "
+            f"host ({failures[0].reason}): a firewall rule or security policy there forbids "
+            "them",
+            details=f"blocked on the proxy host: port {port}",
+        )
     if failures and all(f.errno == errno.ECONNREFUSED for f in failures):
         if len(failures) == 1:
             message = (

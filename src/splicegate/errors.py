@@ -9,6 +9,8 @@ CONNECT with a 3xx: the resource did not move, and browsers ignore it anyway.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -114,6 +116,32 @@ class AuthOverloaded(OverCapacity):
     503 as a connection cap, but its own cause in the metrics, since the remedy differs."""
 
 
+class OutOfResources(OverCapacity):
+    """The proxy's own host ran short (descriptors, socket memory, local ports) while serving
+    the request: the same 503 as a connection cap, its own cause in the metrics, and never
+    blamed on the destination or the nameserver, which are not at fault."""
+
+
+#: What each errno that means "this host is short of something" is short of, and the remedy.
+SHORTAGES: dict[int, str] = {
+    errno.EMFILE: "open files (raise its limit, ulimit -n or LimitNOFILE, or lower "
+    "--max-connections)",
+    errno.ENFILE: "the system's open files (fs.file-max)",
+    errno.ENOBUFS: "socket buffer memory",
+    errno.ENOMEM: "memory",
+    errno.EADDRNOTAVAIL: "local ports for new connections (net.ipv4.ip_local_port_range)",
+}
+
+
+def out_of_resources(code: int, doing: str) -> OutOfResources:
+    """The 503 for a shortage errno (a key of SHORTAGES) met while ``doing`` something."""
+    what = SHORTAGES[code]
+    return OutOfResources(
+        f"this proxy ran out of {what} while {doing}; try again shortly",
+        details=f"out of resources ({os.strerror(code)}) while {doing}",
+    )
+
+
 class DnsTimeout(ProxyError):
     """Our own DNS deadline (--dns-timeout) expired."""
 
@@ -162,6 +190,7 @@ TABLE: dict[type[ProxyError], Response] = {
     HeadTooLarge: Response(431, "http_request_error"),
     OverCapacity: Response(503, "proxy_internal_response"),
     AuthOverloaded: Response(503, "proxy_internal_response"),
+    OutOfResources: Response(503, "proxy_internal_response"),
     DnsTimeout: Response(504, "dns_timeout"),
     DnsError: Response(502, "dns_error"),
     ConnectionRefused: Response(502, "connection_refused"),

@@ -10,7 +10,6 @@ after resolution, so a name cannot smuggle a denied address in (DNS rebinding).
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import re
 import socket
@@ -19,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splicegate.errors import (
+    SHORTAGES,
     ClientDenied,
     DestinationDenied,
     DomainDenied,
     PortDenied,
     ProxyLoop,
+    out_of_resources,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -185,19 +186,33 @@ def socket_address(host: str) -> IPAddress:
 def _is_local_address(addr: IPAddress) -> bool:
     """Whether an address belongs to this host: binding to it succeeds only if it does.
 
+    Multicast and broadcast addresses bind too, yet no connection to one reaches a listener;
+    an IPv6 link-local one cannot be bound or reached without a zone. Neither is ever this
+    proxy. Any other refusal to bind (EINVAL, EACCES) means the address is not usable here.
+
     Not cached here: addresses come and go while the proxy runs, and a Policy (rebuilt at
     each reload) already remembers the destinations it has judged."""
     if addr.is_loopback:
         return True
+    if addr.is_multicast or addr == _BROADCAST or (addr.version == 6 and addr.is_link_local):
+        return False
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+    try:
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if exc.errno in SHORTAGES:
+            doing = "checking the target against its own addresses"
+            raise out_of_resources(exc.errno, doing) from None
+        return False  # no such family here (EAFNOSUPPORT): nothing of ours is in it
+    with probe:
         try:
             probe.bind((str(addr), 0))
-        except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return False
-            raise
+        except OSError:
+            return False
     return True
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass(slots=True)

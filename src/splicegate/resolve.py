@@ -37,7 +37,7 @@ import dns.rdatatype
 import gevent
 from gevent import socket as gsocket
 
-from splicegate.errors import DnsError, DnsTimeout
+from splicegate.errors import SHORTAGES, DnsError, DnsTimeout, OutOfResources, out_of_resources
 from splicegate.request import show_address
 from splicegate.waiting import READ, ready
 
@@ -200,11 +200,13 @@ class SystemResolver:
         return Resolution(_dedup(addresses), None)
 
 
-def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError:
+def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError | OutOfResources:
     """Turn what getaddrinfo raised into a DnsError a person can act on."""
     if isinstance(exc, UnicodeError | ValueError):
         # The IDNA codec rejects empty or over-long labels before any query is sent.
         return _invalid_name_error(host)
+    if isinstance(exc, OSError) and exc.errno in SHORTAGES:  # EAI_SYSTEM with an errno
+        return out_of_resources(exc.errno, f"looking up {host}")
     if isinstance(exc, socket.gaierror):
         code = exc.errno
         if code == socket.EAI_NONAME:
@@ -430,6 +432,10 @@ class NameserverResolver:
                             owner[sock] = server
                         sock.send(wire)
                     except OSError as exc:
+                        if exc.errno in SHORTAGES:  # this host's fault, not the nameserver's
+                            raise out_of_resources(
+                                exc.errno, f"looking up {qname.to_text(True)}"
+                            ) from None
                         failed[server] = _Outcome(unreachable=_why(server, exc))
                         next_send = now
                         continue
