@@ -509,9 +509,11 @@ cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
 
 
 cdef bint peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
-    """An error reported on a side whose EOF is already in: no read will come to find it,
-    and no write either while the other peer is silent, so a reset after a half-close
-    would pass for the end of the tunnel. Ends the tunnel with it; True if it did."""
+    """An error reported on a side (a reset, mostly) ends the tunnel at once, with it;
+    True if it did. Reads and writes would find it only if one came: not after the side's
+    EOF was read (even in the same event), nor while the direction from it is blocked on
+    the other peer, nor while that peer is silent; and a reset is passed on as an abort
+    whatever bytes are still on their way, as the kernel itself drops them."""
     cdef int err = 0
     cdef socklen_t errlen = sizeof(err)
     if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0 or err == 0:
@@ -665,7 +667,7 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 continue  # ended earlier in this batch
             side = <int>(data & 1)
             mask = events[i].events
-            if mask & EPOLLERR and t.dir[side].eof and peer_error(w, t, side, now):
+            if mask & EPOLLERR and peer_error(w, t, side, now):
                 continue
             if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 t.readable[side] = True

@@ -23,6 +23,7 @@ import os
 import random
 import resource
 import signal
+import socket as stdlib_socket
 import struct
 import subprocess
 import sys
@@ -969,9 +970,14 @@ def test_submit_refuses_what_is_not_a_socket_and_leaves_both_fds_with_the_caller
         pipe_r, dead = os.pipe()
     before = rig.engine.stats()
     fds = (dead, good) if bad == "client" else (good, dead)
+    # An application's default socket timeout would make any socket object built on the
+    # good fd non-blocking: submit must not build one before both are known to be sockets.
+    default_timeout = stdlib_socket.getdefaulttimeout()
+    stdlib_socket.setdefaulttimeout(5)
     try:
         with pytest.raises(OSError) as raised:
             rig.engine.submit(*fds, b"early", lambda record: None)
+        stdlib_socket.setdefaulttimeout(default_timeout)
         assert raised.value.errno == (errno.EBADF if what == "closed" else errno.ENOTSOCK)
         if what == "pipe":  # still open, still blocking, and nothing written into it
             assert os.get_blocking(dead)
@@ -990,6 +996,7 @@ def test_submit_refuses_what_is_not_a_socket_and_leaves_both_fds_with_the_caller
         os.write(good, b"pong")
         assert recv_exactly(peer, 4) == b"pong"
     finally:
+        stdlib_socket.setdefaulttimeout(default_timeout)
         os.close(good)
         peer.close()
         if what == "pipe":

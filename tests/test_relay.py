@@ -247,16 +247,21 @@ def test_reset_after_half_close_names_the_first_closer(make_rig: Any) -> None:
 
 
 @pytest.mark.parametrize("side", ["client", "origin"])
-def test_a_reset_after_ones_own_half_close_is_passed_on(make_rig: Any, side: str) -> None:
+@pytest.mark.parametrize("when", ["after its eof was read", "at once"])
+def test_a_reset_after_ones_own_half_close_is_passed_on(
+    make_rig: Any, side: str, when: str
+) -> None:
     """A peer half-closes, then aborts. The other peer has nothing to send, so no write can
     find the reset: the relay must notice it on the half-closed socket and pass it on at
-    once, not end the tunnel at the half-closed timeout as if both had finished."""
+    once, not end the tunnel at the half-closed timeout as if both had finished; also when
+    the EOF and the reset reach the relay together."""
     rig = make_rig(RelayTimeouts(idle=0, half_closed=3 * WAIT, lifetime=0))
     t = rig.open()
     closer, peer = (t.client, t.origin) if side == "client" else (t.origin, t.client)
     closer.sendall(b"last")
     closer.shutdown(socket.SHUT_WR)
-    assert recv_exactly(peer, 4) == b"last" and peer.recv(1) == b""
+    if when == "after its eof was read":
+        assert recv_exactly(peer, 4) == b"last" and peer.recv(1) == b""
     abort(closer)
     # The peer has read its EOF, so recv returns b"" at once: only the error the abort
     # leaves on its socket tells. A reset in CLOSE_WAIT is EPIPE.
@@ -266,6 +271,39 @@ def test_a_reset_after_ones_own_half_close_is_passed_on(make_rig: Any, side: str
     record = t.record()
     assert (record.reason, record.first_closer) == ("reset", side)
     assert t.fds_closed_at_done
+
+
+@pytest.mark.parametrize("side", ["client", "origin"])
+def test_a_reset_while_its_direction_waits_for_the_reader_is_passed_on(
+    make_rig: Any, side: str
+) -> None:
+    """A peer sends until the other, which reads nothing, has it all backed up, then aborts.
+    Nothing is read from the aborting side meanwhile (its direction waits for room), and
+    nothing is written to it: the reset must still end the tunnel at once, as a reset,
+    not at the idle timeout as the proxy's own doing."""
+    rig = make_rig(RelayTimeouts(idle=3 * WAIT, half_closed=0, lifetime=0), bufsize=16 * 1024)
+    t = rig.open()
+    sender, silent = (t.client, t.origin) if side == "client" else (t.origin, t.client)
+    sender.setblocking(False)
+    chunk, stalled_since = b"s" * 65536, None
+    deadline = time.monotonic() + WAIT
+    while stalled_since is None or time.monotonic() - stalled_since < 0.3:  # bounded
+        assert time.monotonic() < deadline, "the sender never filled up"
+        try:
+            sender.send(chunk)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            gevent.sleep(0.02)
+    abort(sender)
+    assert (
+        wait_until(
+            lambda: silent.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "the abort passed on"
+        )
+        == errno.ECONNRESET
+    )
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("reset", side)
 
 
 def test_socket_error_ends_the_tunnel_with_error(make_rig: Any) -> None:
@@ -321,6 +359,22 @@ def test_bytes_either_way_defer_the_idle_timeout(make_rig: Any) -> None:
         assert not t.done.ready()
     record = t.record()
     assert (record.reason, record.first_closer) == ("idle", "proxy")
+
+
+def test_an_eof_is_no_activity(make_rig: Any) -> None:
+    """Idle means no byte either way: a half-close does not defer the idle timeout."""
+    idle = 1.0
+    rig = make_rig(RelayTimeouts(idle=idle, half_closed=0, lifetime=0))
+    t = rig.open()
+    t.client.sendall(b"k")
+    assert recv_exactly(t.origin, 1) == b"k"
+    last_byte = time.monotonic()
+    gevent.sleep(0.8 * idle)
+    t.client.shutdown(socket.SHUT_WR)
+    record = t.record()
+    assert (record.reason, record.first_closer) == ("idle", "proxy")
+    # the idle deadline is 1 s after the byte: 1.8 s would be counting from the EOF
+    assert time.monotonic() - last_byte < 1.6 * idle
 
 
 def test_half_closed_timeout_counts_from_the_first_eof(make_rig: Any) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from typing import Any
@@ -101,11 +102,11 @@ class _Direction:
         except OSError as exc:
             self.tunnel.fail(exc, self.src_side)
             return
-        self.tunnel.last_activity = time.monotonic()
-        if not data:
+        if not data:  # an EOF is no activity: idle means no byte either way
             self.reader.stop()
             self._propagate_eof()
             return
+        self.tunnel.last_activity = time.monotonic()
         # Try the write at once: a destination that keeps up then costs no watcher changes.
         try:
             sent = self.dst.send(data, _SEND_FLAGS)
@@ -150,8 +151,6 @@ class _Direction:
             return
         self.done = True
         self.tunnel.direction_done()
-        if not self.tunnel.ended:  # the other way goes on: a reset from src must still count
-            self.tunnel.engine._half_closed.add(self.src, self.tunnel, self.src_side)
 
     def close_watchers(self) -> None:
         for watcher in (self.reader, self.writer):
@@ -159,14 +158,15 @@ class _Direction:
             watcher.close()
 
 
-class _HalfClosedWatch:
-    """Errors on sockets whose EOF is in, for the engine's tunnels.
+class _ErrorWatch:
+    """Errors (resets, mostly) on the engine's sockets, whatever their directions are doing.
 
-    Such a socket stays readable for good (recv returns b""), so no io watcher can wait on it
-    for a reset; yet while the other peer is silent no write finds the reset either, and the
-    tunnel would end at the half-closed timeout as if both had finished. epoll reports
-    EPOLLERR and EPOLLHUP whatever the mask, so a socket registered with no events (edge
-    triggered) reports only those: one epoll holds them all, watched from the hub.
+    The io watchers see a reset only when a read or a write comes: not on a socket whose EOF
+    is in (it stays readable for good, so its reader is stopped), nor while the direction
+    from it waits for the other peer, nor while that peer is silent; the tunnel would then
+    end at a timeout as if both had finished. epoll reports EPOLLERR and EPOLLHUP whatever
+    the mask, so a socket registered with no events (edge triggered) reports only those:
+    one epoll holds every tunnel's two sockets, watched from the hub.
     """
 
     def __init__(self, loop: Any) -> None:
@@ -176,12 +176,19 @@ class _HalfClosedWatch:
         self._watched: dict[int, tuple[_Tunnel, Closer, _socket.socket]] = {}
 
     def add(self, sock: _socket.socket, tunnel: _Tunnel, side: Closer) -> None:
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            self._watcher = self._loop.io(self._epoll.fileno(), _READ)
-            self._watcher.start(self._on_ready)
-        fd = sock.fileno()
-        self._epoll.register(fd, select.EPOLLET)
+        """Watch a tunnel's socket. Where epoll refuses (out of memory or of
+        max_user_watches), the tunnel goes on without: its reads and writes still find an
+        error when one comes."""
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self._watcher = self._loop.io(self._epoll.fileno(), _READ)
+                self._watcher.start(self._on_ready)
+            fd = sock.fileno()
+            self._epoll.register(fd, select.EPOLLET)
+        except OSError as exc:
+            log.debug("tunnel socket not watched for errors: %s", exc)
+            return
         self._watched[fd] = (tunnel, side, sock)
 
     def remove(self, sock: _socket.socket) -> None:
@@ -225,7 +232,6 @@ class _Tunnel:
     __slots__ = (
         "client",
         "down",
-        "ended",
         "engine",
         "first_closer",
         "first_eof",
@@ -255,11 +261,12 @@ class _Tunnel:
         self.started = self.last_activity = time.monotonic()
         self.first_eof: float | None = None
         self.first_closer: Closer | None = None
-        self.ended = False
         self.timer: Any = None
         self.timer_at = float("inf")
 
     def start(self, early_up: bytes) -> None:
+        self.engine._errors.add(self.client, self, "client")
+        self.engine._errors.add(self.origin, self, "origin")
         self.up.start(early_up)
         self.down.start(b"")
         self._arm()
@@ -360,12 +367,11 @@ class _Tunnel:
         abort_origin: bool,
     ) -> None:
         # Watchers go before their fds: libev must never watch a closed (maybe reused) fd,
-        # nor the engine's epoll of half-closed sockets.
-        self.ended = True
+        # nor the engine's epoll of errors.
         self.up.close_watchers()
         self.down.close_watchers()
-        self.engine._half_closed.remove(self.client)
-        self.engine._half_closed.remove(self.origin)
+        self.engine._errors.remove(self.client)
+        self.engine._errors.remove(self.origin)
         self._drop_timer()
         for sock, abort in ((self.client, abort_client), (self.origin, abort_origin)):
             # close() releases the fd even when it reports an error, so errors here change
@@ -401,7 +407,7 @@ class PythonEngine:
         self.timeouts = timeouts
         self.loop = gevent.get_hub().loop
         self._tunnels: set[_Tunnel] = set()
-        self._half_closed = _HalfClosedWatch(self.loop)
+        self._errors = _ErrorWatch(self.loop)
         self._closing = False
         self._drained: Event | None = None
         self._tunnels_total = 0
@@ -418,6 +424,9 @@ class PythonEngine:
         """
         if self._closing:
             raise RuntimeError("the relay engine is shutting down")
+        for fd in (client_fd, origin_fd):  # both, before a socket object changes either
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):  # EBADF for a closed one
+                raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
         client = _socket.socket(fileno=client_fd)
         try:
             origin = _socket.socket(fileno=origin_fd)
@@ -449,7 +458,7 @@ class PythonEngine:
         """
         self._closing = True
         if not self._tunnels:
-            self._half_closed.close()
+            self._errors.close()
             return
         if self._drained is None:
             self._drained = Event()
@@ -462,7 +471,7 @@ class PythonEngine:
         finally:
             timer.stop()
             timer.close()
-        self._half_closed.close()
+        self._errors.close()
 
     def _close_all(self) -> None:
         for tunnel in list(self._tunnels):
