@@ -136,6 +136,8 @@ BAD = {
     "bad host port": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a:44x\r\n\r\n",
     "too many empty lines": b"\r\n" * 5 + b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
     "truncated head": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n",
+    "content-length": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+    "transfer-encoding": b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
 }
 
 
@@ -145,6 +147,32 @@ def test_malformed_is_400(head: bytes) -> None:
     assert isinstance(err, errors.BadRequest), err
     assert err.status == 400
     assert err.message and err.details
+
+
+@pytest.mark.parametrize(
+    ("target", "hint"),
+    [
+        (b"http://a.example/", "not a URL or a path"),
+        (b"/index.html", "not a URL or a path"),
+        (b"[::1]", "the port is missing"),
+        (b"a.example", "the port is missing"),
+        (b"a.example:", "must be a number from 1 to 65535"),
+        (b"[fe80::1%eth0]:443", "an IPv6 zone (%interface) cannot be named"),
+        (b"a b:443", "not a valid host name"),
+    ],
+)
+def test_a_bad_target_is_told_what_is_wrong_with_it(target: bytes, hint: str) -> None:
+    err = parse_all_ways(b"CONNECT " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    if target == b"a b:443":  # a space splits the request line itself
+        assert isinstance(err, errors.BadRequest) and "malformed request line" in err.message
+        return
+    assert isinstance(err, errors.BadRequest) and hint in err.message, err.message
+
+
+def test_content_length_zero_on_a_connect_is_no_content() -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+    request = parse_all_ways(head)
+    assert isinstance(request, Request) and request.host == "a.example"
 
 
 @pytest.mark.parametrize(

@@ -345,6 +345,10 @@ def test_405_other_methods(proxy: ProxyProcess) -> None:
     reply = request(proxy.address, b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert_refused(reply, 405, "http_request_denied", body_has="CONNECT only")
     assert reply.fields["allow"] == "CONNECT"
+    assert b"plain-HTTP forwarding" in reply.body
+    # methods are case-sensitive (RFC 9110 §9.1): "connect" is another method, and is told so
+    reply = request(proxy.address, b"connect 127.0.0.1:443 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert_refused(reply, 405, "http_request_denied", body_has="methods are case-sensitive")
 
 
 def test_408_head_deadline_is_total() -> None:

@@ -123,9 +123,15 @@ def parse_authority(
     error is raised again each time, never cached."""
     shown = target.decode("latin-1")
     host_part, sep, port_part = target.rpartition(b":")
-    if not sep or not host_part:
+    if b"/" in target:  # a URL (absolute form) or a path (origin form)
         raise BadRequest(
-            f"CONNECT needs a target of the form host:port, got {shown!a}",
+            f"CONNECT takes host:port, not a URL or a path: got {shown!a}; send "
+            "'CONNECT example.com:443'",
+            details=f"bad CONNECT target: {shown}",
+        )
+    if not sep or not host_part or (target.startswith(b"[") and target.endswith(b"]")):
+        raise BadRequest(
+            f"CONNECT needs a target of the form host:port, got {shown!a}: the port is missing",
             details=f"bad CONNECT target: {shown}",
         )
     if not _PORT.fullmatch(port_part) or not 1 <= int(port_part) <= 65535:
@@ -157,6 +163,12 @@ def parse_authority(
         and not host_part.rstrip(b".").rpartition(b".")[2].isdigit()
     ):
         return host_part.decode("ascii").rstrip(".").lower(), port, None
+    if host_part.startswith(b"[") and b"%" in host_part:
+        raise BadRequest(
+            f"{host_part.decode('latin-1')!a}: an IPv6 zone (%interface) cannot be named in a "
+            "CONNECT target; use a global address or a name",
+            details=f"zone in target: {shown}",
+        )
     raise BadRequest(
         f"{host_part.decode('latin-1')!a} is not a valid host name or address "
         "(IPv6 addresses go in brackets: [2001:db8::1]:443)",
@@ -246,6 +258,20 @@ def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...
         raise BadRequest(f"the Host field {shown!a} is not valid", details="bad Host")
 
 
+def _check_no_content(fields: tuple[tuple[bytes, bytes], ...]) -> None:
+    """RFC 9110 §9.3.6: a CONNECT request has no content. Bytes after its head are the
+    tunnel's, so a Transfer-Encoding or a non-zero Content-Length would make a front end
+    and this proxy read them differently (request smuggling): refused, as Envoy does.
+    Content-Length: 0, which some clients send, says the same as nothing."""
+    for name, value in fields:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            raise BadRequest(
+                f"a CONNECT request has no content, but this one has {name.decode()}: "
+                f"{value[:40].decode('latin-1')!a}; send the tunnel's bytes after the head",
+                details=f"content on CONNECT: {name.decode()}",
+            )
+
+
 def parse_head(
     head: bytes,
     max_fields: int = DEFAULT_MAX_FIELDS,
@@ -265,6 +291,7 @@ def parse_head(
             http_version=version,
             fields=fields,
         )
+    _check_no_content(fields)
     host, port, address = parse_authority(target)
     return Request(
         method=method,

@@ -286,9 +286,13 @@ class ProxyServer:
         attempt.method = request.method
         attempt.target = request.authority if request.method == "CONNECT" else request.target
         if request.method != "CONNECT":
+            why = (
+                "methods are case-sensitive (RFC 9110 §9.1): send CONNECT"
+                if request.method.upper() == "CONNECT"
+                else f"{request.method} (plain-HTTP forwarding) is not supported"
+            )
             raise MethodNotAllowed(
-                f"this proxy tunnels with CONNECT only; {request.method} (plain-HTTP "
-                "forwarding) is not supported",
+                f"this proxy tunnels with CONNECT only; {why}",
                 details=f"method {request.method} not allowed",
             )
         policy = self.policy
