@@ -287,7 +287,12 @@ class Authenticator:
         """The authenticated user name, or AuthRequired (407) for anything else."""
         credentials = self._credentials(request)
         if credentials is None:
-            raise self._required("proxy authentication required: send Basic credentials")
+            if request.field(b"proxy-authorization") is None:
+                raise self._required("proxy authentication required: send Basic credentials")
+            raise self._required(
+                "proxy authentication required: the Proxy-Authorization field is not one "
+                "Basic credential (base64 of user:password, the user in UTF-8)"
+            )
         user, password = credentials
         record = self._users.get(user)
         mac = hmac.new(
@@ -299,11 +304,19 @@ class Authenticator:
             return user
         target = record or self._dummy
         deadline = time.monotonic() + self.hash_wait
-        job = _hash_pool().spawn(_scrypt_by, deadline, password, target, len(target.key))
-        # wait() rather than get(timeout): a gevent.Timeout a caller set around check()
-        # must reach that caller, not turn into a 503 here.
-        job.wait(timeout=max(0.0, deadline - time.monotonic()))
-        key = job.get() if job.ready() else None
+        job = None
+        # spawn() itself waits, without end, for a slot once the pool's queue is full: the
+        # one deadline bounds that wait too (this Timeout ends only this block; a caller's
+        # own Timeout passes through).
+        from gevent import Timeout  # here, as _hash_pool's import: `passwd` needs no gevent
+
+        with Timeout(max(0.0, deadline - time.monotonic()), False):
+            job = _hash_pool().spawn(_scrypt_by, deadline, password, target, len(target.key))
+        if job is not None:
+            # wait() rather than get(timeout): a gevent.Timeout a caller set around check()
+            # must reach that caller, not turn into a 503 here.
+            job.wait(timeout=max(0.0, deadline - time.monotonic()))
+        key = job.get() if job is not None and job.ready() else None
         if key is None:
             # A flood of guesses fills the pool: refuse as over capacity rather than queue
             # without end; the job, when its turn comes, sees the deadline and skips the hash.
