@@ -91,8 +91,14 @@ class _Direction:
         if first:
             self.buf = memoryview(first)
             self.writer.start(self._on_writable)
+            self._watch_src()
         else:
             self.reader.start(self._on_readable)
+
+    def _watch_src(self) -> None:
+        """The reader no longer looks at src (it waits for dst, or src is at EOF): from now
+        on the engine's error epoll does, so a reset from src is not missed."""
+        self.tunnel.engine._errors.add(self.src, self.tunnel, self.src_side)
 
     def _on_readable(self) -> None:
         try:
@@ -120,6 +126,7 @@ class _Direction:
             self.buf = memoryview(data)[sent:]
             self.reader.stop()
             self.writer.start(self._on_writable)
+            self._watch_src()
 
     def _on_writable(self) -> None:
         buf = self.buf
@@ -151,6 +158,8 @@ class _Direction:
             return
         self.done = True
         self.tunnel.direction_done()
+        if not (self.tunnel.up.done and self.tunnel.down.done):  # the other way goes on
+            self._watch_src()
 
     def close_watchers(self) -> None:
         for watcher in (self.reader, self.writer):
@@ -159,14 +168,15 @@ class _Direction:
 
 
 class _ErrorWatch:
-    """Errors (resets, mostly) on the engine's sockets, whatever their directions are doing.
+    """Errors (resets, mostly) on sockets no reader looks at.
 
     The io watchers see a reset only when a read or a write comes: not on a socket whose EOF
     is in (it stays readable for good, so its reader is stopped), nor while the direction
     from it waits for the other peer, nor while that peer is silent; the tunnel would then
     end at a timeout as if both had finished. epoll reports EPOLLERR and EPOLLHUP whatever
-    the mask, so a socket registered with no events (edge triggered) reports only those:
-    one epoll holds every tunnel's two sockets, watched from the hub.
+    the mask, so a socket registered with no events (edge triggered) reports only those,
+    and one already pending at once: a direction puts its source here when its reader stops
+    (and leaves it until the tunnel ends), one epoll for them all, watched from the hub.
     """
 
     def __init__(self, loop: Any) -> None:
@@ -179,6 +189,8 @@ class _ErrorWatch:
         """Watch a tunnel's socket. Where epoll refuses (out of memory or of
         max_user_watches), the tunnel goes on without: its reads and writes still find an
         error when one comes."""
+        if sock.fileno() in self._watched:
+            return
         try:
             if self._epoll is None:
                 self._epoll = select.epoll()
@@ -200,10 +212,10 @@ class _ErrorWatch:
 
     def _on_ready(self) -> None:
         assert self._epoll is not None  # the watcher runs only once the epoll exists
-        for fd, _ in self._epoll.poll(0):
+        for fd, events in self._epoll.poll(0):
             entry = self._watched.get(fd)
-            if entry is None:
-                continue
+            if entry is None or not events & select.EPOLLERR:
+                continue  # gone, or a hang-up alone: both ways shut, the reader ends it
             tunnel, side, sock = entry
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
@@ -265,8 +277,6 @@ class _Tunnel:
         self.timer_at = float("inf")
 
     def start(self, early_up: bytes) -> None:
-        self.engine._errors.add(self.client, self, "client")
-        self.engine._errors.add(self.origin, self, "origin")
         self.up.start(early_up)
         self.down.start(b"")
         self._arm()
