@@ -509,11 +509,11 @@ cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
 
 
 cdef bint peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
-    """An error reported on a side (a reset, mostly) ends the tunnel at once, with it;
-    True if it did. Reads and writes would find it only if one came: not after the side's
-    EOF was read (even in the same event), nor while the direction from it is blocked on
-    the other peer, nor while that peer is silent; and a reset is passed on as an abort
-    whatever bytes are still on their way, as the kernel itself drops them."""
+    """An error reported on a side (a reset, mostly) that the pump just run did not meet
+    ends the tunnel with it; True if it did. Reads and writes find it only if one comes:
+    not after the side's EOF was read (even in the same event), nor while the direction
+    from it waits for the other peer, nor while that peer is silent. What the proxy still
+    holds for that peer then goes with the abort, as a reset drops a socket's send queue."""
     cdef int err = 0
     cdef socklen_t errlen = sizeof(err)
     if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0 or err == 0:
@@ -538,6 +538,10 @@ cdef void adopt(Worker* w, Tunnel* t, double now) noexcept nogil:
     if heap_push(w, t) < 0:
         finish(w, t, R_ERROR, PROXY, ENOMEM, True, True, now)
         return
+    # A connected socket is writable until a write says otherwise. Waiting for each side's
+    # first EPOLLOUT instead left bytes read from the other side in the pipe whenever both
+    # came in one batch, and a reset right behind them then dropped them.
+    t.writable[CLIENT] = t.writable[ORIGIN] = True
     for side in range(2):
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>side
@@ -667,13 +671,15 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 continue  # ended earlier in this batch
             side = <int>(data & 1)
             mask = events[i].events
-            if mask & EPOLLERR and peer_error(w, t, side, now):
-                continue
             if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 t.readable[side] = True
             if mask & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 t.writable[side] = True
             pump(w, t, now)
+            # Bytes that came before a reset are read and passed on first (Linux keeps them
+            # readable); what pump could not reach the error through is ended here.
+            if mask & EPOLLERR and not t.done and not t.queued:
+                peer_error(w, t, side, now)
         run_ready(w, now)
         run_timers(w, now)
         hand_over(w)

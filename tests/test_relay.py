@@ -273,6 +273,33 @@ def test_a_reset_after_ones_own_half_close_is_passed_on(
     assert t.fds_closed_at_done
 
 
+@pytest.mark.parametrize("early", [b"", b"client hello"])
+@pytest.mark.parametrize("side", ["client", "origin"])
+def test_bytes_sent_just_before_a_reset_arrive_then_the_abort(
+    make_rig: Any, early: bytes, side: str
+) -> None:
+    """Linux keeps bytes that came before a reset readable, and the relay must pass them on
+    before the abort: a peer sends and aborts at once, many times over (the bytes and the
+    reset often reach the relay in one event). Early bytes put the client's socket under
+    the Python engine's error watch from the start."""
+    rig = make_rig()
+    for i in range(40):  # bounded
+        t = rig.open(early_up=early)
+        if early:
+            assert recv_exactly(t.origin, len(early)) == early
+        sender, receiver = (t.client, t.origin) if side == "client" else (t.origin, t.client)
+        last_words = randbytes(20_000, i)
+        sender.sendall(last_words)
+        abort(sender)
+        got = bytearray()
+        with pytest.raises(ConnectionResetError):  # after every byte, the abort: never an EOF
+            while chunk := receiver.recv(65536):
+                got += chunk
+        assert bytes(got) == last_words, f"tunnel {i}: {len(got)} of {len(last_words)} bytes"
+        record = t.record()
+        assert (record.reason, record.first_closer) == ("reset", side)
+
+
 @pytest.mark.parametrize("side", ["client", "origin"])
 def test_a_reset_while_its_direction_waits_for_the_reader_is_passed_on(
     make_rig: Any, side: str

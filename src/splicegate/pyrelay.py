@@ -189,14 +189,17 @@ class _ErrorWatch:
         """Watch a tunnel's socket. Where epoll refuses (out of memory or of
         max_user_watches), the tunnel goes on without: its reads and writes still find an
         error when one comes."""
-        if sock.fileno() in self._watched:
-            return
+        fd = sock.fileno()
         try:
+            if fd in self._watched:  # its reader stopped again: re-armed, a pending error
+                if self._epoll is not None:  # (skipped while the reader ran) is reported
+                    self._epoll.modify(fd, select.EPOLLET)
+                return
             if self._epoll is None:
                 self._epoll = select.epoll()
                 self._watcher = self._loop.io(self._epoll.fileno(), _READ)
+                self._watcher.ref = False  # it must not keep an embedding hub running
                 self._watcher.start(self._on_ready)
-            fd = sock.fileno()
             self._epoll.register(fd, select.EPOLLET)
         except OSError as exc:
             log.debug("tunnel socket not watched for errors: %s", exc)
@@ -217,6 +220,8 @@ class _ErrorWatch:
             if entry is None or not events & select.EPOLLERR:
                 continue  # gone, or a hang-up alone: both ways shut, the reader ends it
             tunnel, side, sock = entry
+            if (tunnel.up if side == "client" else tunnel.down).reader.active:
+                continue  # its reader reads what came before the error, then meets it
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 tunnel.fail(OSError(code, os.strerror(code)), side)
