@@ -230,6 +230,14 @@ def test_a_shortage_on_this_host_is_a_503_not_the_destinations_fault(code: int, 
     assert ("Retry-After", "1") in err.headers()
 
 
+def test_a_shortage_beside_unreachable_routes_is_still_the_proxys() -> None:
+    mixed = [_fail("::1", errno.ENETUNREACH), _fail("127.0.0.1", errno.EADDRNOTAVAIL)]
+    assert isinstance(_failure_error(mixed, 443), OutOfResources)
+    # an address that answered (refused) is the destination's say: not a shortage
+    answered = [_fail("::1", errno.ECONNREFUSED), _fail("127.0.0.1", errno.EMFILE)]
+    assert isinstance(_failure_error(answered, 443), DestinationUnavailable)
+
+
 def test_a_firewall_on_this_host_is_named() -> None:
     err = _failure_error([_fail("127.0.0.1", errno.EPERM)], 443)
     assert isinstance(err, DestinationUnavailable)

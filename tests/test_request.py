@@ -169,8 +169,9 @@ def test_a_bad_target_is_told_what_is_wrong_with_it(target: bytes, hint: str) ->
     assert isinstance(err, errors.BadRequest) and hint in err.message, err.message
 
 
-def test_content_length_zero_on_a_connect_is_no_content() -> None:
-    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+@pytest.mark.parametrize("value", [b"0", b"00", b"0, 0", b"0,0"])
+def test_content_length_zero_on_a_connect_is_no_content(value: bytes) -> None:
+    head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n"
     request = parse_all_ways(head)
     assert isinstance(request, Request) and request.host == "a.example"
 

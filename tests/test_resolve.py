@@ -425,6 +425,15 @@ def test_a_shortage_on_this_host_is_no_dns_error(dns_server: DnsServer) -> None:
     failing = SystemResolver(getaddrinfo=_fake_getaddrinfo(error=OSError(errno.EMFILE, "fake")))
     with pytest.raises(OutOfResources):
         failing.resolve("x.test", soon())
+    # The C library reports a lack of descriptors as anything, even "no such name": a
+    # failure while no socket can be opened is the shortage, not the name's.
+    noname = SystemResolver(
+        getaddrinfo=_fake_getaddrinfo(error=socket.gaierror(socket.EAI_NONAME, "x"))
+    )
+    with no_descriptors_left(), pytest.raises(OutOfResources):
+        noname.resolve("x.test", soon())
+    with pytest.raises(DnsError):  # the same failure with descriptors to spare
+        noname.resolve("x.test", soon())
     dns_server.add("short.test", a=["127.0.0.1"])
     cache = DnsCache(resolver(dns_server))
     with no_descriptors_left(), pytest.raises(OutOfResources) as caught:

@@ -227,8 +227,12 @@ def _failure_error(failures: Sequence[_Failure], port: int) -> ProxyError:
     """Refused only when every address refused; out of resources, or blocked on this host,
     when every attempt failed so here; any other failure means unreachable."""
     addresses = [f.address for f in failures]
-    if failures and all(f.errno in SHORTAGES for f in failures):
-        return out_of_resources(failures[0].errno, f"connecting to port {port}")
+    # Short of something here, and no address answered at all (refused or timed out):
+    # the proxy's own 503, whatever the other attempts' routes said.
+    shortages = [f for f in failures if f.errno in SHORTAGES]
+    answered = (errno.ECONNREFUSED, errno.ETIMEDOUT)
+    if shortages and not any(f.errno in answered for f in failures):
+        return out_of_resources(shortages[0].errno, f"connecting to port {port}")
     if failures and all(f.errno in (errno.EACCES, errno.EPERM) for f in failures):
         return DestinationUnavailable(
             f"connections to {_names(addresses)} port {port} are blocked on this proxy's own "

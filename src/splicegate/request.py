@@ -52,6 +52,8 @@ _PORT = re.compile(rb"[0-9]{1,5}")
 # Host = uri-host [ ":" port ]; the value may be empty (RFC 9110 §7.2).
 _HOST_FIELD = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9_.~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
+# Content-Length: 0, or a list of zeros ("0, 0"): no content (RFC 9110 §8.6)
+_ZEROS = re.compile(rb"0+(?:[ \t]*,[ \t]*0+)*")
 
 
 class _Sentinel(Enum):
@@ -262,9 +264,12 @@ def _check_no_content(fields: tuple[tuple[bytes, bytes], ...]) -> None:
     """RFC 9110 §9.3.6: a CONNECT request has no content. Bytes after its head are the
     tunnel's, so a Transfer-Encoding or a non-zero Content-Length would make a front end
     and this proxy read them differently (request smuggling): refused, as Envoy does.
-    Content-Length: 0, which some clients send, says the same as nothing."""
+    Content-Length: 0, which some clients send, says the same as nothing (also as a list
+    of zeros, RFC 9110 §8.6)."""
     for name, value in fields:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+        if name == b"transfer-encoding" or (
+            name == b"content-length" and not _ZEROS.fullmatch(value)
+        ):
             raise BadRequest(
                 f"a CONNECT request has no content, but this one has {name.decode()}: "
                 f"{value[:40].decode('latin-1')!a}; send the tunnel's bytes after the head",

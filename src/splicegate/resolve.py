@@ -200,6 +200,15 @@ class SystemResolver:
         return Resolution(_dedup(addresses), None)
 
 
+def _descriptor_shortage() -> int | None:
+    """The errno when this process cannot open a socket now (EMFILE, ...), else None."""
+    try:
+        _socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+    except OSError as exc:
+        return exc.errno if exc.errno in SHORTAGES else None
+    return None
+
+
 def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError | OutOfResources:
     """Turn what getaddrinfo raised into a DnsError a person can act on."""
     if isinstance(exc, UnicodeError | ValueError):
@@ -207,6 +216,9 @@ def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError | O
         return _invalid_name_error(host)
     if isinstance(exc, OSError) and exc.errno in SHORTAGES:  # EAI_SYSTEM with an errno
         return out_of_resources(exc.errno, f"looking up {host}")
+    shortage = _descriptor_shortage()
+    if shortage is not None:  # the C library reports it as anything, even "no such name"
+        return out_of_resources(shortage, f"looking up {host}")
     if isinstance(exc, socket.gaierror):
         code = exc.errno
         if code == socket.EAI_NONAME:
@@ -550,21 +562,26 @@ def _query_tcp(
     if remaining <= 0:
         raise TimeoutError("deadline")
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    sock = gsocket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(remaining)
-        sock.connect(server)
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        sock.sendall(struct.pack("!H", len(wire)) + wire)
-        (length,) = struct.unpack("!H", _recv_exactly(sock, 2, deadline))
-        response = dns.message.from_wire(_recv_exactly(sock, length, deadline))
-        return response if query.is_response(response) else None
+        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(server)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(struct.pack("!H", len(wire)) + wire)
+            (length,) = struct.unpack("!H", _recv_exactly(sock, 2, deadline))
+            response = dns.message.from_wire(_recv_exactly(sock, length, deadline))
+            return response if query.is_response(response) else None
+        finally:
+            sock.close()
     except TimeoutError:
         raise
-    except (OSError, dns.exception.DNSException, ValueError, struct.error):
+    except OSError as exc:
+        if exc.errno in SHORTAGES:  # this host's fault, not the nameserver's
+            raise out_of_resources(exc.errno, "asking a nameserver over TCP") from None
         return None
-    finally:
-        sock.close()
+    except (dns.exception.DNSException, ValueError, struct.error):
+        return None
 
 
 def _interpret(response: dns.message.Message) -> _Outcome:
