@@ -11,6 +11,7 @@ from splicegate import errors
 from splicegate.policy import (
     Listener,
     Policy,
+    broadcast_addresses,
     parse_domain_rule,
     parse_network,
     parse_port_spec,
@@ -147,6 +148,20 @@ def test_addresses_that_bind_oddly_are_never_the_proxy_itself(target: str) -> No
     policy.check_not_self(ip_address(target), 8080)  # no ProxyLoop, no OSError
     with pytest.raises(errors.DestinationDenied):  # the destination table refuses them
         policy.destinations("x.test", 8080, [ip_address(target)])
+
+
+def test_a_subnet_broadcast_address_is_never_the_proxy_itself() -> None:
+    """It binds like one of the host's addresses (a wildcard listener makes the loop check
+    try), yet nothing connects to it: not a loop."""
+    broadcasts = broadcast_addresses()
+    if not broadcasts:
+        pytest.skip("no interface here has an IPv4 broadcast address")
+    policy = Policy(listeners=[Listener(ip_address("0.0.0.0"), 8080)])
+    for address in broadcasts:
+        policy.check_not_self(address, 8080)  # no ProxyLoop
+    policy.check_not_self(ip_address("127.0.0.1"), 3128)  # another port: no loop either
+    with pytest.raises(errors.ProxyLoop):  # while the host's own addresses still are
+        policy.check_not_self(ip_address("127.0.0.1"), 8080)
 
 
 # --- domain rules (--allow-domain, --deny-domain) -------------------------------------------

@@ -10,9 +10,11 @@ after resolution, so a name cannot smuggle a denied address in (DNS rebinding).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import re
 import socket
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,10 +211,34 @@ def _is_local_address(addr: IPAddress) -> bool:
             probe.bind((str(addr), 0))
         except OSError:
             return False
-    return True
+    return addr.version == 6 or addr not in broadcast_addresses()
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+#: <linux/sockios.h>: an interface's IPv4 broadcast address
+_SIOCGIFBRDADDR = 0x8919
+
+
+def broadcast_addresses() -> frozenset[ipaddress.IPv4Address]:
+    """The IPv4 broadcast addresses of this host's interfaces (x.y.z.255 on a /24): they
+    bind like its own addresses, yet no connection to one reaches a listener. Read anew
+    each time: interfaces come and go, and only a bind that succeeded asks."""
+    found: set[ipaddress.IPv4Address] = set()
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return frozenset()
+    with probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(probe.fileno(), _SIOCGIFBRDADDR, request)
+            except OSError:  # no IPv4 address on it, or no broadcast
+                continue
+            address = ipaddress.IPv4Address(reply[20:24])
+            if not address.is_unspecified:
+                found.add(address)
+    return frozenset(found)
 
 
 @dataclass(slots=True)
