@@ -508,18 +508,16 @@ cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
     return 0
 
 
-cdef bint peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
+cdef void peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
     """An error reported on a side (a reset, mostly) that the pump just run did not meet
-    ends the tunnel with it; True if it did. Reads and writes find it only if one comes:
+    ends the tunnel with it. Reads and writes find it only if one comes:
     not after the side's EOF was read (even in the same event), nor while the direction
     from it waits for the other peer, nor while that peer is silent. What the proxy still
     holds for that peer then goes with the abort, as a reset drops a socket's send queue."""
     cdef int err = 0
     cdef socklen_t errlen = sizeof(err)
-    if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &err, &errlen) < 0 or err == 0:
-        return False
-    fail(w, t, side, err, now)
-    return True
+    if getsockopt(t.fd[side], SOL_SOCKET, SO_ERROR, &err, &errlen) == 0 and err != 0:
+        fail(w, t, side, err, now)
 
 
 cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:

@@ -35,6 +35,7 @@ from proxyproc import (
     recv_until_eof,
     request,
 )
+from relayrig import wait_until
 from splicegate.daemon import Signals
 
 LOOPBACK = ("--allow-dest", "127.0.0.0/8")
@@ -45,16 +46,6 @@ KEYS = [
     "dns_ms", "connect_ms", "established_ms", "bytes_up", "bytes_down", "duration_ms",
     "first_closer", "reason",
 ]  # fmt: skip
-
-
-def wait_until(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def log_lines(path: Path, count: int) -> list[str]:

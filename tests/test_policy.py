@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
 
@@ -153,7 +154,8 @@ def test_addresses_that_bind_oddly_are_never_the_proxy_itself(target: str) -> No
 def test_a_subnet_broadcast_address_is_never_the_proxy_itself() -> None:
     """It binds like one of the host's addresses (a wildcard listener makes the loop check
     try), yet nothing connects to it: not a loop."""
-    broadcasts = broadcast_addresses()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        broadcasts = broadcast_addresses(probe)
     if not broadcasts:
         pytest.skip("no interface here has an IPv4 broadcast address")
     policy = Policy(listeners=[Listener(ip_address("0.0.0.0"), 8080)])

@@ -155,10 +155,11 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
     do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
-    if not os.environ.get(daemon.WORKER_ENV):  # workers inherit the raised limit, and warn not
+    worker = bool(os.environ.get(daemon.WORKER_ENV))
+    if not worker:  # workers inherit the raised limit, and do not warn again
         raise_open_file_limit(config.max_connections, config.pipes_per_process())
     load = load or (lambda: config)
-    if config.workers > 1 and not os.environ.get(daemon.WORKER_ENV):
+    if config.workers > 1 and not worker:
         from splicegate.workers import Supervisor
 
         return Supervisor(config, argv, load).run()

@@ -22,6 +22,7 @@ listening), anything else (502 ``destination_unavailable``: no route, host down)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import ipaddress
@@ -174,6 +175,21 @@ def _has_peer(sock: socket.socket) -> bool:
     except OSError:  # ENOTCONN: still connecting, or failed (SO_ERROR says which, later)
         return False
     return True
+
+
+def with_nodelay(dialer: Dialer) -> Dialer:
+    """An application's dialer whose sockets get TCP_NODELAY, as :func:`dial`'s do
+    (DESIGN.md: on both sockets); decided once, when the server is built."""
+
+    def dial_with_nodelay(
+        addresses: Sequence[IPAddress], port: int, deadline: float
+    ) -> socket.socket:
+        sock = dialer(addresses, port, deadline)
+        with contextlib.suppress(OSError):  # not TCP: no Nagle to turn off
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return dial_with_nodelay
 
 
 def _connected(sock: socket.socket) -> socket.socket:

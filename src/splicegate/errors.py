@@ -133,6 +133,13 @@ SHORTAGES: dict[int, str] = {
 }
 
 
+def raise_if_short(exc: OSError, doing: str) -> None:
+    """Raise the 503 when ``exc`` says this host ran short of something (a SHORTAGES
+    errno) while ``doing`` something: never the destination's or the nameserver's fault."""
+    if exc.errno in SHORTAGES:
+        raise out_of_resources(exc.errno, doing) from None
+
+
 def out_of_resources(code: int, doing: str) -> OutOfResources:
     """The 503 for a shortage errno (a key of SHORTAGES) met while ``doing`` something."""
     what = SHORTAGES[code]

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splicegate.errors import (
-    SHORTAGES,
     ClientDenied,
     DestinationDenied,
     DomainDenied,
     PortDenied,
     ProxyLoop,
-    out_of_resources,
+    raise_if_short,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -202,16 +201,14 @@ def _is_local_address(addr: IPAddress) -> bool:
     try:
         probe = socket.socket(family, socket.SOCK_DGRAM)
     except OSError as exc:
-        if exc.errno in SHORTAGES:
-            doing = "checking the target against its own addresses"
-            raise out_of_resources(exc.errno, doing) from None
+        raise_if_short(exc, "checking the target against its own addresses")
         return False  # no such family here (EAFNOSUPPORT): nothing of ours is in it
     with probe:
         try:
             probe.bind((str(addr), 0))
         except OSError:
             return False
-    return addr.version == 6 or addr not in broadcast_addresses()
+        return addr.version == 6 or addr not in broadcast_addresses(probe)
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -219,25 +216,21 @@ _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _SIOCGIFBRDADDR = 0x8919
 
 
-def broadcast_addresses() -> frozenset[ipaddress.IPv4Address]:
-    """The IPv4 broadcast addresses of this host's interfaces (x.y.z.255 on a /24): they
-    bind like its own addresses, yet no connection to one reaches a listener. Read anew
-    each time: interfaces come and go, and only a bind that succeeded asks."""
+def broadcast_addresses(probe: socket.socket) -> frozenset[ipaddress.IPv4Address]:
+    """The IPv4 broadcast addresses of this host's interfaces (x.y.z.255 on a /24), asked
+    through ``probe``, an AF_INET socket: they bind like its own addresses, yet no
+    connection to one reaches a listener. Read anew each time: interfaces come and go, and
+    only a bind that succeeded asks."""
     found: set[ipaddress.IPv4Address] = set()
-    try:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    except OSError:
-        return frozenset()
-    with probe:
-        for _, name in socket.if_nameindex():
-            request = struct.pack("256s", name.encode()[:15])
-            try:
-                reply = fcntl.ioctl(probe.fileno(), _SIOCGIFBRDADDR, request)
-            except OSError:  # no IPv4 address on it, or no broadcast
-                continue
-            address = ipaddress.IPv4Address(reply[20:24])
-            if not address.is_unspecified:
-                found.add(address)
+    for _, name in socket.if_nameindex():
+        request = struct.pack("256s", name.encode()[:15])
+        try:
+            reply = fcntl.ioctl(probe.fileno(), _SIOCGIFBRDADDR, request)
+        except OSError:  # no IPv4 address on it, or no broadcast
+            continue
+        address = ipaddress.IPv4Address(reply[20:24])
+        if not address.is_unspecified:
+            found.add(address)
     return frozenset(found)
 
 

@@ -98,7 +98,7 @@ class _Direction:
     def _watch_src(self) -> None:
         """The reader no longer looks at src (it waits for dst, or src is at EOF): from now
         on the engine's error epoll does, so a reset from src is not missed."""
-        self.tunnel.engine._errors.add(self.src, self.tunnel, self.src_side)
+        self.tunnel.engine._errors.add(self)
 
     def _on_readable(self) -> None:
         try:
@@ -183,16 +183,20 @@ class _ErrorWatch:
         self._loop = loop
         self._epoll: select.epoll | None = None
         self._watcher: Any = None
-        self._watched: dict[int, tuple[_Tunnel, Closer, _socket.socket]] = {}
+        self._watched: dict[int, _Direction] = {}  # by its source's fd
+        self._skipped: set[int] = set()  # errors seen while the reader ran
 
-    def add(self, sock: _socket.socket, tunnel: _Tunnel, side: Closer) -> None:
-        """Watch a tunnel's socket. Where epoll refuses (out of memory or of
+    def add(self, direction: _Direction) -> None:
+        """Watch a direction's source. Where epoll refuses (out of memory or of
         max_user_watches), the tunnel goes on without: its reads and writes still find an
         error when one comes."""
-        fd = sock.fileno()
+        fd = direction.src.fileno()
         try:
-            if fd in self._watched:  # its reader stopped again: re-armed, a pending error
-                if self._epoll is not None:  # (skipped while the reader ran) is reported
+            if fd in self._watched:
+                if fd in self._skipped and self._epoll is not None:
+                    # An error came while the reader ran, and the reader stopped before it
+                    # met it: re-armed, the edge is reported again.
+                    self._skipped.discard(fd)
                     self._epoll.modify(fd, select.EPOLLET)
                 return
             if self._epoll is None:
@@ -204,11 +208,12 @@ class _ErrorWatch:
         except OSError as exc:
             log.debug("tunnel socket not watched for errors: %s", exc)
             return
-        self._watched[fd] = (tunnel, side, sock)
+        self._watched[fd] = direction
 
     def remove(self, sock: _socket.socket) -> None:
         """Before the socket closes: a later socket may get its number."""
         fd = sock.fileno()
+        self._skipped.discard(fd)
         if self._watched.pop(fd, None) is not None and self._epoll is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
@@ -216,15 +221,15 @@ class _ErrorWatch:
     def _on_ready(self) -> None:
         assert self._epoll is not None  # the watcher runs only once the epoll exists
         for fd, events in self._epoll.poll(0):
-            entry = self._watched.get(fd)
-            if entry is None or not events & select.EPOLLERR:
+            direction = self._watched.get(fd)
+            if direction is None or not events & select.EPOLLERR:
                 continue  # gone, or a hang-up alone: both ways shut, the reader ends it
-            tunnel, side, sock = entry
-            if (tunnel.up if side == "client" else tunnel.down).reader.active:
-                continue  # its reader reads what came before the error, then meets it
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if direction.reader.active:
+                self._skipped.add(fd)  # its reader reads what came first, then the error
+                continue
+            code = direction.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                tunnel.fail(OSError(code, os.strerror(code)), side)
+                direction.tunnel.fail(OSError(code, os.strerror(code)), direction.src_side)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -235,6 +240,7 @@ class _ErrorWatch:
             self._epoll.close()
             self._epoll = None
         self._watched.clear()
+        self._skipped.clear()
 
 
 class _Tunnel:
@@ -439,9 +445,11 @@ class PythonEngine:
         """
         if self._closing:
             raise RuntimeError("the relay engine is shutting down")
-        for fd in (client_fd, origin_fd):  # both, before a socket object changes either
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):  # EBADF for a closed one
-                raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+        # A socket object checks its fd (EBADF, ENOTSOCK), but under an application's default
+        # timeout it also makes it non-blocking: the origin's fd is checked before the
+        # client's object exists, so a refusal leaves both as they were.
+        if not stat.S_ISSOCK(os.fstat(origin_fd).st_mode):
+            raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
         client = _socket.socket(fileno=client_fd)
         try:
             origin = _socket.socket(fileno=origin_fd)
@@ -472,20 +480,18 @@ class PythonEngine:
         like every other; this greenlet only waits for the last one.
         """
         self._closing = True
-        if not self._tunnels:
-            self._errors.close()
-            return
-        if self._drained is None:
-            self._drained = Event()
-        # A second call (another greenlet, while the first waits) with an earlier deadline
-        # gets its own timer: the rest close then, in the hub like every other close.
-        timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
-        timer.start(self._close_all)
-        try:
-            self._drained.wait()
-        finally:
-            timer.stop()
-            timer.close()
+        if self._tunnels:
+            if self._drained is None:
+                self._drained = Event()
+            # A second call (another greenlet, while the first waits) with an earlier
+            # deadline gets its own timer: the rest close then, in the hub like every other.
+            timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
+            timer.start(self._close_all)
+            try:
+                self._drained.wait()
+            finally:
+                timer.stop()
+                timer.close()
         self._errors.close()
 
     def _close_all(self) -> None:

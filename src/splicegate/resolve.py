@@ -37,7 +37,14 @@ import dns.rdatatype
 import gevent
 from gevent import socket as gsocket
 
-from splicegate.errors import SHORTAGES, DnsError, DnsTimeout, OutOfResources, out_of_resources
+from splicegate.errors import (
+    SHORTAGES,
+    DnsError,
+    DnsTimeout,
+    OutOfResources,
+    out_of_resources,
+    raise_if_short,
+)
 from splicegate.request import show_address
 from splicegate.waiting import READ, ready
 
@@ -175,6 +182,13 @@ class SystemResolver:
         try:
             return self._getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM), None
         except Exception as exc:
+            # The C library reports a lack of descriptors as anything, even "no such name":
+            # a failure while no socket can be opened is that shortage.
+            try:
+                _socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+            except OSError as probe:
+                if probe.errno in SHORTAGES:
+                    return [], probe
             return [], exc
 
     def lookup(self, host: str, deadline: float) -> Resolution:
@@ -200,25 +214,13 @@ class SystemResolver:
         return Resolution(_dedup(addresses), None)
 
 
-def _descriptor_shortage() -> int | None:
-    """The errno when this process cannot open a socket now (EMFILE, ...), else None."""
-    try:
-        _socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
-    except OSError as exc:
-        return exc.errno if exc.errno in SHORTAGES else None
-    return None
-
-
 def _map_getaddrinfo_error(host: str, exc: BaseException | None) -> DnsError | OutOfResources:
     """Turn what getaddrinfo raised into a DnsError a person can act on."""
     if isinstance(exc, UnicodeError | ValueError):
         # The IDNA codec rejects empty or over-long labels before any query is sent.
         return _invalid_name_error(host)
-    if isinstance(exc, OSError) and exc.errno in SHORTAGES:  # EAI_SYSTEM with an errno
+    if isinstance(exc, OSError) and exc.errno in SHORTAGES:  # EAI_SYSTEM, or the probe's
         return out_of_resources(exc.errno, f"looking up {host}")
-    shortage = _descriptor_shortage()
-    if shortage is not None:  # the C library reports it as anything, even "no such name"
-        return out_of_resources(shortage, f"looking up {host}")
     if isinstance(exc, socket.gaierror):
         code = exc.errno
         if code == socket.EAI_NONAME:
@@ -444,10 +446,7 @@ class NameserverResolver:
                             owner[sock] = server
                         sock.send(wire)
                     except OSError as exc:
-                        if exc.errno in SHORTAGES:  # this host's fault, not the nameserver's
-                            raise out_of_resources(
-                                exc.errno, f"looking up {qname.to_text(True)}"
-                            ) from None
+                        raise_if_short(exc, f"looking up {qname.to_text(True)}")
                         failed[server] = _Outcome(unreachable=_why(server, exc))
                         next_send = now
                         continue
@@ -577,8 +576,7 @@ def _query_tcp(
     except TimeoutError:
         raise
     except OSError as exc:
-        if exc.errno in SHORTAGES:  # this host's fault, not the nameserver's
-            raise out_of_resources(exc.errno, "asking a nameserver over TCP") from None
+        raise_if_short(exc, "asking a nameserver over TCP")
         return None
     except (dns.exception.DNSException, ValueError, struct.error):
         return None

@@ -9,7 +9,6 @@ client reads its answer instead of a reset.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -101,7 +100,9 @@ class ProxyServer:
         self.engine = engine
         self.resolver: DnsCache
         self._dns_settings: tuple | None = None  # what self.resolver was built from
-        self.dialer: dial_module.Dialer = self.config.dialer or dial_module.dial
+        self.dialer: dial_module.Dialer = (
+            dial_module.with_nodelay(self.config.dialer) if self.config.dialer else dial_module.dial
+        )
         #: where the proxy listens (with the real ports once started), and as policy sees it
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[Listener] = []
@@ -287,7 +288,7 @@ class ProxyServer:
         attempt.target = request.authority if request.method == "CONNECT" else request.target
         if request.method != "CONNECT":
             why = (
-                "methods are case-sensitive (RFC 9110 §9.1): send CONNECT"
+                "methods are case-sensitive (RFC 9110, 9.1): send CONNECT"
                 if request.method.upper() == "CONNECT"
                 else f"{request.method} (plain-HTTP forwarding) is not supported"
             )
@@ -309,9 +310,6 @@ class ProxyServer:
         finally:
             attempt.connect_s = time.monotonic() - started  # failures are logged with it too
         try:
-            if self.dialer is not dial_module.dial:  # the built-in one has set it
-                with contextlib.suppress(OSError):  # not TCP: no Nagle to turn off
-                    origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 attempt.dialled = origin.getpeername()  # shown only when a line is written
             except OSError as exc:  # connected, then reset before we looked: the origin's
