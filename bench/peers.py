@@ -12,6 +12,11 @@ native and with the pure-Python engine, squid, tinyproxy, proxy.py and pproxy:
 4. (``--only errors``) what each proxy answers for a refused port, an NXDOMAIN name, a
    connect timeout, a malformed head, and early bytes sent with the CONNECT head.
 
+Beside them, in parts 2 only, the splice floor (``bench/floor.c``, compiled for the run): a
+relay that does nothing but blocking splice(2), a thread per direction. It is the yardstick
+for "as fast as the kernel lets a relay be": its ratio to direct is what the machine allows
+any relay, whatever the engine.
+
 Every figure is the median of ``--runs`` runs, with its ratio to direct where that means
 something. The report (``bench/results/peers-<timestamp>.md``) describes the machine and how
 each proxy was configured; the chart goes to ``bench/peers.png`` (``--chart``).
@@ -78,12 +83,13 @@ from streams import recv_exactly
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 TESTS = REPO / "tests"
+FLOOR_SOURCE = BENCH / "floor.c"
 MIB = 1024**2
 Address = tuple[str, int]
 
 DIRECT = "direct"
 #: Every column, in the order measured and shown; ``--peers`` picks some.
-PATHS = ("direct", "native", "python", "squid", "tinyproxy", "proxy.py", "pproxy")
+PATHS = ("direct", "floor", "native", "python", "squid", "tinyproxy", "proxy.py", "pproxy")
 #: The parts of a run; ``--only`` picks some.
 PARTS = ("rate", "stream", "streams8", "idle", "errors")
 #: The longest any proxy may take to start listening.
@@ -170,6 +176,7 @@ NEEDS = [
         "tinyproxy",
         ("tinyproxy",),
     ),
+    Need("a C compiler (cc)", lambda: find_program("cc") is not None, "debian", "gcc", ("floor",)),
     Need("proxy.py", lambda: has_module("proxy"), "pypi", "proxy.py", ("proxy.py",)),
     Need("pproxy", lambda: has_module("pproxy"), "pypi", "pproxy", ("pproxy",)),
     Need("matplotlib", lambda: has_module("matplotlib"), "pypi", "matplotlib", ("chart",)),
@@ -450,6 +457,10 @@ class Peer:
     dns_note: str = ""
     start: Callable[[], Running] | None = None  # None: the direct path
     skipped: str | None = None  # why it is not measured at all
+    parts: tuple[str, ...] = PARTS  # the parts it is measured in
+
+    def takes(self, part: str) -> bool:
+        return part in self.parts
 
 
 def fill(lines: list[str], port: int | str, folder: Path | str) -> str:
@@ -515,6 +526,32 @@ class Peers:
             peer.skipped = f"engine not available: {detail}"
         if self.dns.error:
             peer.dns_ok, peer.dns_note = False, self.dns.error
+        return peer
+
+    def peer_floor(self) -> Peer:
+        """bench/floor.c, compiled into the run's temp dir: the throughput yardstick."""
+        exe = self.tmp / "floor"
+        compiler = find_program("cc") or "cc"
+        build = [compiler, "-O2", "-pthread", "-o", str(exe), str(FLOOR_SOURCE)]
+        peer = Peer(
+            "floor",
+            "splice floor",
+            version_of([compiler, "--version"], "") + ", -O2",
+            "`bench/floor.c`: a thread per connection and per direction, blocking splice(2) "
+            "through a 1 MiB pipe, IPv4-literal targets only; no policy, DNS, timeouts or "
+            "accounting. Not a proxy: a yardstick for what the kernel lets any relay reach on "
+            "this machine, so measured in the throughput parts only",
+            "none (IPv4 literals only)",
+            start=lambda: start_peer(lambda port: [str(exe), str(port)], "floor"),
+            parts=("stream", "streams8"),
+        )
+        try:
+            done = subprocess.run(build, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            peer.skipped = f"not built: {short(exc, 200)}"
+            return peer
+        if done.returncode != 0:
+            peer.skipped = f"not built ({shlex.join(build)}): {short(done.stderr, 300)}"
         return peer
 
     def peer_native(self) -> Peer:
@@ -741,7 +778,7 @@ class Bench:
 
     def start_all(self) -> None:
         for peer in self.peers:
-            if peer.start is None:
+            if peer.start is None or not any(peer.takes(p) for p in self.args.parts):
                 continue
             if peer.skipped:
                 self.status[peer.key] = peer.skipped
@@ -771,9 +808,12 @@ class Bench:
         for key in list(self.running):
             self.stop(key)
 
-    def paths(self) -> list[tuple[str, Running | None]]:
+    def paths(self, part: str) -> list[tuple[str, Running | None]]:
+        """The columns measured in ``part``, with their running process (None: direct)."""
         out: list[tuple[str, Running | None]] = []
         for peer in self.peers:
+            if not peer.takes(part):
+                continue
             if peer.start is None:
                 out.append((peer.key, None))
             elif peer.key in self.running:
@@ -856,14 +896,14 @@ class Bench:
                 print(f"run {i}/{args.runs}", file=sys.stderr)
                 began = time.monotonic()
                 if "rate" in perf:
-                    for key, proxy in self.paths():
+                    for key, proxy in self.paths("rate"):
                         self.attempt("rate", key, proxy, lambda k=key, p=proxy: self.rate(k, p))
                 for part in ("stream", "streams8"):
                     if part not in perf:
                         continue
                     for direction in ("up", "down"):
                         name = direction + ("8" if part == "streams8" else "")
-                        for key, proxy in self.paths():
+                        for key, proxy in self.paths(part):
                             self.attempt(
                                 name,
                                 key,
@@ -872,7 +912,7 @@ class Bench:
                             )
                 if "idle" in perf:
                     for peer in self.peers:
-                        if peer.start is None or peer.skipped:
+                        if peer.start is None or peer.skipped or not peer.takes("idle"):
                             continue
                         self.attempt("idle", peer.key, None, lambda p=peer: self.idle(p))
                 took = time.monotonic() - began
@@ -1012,7 +1052,7 @@ class ErrorSuite:
     def __init__(self, args: argparse.Namespace, peers: list[Peer], dns: Dns) -> None:
         self.args = args
         self.dns = dns
-        self.peers = [p for p in peers if p.start is not None]
+        self.peers = [p for p in peers if p.start is not None and p.takes("errors")]
         self.answers: dict[tuple[str, str], str] = {}
         self.status: dict[str, str] = {}
         self.notes: list[str] = []
@@ -1353,7 +1393,7 @@ def draw_chart(
 
     single(
         axes[0][1],
-        everyone,
+        [p for p in everyone if p.takes("rate")],
         "rate",
         f"CONNECT rate, {args.concurrency} loops (higher is better)",
         "tunnels/s (direct: connections/s)",
@@ -1370,7 +1410,7 @@ def draw_chart(
     )  # fmt: skip
     single(
         axes[1][1],
-        proxies,
+        [p for p in proxies if p.takes("idle")],
         "idle_kib",
         f"Idle memory per tunnel, {args.idle_tunnels:,} tunnels (lower is better)",
         "KiB per tunnel",
