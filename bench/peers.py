@@ -4,7 +4,7 @@ One run measures, for the direct path (client straight to the origin), splicegat
 native and with the pure-Python engine, squid, tinyproxy, proxy.py and pproxy:
 
 1. the CONNECT rate: 50 concurrent loops of connect, CONNECT, the proxy's 200, a 16-byte
-   echo, close, for 10 s; tunnels/s and p50/p99 time-to-200;
+   echo, close, for 10 s; tunnels/s and p50/p99 time-to-200 (direct: to the echo);
 2. single-stream and 8-stream throughput each way, and the proxy's CPU seconds per GiB
    relayed (its whole process tree);
 3. idle memory per tunnel: on a proxy started for it, (RSS with 2,000 idle tunnels - RSS at
@@ -105,8 +105,8 @@ EARLY = b"early-bytes-before-the-200\n"
 # (key, label, has a ratio to direct, decimals)
 ROWS = [
     ("rate", "CONNECT rate (tunnels/s; direct: connections/s)", True, 0),
-    ("p50", "time-to-200 p50 (ms)", False, 2),
-    ("p99", "time-to-200 p99 (ms)", False, 2),
+    ("p50", "time-to-200 p50 (ms; direct: to the echo)", False, 2),
+    ("p99", "time-to-200 p99 (ms; direct: to the echo)", False, 2),
     ("rate_errors", "rate test: failed loops", False, 0),
     ("rate_cpu_proxy", "rate test: proxy CPU (% of one core)", False, 0),
     ("rate_cpu_tunnel", "rate test: proxy CPU per tunnel (µs)", False, 0),
