@@ -233,8 +233,9 @@ def record_rate(
     proxy_cpu: float | None,
     extra: dict[str, float] | None = None,
 ) -> str:
-    """Record a connection-rate run through ``key``: loops per second, errors, the ``extra``
-    figures, and through a proxy (``proxy_cpu``: its CPU %) that and the p50/p99 latency."""
+    """Record a connection-rate run through ``key``: loops per second, errors, the p50/p99
+    time to the first answer, the ``extra`` figures, and through a proxy (``proxy_cpu``: its
+    CPU %) that."""
     if result.first_error:
         notes.append(f"rate via {key}: {result.errors} failed loops, first: {result.first_error}")
     samples["rate", key].append(result.per_second)
@@ -242,13 +243,13 @@ def record_rate(
     for figure, value in (extra or {}).items():
         samples[figure, key].append(value)
     text = f"{result.per_second:8.0f}/s  errors {result.errors}"
+    p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
+    if p50 is not None and p99 is not None:
+        samples["p50", key].append(p50)
+        samples["p99", key].append(p99)
+        text += f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
     if proxy_cpu is not None:
         samples["rate_cpu_proxy", key].append(proxy_cpu)
         if result.per_second > 0:  # the proxy's CPU for one tunnel: steadier than the rate
             samples["rate_cpu_tunnel", key].append(proxy_cpu / 100 / result.per_second * 1e6)
-        p50, p99 = result.percentile_ms(50), result.percentile_ms(99)
-        if p50 is not None and p99 is not None:
-            samples["p50", key].append(p50)
-            samples["p99", key].append(p99)
-            text += f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
     return text
