@@ -922,6 +922,7 @@ cdef class NativeEngine:
         cdef uint64_t count
         cdef Tunnel* head
         cdef Tunnel* t
+        escaped = None
         read(self.core.done_fd, &count, sizeof(count))
         pthread_mutex_lock(&self.core.done_lock)
         head = self.core.done_head
@@ -946,8 +947,16 @@ cdef class NativeEngine:
                 on_done(record)
             except Exception:
                 log.exception("on_done of a finished tunnel failed")
+            except BaseException as exc:
+                # An exit (SystemExit, a KeyboardInterrupt raised in the hub) goes on once
+                # the rest of the batch is reported: their memory and on_done would be lost
+                # with it, and a drain would wait for them for ever.
+                if escaped is None:
+                    escaped = exc
         if self.drained is not None and not self.callbacks:
             self.drained.set()
+        if escaped is not None:
+            raise escaped
 
     @property
     def pipe_cap(self):

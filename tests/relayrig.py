@@ -120,7 +120,11 @@ class Tunnel:
     """The two test peers of one submitted tunnel and the record its engine reports."""
 
     def __init__(
-        self, client: socket.socket, origin: socket.socket, fds: tuple[int, int], raises: bool
+        self,
+        client: socket.socket,
+        origin: socket.socket,
+        fds: tuple[int, int],
+        raises: type[BaseException] | None,
     ) -> None:
         self.client = client
         self.origin = origin
@@ -134,8 +138,8 @@ class Tunnel:
         # already have been given a just-closed fd number.
         self.fds_closed_at_done = not any(fd_is_open(fd) for fd in self.fds)
         self.done.set(record)
-        if self.raises:
-            raise RuntimeError("on_done blew up")
+        if self.raises is not None:
+            raise self.raises("on_done blew up")
 
     def record(self) -> TunnelRecord:
         return self.done.get(timeout=WAIT)
@@ -215,7 +219,7 @@ class Rig:
         self,
         early_up: bytes = b"",
         before_submit: Callable[[socket.socket, socket.socket], None] | None = None,
-        on_done_raises: bool = False,
+        on_done_raises: type[BaseException] | None = None,
     ) -> Tunnel:
         client, proxy_client = self.connect(self.front)
         proxy_origin, origin = self.connect(self.back)

@@ -664,11 +664,28 @@ def test_a_shutdown_killed_while_it_waits_can_be_done_again(make_rig: Any) -> No
             sock.close()
 
 
+class OnDoneExit(BaseException):
+    """Not an Exception, so no engine logs it away: an exit raised from an on_done."""
+
+
+def test_an_exit_from_one_on_done_does_not_lose_the_others(make_rig: Any) -> None:
+    """Tunnels closed together are reported together; an on_done that raises past
+    ``except Exception`` must still let every other one run, and the drain end."""
+    rig = make_rig()
+    tunnels = [rig.open(on_done_raises=OnDoneExit) for _ in range(3)]
+    gevent.sleep(0.1)  # every tunnel adopted, so one shutdown batch ends them all
+    stopping = gevent.spawn(rig.engine.shutdown, time.monotonic())
+    stopping.get(timeout=WAIT)  # returns once the last on_done ran
+    for t in tunnels:
+        assert t.record().reason == "shutdown"
+    assert rig.engine.stats()["active"] == 0
+
+
 def test_an_on_done_exception_is_logged_not_raised(
     make_rig: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = make_rig()
-    t = rig.open(on_done_raises=True)
+    t = rig.open(on_done_raises=RuntimeError)
     together((pump, t.client, b"a"), (pump, t.origin, b"b"), (drain, t.client))
     assert t.record().reason == "eof"
     gevent.sleep(0)  # the engine logs right after on_done returns

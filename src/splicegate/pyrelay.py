@@ -495,8 +495,14 @@ class PythonEngine:
         self._errors.close()
 
     def _close_all(self) -> None:
+        escaped: BaseException | None = None
         for tunnel in list(self._tunnels):
-            tunnel.expire("shutdown")
+            try:
+                tunnel.expire("shutdown")
+            except BaseException as exc:  # an exit from an on_done: the rest close first
+                escaped = escaped or exc
+        if escaped is not None:
+            raise escaped
 
     def _tunnel_finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
         self._tunnels.remove(tunnel)
@@ -506,5 +512,6 @@ class PythonEngine:
             tunnel.on_done(record)
         except Exception:
             log.exception("tunnel on_done callback failed")
-        if self._drained is not None and not self._tunnels:
-            self._drained.set()
+        finally:  # an exit from on_done too: the drain must not wait for this tunnel
+            if self._drained is not None and not self._tunnels:
+                self._drained.set()
