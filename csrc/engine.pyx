@@ -1007,6 +1007,7 @@ cdef class NativeEngine:
             self.stopped.wait(timeout=30)
             return
         self.stopped = Event()
+        escaped = None
         try:
             if self.threads_started:
                 self.drained = Event()
@@ -1016,13 +1017,18 @@ cdef class NativeEngine:
                     self._command(CMD_CLOSE_ALL)
                     self.drained.wait(timeout=10)
                 self._join_threads()
-                self._on_done_ready()
+                try:
+                    self._on_done_ready()
+                except BaseException as exc:  # an exit from an on_done: raised once closed
+                    escaped = exc
                 self._release_worker_resources()
             self.closed = True
             self.watcher.stop()
             self.watcher.close()
             close(self.core.done_fd)
             self.core.done_fd = -1
+            if escaped is not None:
+                raise escaped
         finally:
             # Killed while waiting (a caller's timeout): a later call starts over.
             self.stopped.set()

@@ -28,8 +28,8 @@ def make_engine(engine_kind: str) -> Iterator[Callable[..., Engine]]:
     teardown, so a failing test cannot leak tunnels into the next one."""
     engines: list[Engine] = []
 
-    def make(timeouts: RelayTimeouts | None = None) -> Engine:
-        engine = create_engine(engine_kind, timeouts or RelayTimeouts())
+    def make(timeouts: RelayTimeouts | None = None, threads: int | None = None) -> Engine:
+        engine = create_engine(engine_kind, timeouts or RelayTimeouts(), threads=threads)
         engines.append(engine)
         return engine
 

@@ -500,7 +500,8 @@ class PythonEngine:
             try:
                 tunnel.expire("shutdown")
             except BaseException as exc:  # an exit from an on_done: the rest close first
-                escaped = escaped or exc
+                if escaped is None:
+                    escaped = exc
         if escaped is not None:
             raise escaped
 
