@@ -14,8 +14,8 @@ native and with the pure-Python engine, squid, tinyproxy, proxy.py and pproxy:
 
 Beside them, in parts 2 only, the splice floor (``bench/floor.c``, compiled for the run): a
 relay that does nothing but blocking splice(2), a thread per direction. It is the yardstick
-for "as fast as the kernel lets a relay be": its ratio to direct is what the machine allows
-any relay, whatever the engine.
+for "as fast as the kernel lets a relay be": its ratio to direct shows what a relay that
+does nothing else reaches on this machine.
 
 Every figure is the median of ``--runs`` runs, with its ratio to direct where that means
 something. The report (``bench/results/peers-<timestamp>.md``) describes the machine and how
@@ -541,8 +541,8 @@ class Peers:
             version_of([compiler, "--version"], "") + ", -O2",
             "`bench/floor.c`: a thread per connection and per direction, blocking splice(2) "
             "through a 1 MiB pipe, IPv4-literal targets only; no policy, DNS, timeouts or "
-            "accounting. Not a proxy: a yardstick for what the kernel lets any relay reach on "
-            "this machine, so measured in the throughput parts only",
+            "accounting. Not a proxy: a yardstick for what a relay that does nothing else "
+            "reaches on this machine, so measured in the throughput parts only",
             "none (IPv4 literals only)",
             start=lambda: start_peer(lambda port: [str(exe), str(port)], "floor"),
             parts=FLOOR_PARTS,
