@@ -18,8 +18,10 @@ for "as fast as the kernel lets a relay be": its ratio to direct shows what a re
 does nothing else reaches on this machine.
 
 Every figure is the median of ``--runs`` runs, with its ratio to direct where that means
-something. The report (``bench/results/peers-<timestamp>.md``) describes the machine and how
-each proxy was configured; the chart goes to ``bench/peers.png`` (``--chart``).
+something. Within a run the columns take turns, part by part: in the table's order in run
+1, then in an order shuffled with the run's number as seed. The report
+(``bench/results/peers-<timestamp>.md``) describes the machine and how each proxy was
+configured; the chart goes to ``bench/peers.png`` (``--chart``).
 
 Nothing is installed silently: what is missing is named, with the commands that install it,
 and ``--install`` runs those commands. A proxy that fails to start, or a measurement that
@@ -44,6 +46,7 @@ import importlib.util
 import ipaddress
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -810,8 +813,10 @@ class Bench:
         for key in list(self.running):
             self.stop(key)
 
-    def paths(self, part: str) -> list[tuple[str, Running | None]]:
-        """The columns measured in ``part``, with their running process (None: direct)."""
+    def paths(self, part: str, run: int = 1) -> list[tuple[str, Running | None]]:
+        """The columns measured in ``part``, with their running process (None: direct): in
+        the table's order in run 1, shuffled in later runs (seeded by the run's number, so
+        reproducible), so that no column always runs right after the same other one."""
         out: list[tuple[str, Running | None]] = []
         for peer in self.peers:
             if not peer.takes(part):
@@ -820,6 +825,8 @@ class Bench:
                 out.append((peer.key, None))
             elif peer.key in self.running:
                 out.append((peer.key, self.running[peer.key]))
+        if run > 1:
+            random.Random(run).shuffle(out)
         return out
 
     def attempt(self, part: str, key: str, proxy: Running | None, fn: Callable[[], str]) -> None:
@@ -898,14 +905,14 @@ class Bench:
                 print(f"run {i}/{args.runs}", file=sys.stderr)
                 began = time.monotonic()
                 if "rate" in perf:
-                    for key, proxy in self.paths("rate"):
+                    for key, proxy in self.paths("rate", i):
                         self.attempt("rate", key, proxy, lambda k=key, p=proxy: self.rate(k, p))
                 for part in ("stream", "streams8"):
                     if part not in perf:
                         continue
                     for direction in ("up", "down"):
                         name = direction + ("8" if part == "streams8" else "")
-                        for key, proxy in self.paths(part):
+                        for key, proxy in self.paths(part, i):
                             self.attempt(
                                 name,
                                 key,
