@@ -169,6 +169,33 @@ def test_a_bad_target_is_told_what_is_wrong_with_it(target: bytes, hint: str) ->
     assert isinstance(err, errors.BadRequest) and hint in err.message, err.message
 
 
+#: The start of a TLS 1.2/1.3 ClientHello record, as a client sends it to an https:// proxy URL.
+CLIENT_HELLO = bytes.fromhex("160301020001") + b"\x00\x01\xfc\x03\x03" + bytes(32)
+
+
+@pytest.mark.parametrize(
+    ("start", "hint"),
+    [
+        (CLIENT_HELLO, "TLS handshake"),
+        (b"GE\x00T", "malformed request line"),
+        (b" CONNECT", "malformed request line"),
+    ],
+)
+def test_a_line_no_request_starts_with_is_refused_before_it_ends(start: bytes, hint: str) -> None:
+    """Without waiting for a newline, which a TLS client never sends: else the client
+    would wait out --header-timeout for an answer it cannot read anyway."""
+    for bytewise in (False, True):
+        err = feed(start, bytewise=bytewise, close=False)
+        assert isinstance(err, errors.BadRequest) and hint in err.message, err
+    assert isinstance(parse_all_ways(start + b"\r\n\r\n"), errors.BadRequest)
+
+
+@pytest.mark.parametrize("start", [b"C", b"CONNECT", b"CONNECT ", b"CONNECT a.example:4", b"x-y "])
+def test_the_start_of_a_request_line_waits_for_the_rest(start: bytes) -> None:
+    assert feed(start, bytewise=False, close=False) is NEED_DATA
+    assert feed(start, bytewise=True, close=False) is NEED_DATA
+
+
 @pytest.mark.parametrize("value", [b"0", b"00", b"0, 0", b"0,0"])
 def test_content_length_zero_on_a_connect_is_no_content(value: bytes) -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n"

@@ -293,6 +293,15 @@ def test_400_malformed(proxy: ProxyProcess) -> None:
     assert_refused(reply, 400, "http_request_error", body_has="Host")
 
 
+def test_400_for_a_tls_handshake_comes_at_once(proxy: ProxyProcess) -> None:
+    """A client given an https:// proxy URL sends a ClientHello, never a newline: it is told
+    at once, not after --header-timeout (10 s)."""
+    started = time.monotonic()
+    reply = request(proxy.address, bytes.fromhex("1603010200010001fc0303") + bytes(32))
+    assert time.monotonic() - started < 5
+    assert_refused(reply, 400, "http_request_error", body_has="https://")
+
+
 def test_403_client_not_allowed() -> None:
     proc = ProxyProcess(*LOOPBACK_OK, "--allow-client", "10.0.0.0/8")
     try:

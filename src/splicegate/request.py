@@ -36,6 +36,11 @@ _REQUEST_LINE = re.compile(
     rb"(?P<method>" + _TOKEN + rb") (?P<target>[^\x00-\x20\x7f]+) "
     rb"HTTP/(?P<major>[0-9])\.(?P<minor>[0-9])"
 )
+# What an unfinished request line may hold so far: (part of) a method, then its space.
+_REQUEST_LINE_START = re.compile(_TOKEN + rb"(?: |\Z)|\Z")
+#: The first byte of a TLS record carrying a handshake: a client that speaks TLS to this
+#: plain-HTTP port (a proxy URL written https:// instead of http://).
+_TLS_HANDSHAKE = 0x16
 # field-line = field-name ":" OWS field-value OWS; field-name = token
 # field-value = *field-content; field-vchar = VCHAR / obs-text; SP and HTAB inside
 _FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*?"  # VCHAR, obs-text, SP, HTAB
@@ -190,15 +195,25 @@ def _strip_cr(line: bytes) -> bytes:
     return line
 
 
+def _malformed_request_line(line: bytes) -> BadRequest:
+    if line[:1] == bytes([_TLS_HANDSHAKE]):
+        return BadRequest(
+            "this port speaks plain HTTP, and the client sent a TLS handshake: write the "
+            "proxy's URL as http://, not https:// (the tunnel inside still carries TLS)",
+            details="TLS handshake on the plain-HTTP port",
+        )
+    shown = line[:100].decode("latin-1")
+    return BadRequest(
+        f"malformed request line {shown!a}; expected 'CONNECT host:port HTTP/1.1'",
+        details="malformed request line",
+    )
+
+
 def _parse_request_line(line: bytes) -> tuple[str, bytes, tuple[int, int]]:
     """Method, target and version as sent; the version is judged by :func:`_speak`."""
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
-        shown = line[:100].decode("latin-1")
-        raise BadRequest(
-            f"malformed request line {shown!a}; expected 'CONNECT host:port HTTP/1.1'",
-            details="malformed request line",
-        )
+        raise _malformed_request_line(line)
     return (
         match["method"].decode("ascii"),
         match["target"],
@@ -432,6 +447,10 @@ class RequestParser:
             return
         end = self._buf.find(b"\n", 0, self.max_head_bytes)
         if end < 0:
+            # Not a whole line yet, but bytes no request line starts with (a TLS
+            # handshake, say) are refused now, not after --header-timeout.
+            if _REQUEST_LINE_START.match(self._buf) is None:
+                raise _malformed_request_line(bytes(self._buf[:100]))
             return
         self._request_line = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
         _speak(self._request_line[2])  # a 505 at once, the line kept for the log
