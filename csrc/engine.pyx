@@ -37,7 +37,7 @@ import gevent
 from gevent.event import Event
 
 from splicegate.relay import (
-    SCHEDULING, RelayTimeouts, TunnelRecord, pipe_share, usable_pipe_size,
+    SCHEDULING, RelayTimeouts, TunnelRecord, pipe_share, run_each, usable_pipe_size,
 )
 
 log = logging.getLogger("splicegate")
@@ -700,6 +700,14 @@ cdef void forget_tunnel(Tunnel* t) noexcept nogil:
 
 # --- the engine, in the hub ---------------------------------------------------------------
 
+def _report(finished):
+    on_done, record = finished
+    try:
+        on_done(record)
+    except Exception:
+        log.exception("on_done of a finished tunnel failed")
+
+
 _engines = weakref.WeakSet()
 # Engines whose threads run hold a strong reference here: the threads use memory the engine
 # object owns, so it must not be collected before they are joined.
@@ -922,7 +930,7 @@ cdef class NativeEngine:
         cdef uint64_t count
         cdef Tunnel* head
         cdef Tunnel* t
-        escaped = None
+        finished = []
         read(self.core.done_fd, &count, sizeof(count))
         pthread_mutex_lock(&self.core.done_lock)
         head = self.core.done_head
@@ -940,23 +948,14 @@ cdef class NativeEngine:
                 errno=t.err,
             )
             on_done = self.callbacks.pop(t.id, None)
-            free(t)
-            if on_done is None:
-                continue
-            try:
-                on_done(record)
-            except Exception:
-                log.exception("on_done of a finished tunnel failed")
-            except BaseException as exc:
-                # An exit (SystemExit, a KeyboardInterrupt raised in the hub) goes on once
-                # the rest of the batch is reported: their memory and on_done would be lost
-                # with it, and a drain would wait for them for ever.
-                if escaped is None:
-                    escaped = exc
-        if self.drained is not None and not self.callbacks:
-            self.drained.set()
-        if escaped is not None:
-            raise escaped
+            free(t)  # every one, before any on_done runs: one may raise an exit
+            if on_done is not None:
+                finished.append((on_done, record))
+        try:
+            run_each(finished, _report)
+        finally:
+            if self.drained is not None and not self.callbacks:
+                self.drained.set()
 
     @property
     def pipe_cap(self):

@@ -30,7 +30,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord
+from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord, run_each
 
 log = logging.getLogger("splicegate")
 
@@ -220,16 +220,19 @@ class _ErrorWatch:
 
     def _on_ready(self) -> None:
         assert self._epoll is not None  # the watcher runs only once the epoll exists
-        for fd, events in self._epoll.poll(0):
-            direction = self._watched.get(fd)
-            if direction is None or not events & select.EPOLLERR:
-                continue  # gone, or a hang-up alone: both ways shut, the reader ends it
-            if direction.reader.active:
-                self._skipped.add(fd)  # its reader reads what came first, then the error
-                continue
-            code = direction.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                direction.tunnel.fail(OSError(code, os.strerror(code)), direction.src_side)
+        run_each(self._epoll.poll(0), self._check)
+
+    def _check(self, event: tuple[int, int]) -> None:
+        fd, events = event
+        direction = self._watched.get(fd)
+        if direction is None or not events & select.EPOLLERR:
+            return  # gone, or a hang-up alone: both ways shut, the reader ends it
+        if direction.reader.active:
+            self._skipped.add(fd)  # its reader reads what came first, then the error
+            return
+        code = direction.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            direction.tunnel.fail(OSError(code, os.strerror(code)), direction.src_side)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -414,6 +417,10 @@ class _Tunnel:
         self.engine._tunnel_finished(self, record)
 
 
+def _expire_at_shutdown(tunnel: _Tunnel) -> None:
+    tunnel.expire("shutdown")
+
+
 class PythonEngine:
     """The relay engine on the gevent hub; see :class:`splicegate.relay.Engine`.
 
@@ -495,15 +502,7 @@ class PythonEngine:
         self._errors.close()
 
     def _close_all(self) -> None:
-        escaped: BaseException | None = None
-        for tunnel in list(self._tunnels):
-            try:
-                tunnel.expire("shutdown")
-            except BaseException as exc:  # an exit from an on_done: the rest close first
-                if escaped is None:
-                    escaped = exc
-        if escaped is not None:
-            raise escaped
+        run_each(list(self._tunnels), _expire_at_shutdown)
 
     def _tunnel_finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
         self._tunnels.remove(tunnel)

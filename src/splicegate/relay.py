@@ -14,9 +14,9 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 log = logging.getLogger("splicegate")
 
@@ -148,6 +148,25 @@ def pipe_share(pipe_size: int, max_pipes: int | None, processes: int) -> int:
     quota holds at ``pipe_size``), split between its ``processes``, which share the one
     user's quota; at least one each."""
     return max(1, (max_pipes or default_max_pipes(pipe_size)) // max(1, processes))
+
+
+_T = TypeVar("_T")
+
+
+def run_each(items: Iterable[_T], step: Callable[[_T], object]) -> None:
+    """``step`` for every item, also past an exit (SystemExit, a KeyboardInterrupt raised in
+    the hub) that a tunnel's on_done raised in one of them: the first such exit is raised
+    once all have run, so an engine never loses the tunnels after it (their memory, their
+    on_done, a drain waiting for them)."""
+    escaped: BaseException | None = None
+    for item in items:
+        try:
+            step(item)
+        except BaseException as exc:
+            if escaped is None:
+                escaped = exc
+    if escaped is not None:
+        raise escaped
 
 
 def pipe_cap_bound(kind: str, pipe_size: int, max_pipes: int | None, processes: int) -> int:
