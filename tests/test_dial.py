@@ -238,6 +238,14 @@ def test_a_shortage_beside_unreachable_routes_is_still_the_proxys() -> None:
     assert isinstance(_failure_error(answered, 443), DestinationUnavailable)
 
 
+def test_eaddrnotavail_on_ipv6_is_a_route_not_a_shortage() -> None:
+    """Linux says EADDRNOTAVAIL for an IPv6 destination when no source address can reach
+    it: with IPv4 unreachable too, that is a 502, not the proxy's 503 about local ports."""
+    failures = [_fail("::1", errno.EADDRNOTAVAIL), _fail("127.0.0.1", errno.ENETUNREACH)]
+    err = _failure_error(failures, 443)
+    assert isinstance(err, DestinationUnavailable) and err.status == 502, err
+
+
 def test_a_firewall_on_this_host_is_named() -> None:
     err = _failure_error([_fail("127.0.0.1", errno.EPERM)], 443)
     assert isinstance(err, DestinationUnavailable)

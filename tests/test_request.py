@@ -157,6 +157,7 @@ def test_malformed_is_400(head: bytes) -> None:
         (b"[::1]", "the port is missing"),
         (b"a.example", "the port is missing"),
         (b"a.example:", "must be a number from 1 to 65535"),
+        (b":443", "the host is missing"),
         (b"[fe80::1%eth0]:443", "an IPv6 zone (%interface) cannot be named"),
         (b"a b:443", "not a valid host name"),
     ],

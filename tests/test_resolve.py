@@ -434,6 +434,10 @@ def test_a_shortage_on_this_host_is_no_dns_error(dns_server: DnsServer) -> None:
         noname.resolve("x.test", soon())
     with pytest.raises(DnsError):  # the same failure with descriptors to spare
         noname.resolve("x.test", soon())
+    # A name IDNA refuses never reached the C library: no shortage can have caused it.
+    idna = SystemResolver(getaddrinfo=_fake_getaddrinfo(error=UnicodeError("label too long")))
+    with no_descriptors_left(), pytest.raises(DnsError):
+        idna.resolve("x.test", soon())
     dns_server.add("short.test", a=["127.0.0.1"])
     cache = DnsCache(resolver(dns_server))
     with no_descriptors_left(), pytest.raises(OutOfResources) as caught:

@@ -221,10 +221,10 @@ def _hash_pool() -> object:
 class Authenticator:
     """Checks ``Proxy-Authorization`` against the password file, for every CONNECT.
 
-    Built by :meth:`splicegate.server.ProxyServer._configure`; a reload calls :meth:`reload`,
-    which re-reads the file only when it changed (inode, size or mtime), keeping the cache:
-    entries for changed records can no longer match, because the record is part of their
-    HMAC.
+    Built by :meth:`splicegate.server.ProxyServer._configure`; a server's reload calls
+    :meth:`prepare_reload`, which re-reads the file only when it changed (inode, size or
+    mtime), keeping the cache: entries for changed records can no longer match, because the
+    record is part of their HMAC.
     """
 
     #: how long a successful credential is remembered (as a keyed HMAC)

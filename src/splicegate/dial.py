@@ -245,7 +245,12 @@ def _failure_error(failures: Sequence[_Failure], port: int) -> ProxyError:
     addresses = [f.address for f in failures]
     # Short of something here, and no address answered at all (refused or timed out):
     # the proxy's own 503, whatever the other attempts' routes said.
-    shortages = [f for f in failures if f.errno in SHORTAGES]
+    # On IPv6, EADDRNOTAVAIL also means no usable source address: a route, not a shortage.
+    shortages = [
+        f
+        for f in failures
+        if f.errno in SHORTAGES and not (f.errno == errno.EADDRNOTAVAIL and f.address.version == 6)
+    ]
     answered = (errno.ECONNREFUSED, errno.ETIMEDOUT)
     if shortages and not any(f.errno in answered for f in failures):
         return out_of_resources(shortages[0].errno, f"connecting to port {port}")

@@ -164,7 +164,7 @@ class Acceptor:
     def __init__(
         self,
         listener: socket.socket,
-        handle: Callable[[socket.socket, tuple], None],
+        handle: Callable[[socket.socket, tuple, float], None],
         spawn: Callable[..., Any],
     ) -> None:
         self.socket = listener

@@ -136,7 +136,12 @@ def parse_authority(
             "'CONNECT example.com:443'",
             details=f"bad CONNECT target: {shown}",
         )
-    if not sep or not host_part or (target.startswith(b"[") and target.endswith(b"]")):
+    if sep and not host_part:
+        raise BadRequest(
+            f"CONNECT needs a target of the form host:port, got {shown!a}: the host is missing",
+            details=f"bad CONNECT target: {shown}",
+        )
+    if not sep or (target.startswith(b"[") and target.endswith(b"]")):
         raise BadRequest(
             f"CONNECT needs a target of the form host:port, got {shown!a}: the port is missing",
             details=f"bad CONNECT target: {shown}",
@@ -298,10 +303,14 @@ def parse_head(
     request_line: tuple[str, bytes, tuple[int, int]] | None = None,
 ) -> Request:
     """Parse one complete head (up to, not including, the empty line); ``request_line`` is
-    its first line already parsed, by a parser that checked it early."""
+    its first line already parsed and its version judged, by a parser that checked it
+    early."""
     first, *rest = head.split(b"\n")
-    method, target, sent_version = request_line or _parse_request_line(_strip_cr(first))
-    version = _speak(sent_version)
+    if request_line is None:
+        method, target, sent_version = _parse_request_line(_strip_cr(first))
+        version = _speak(sent_version)
+    else:
+        method, target, version = request_line
     fields = _parse_fields([_strip_cr(line) for line in rest], max_fields)
     _check_host(version, fields)
     if method != "CONNECT":
@@ -452,5 +461,6 @@ class RequestParser:
             if _REQUEST_LINE_START.match(self._buf) is None:
                 raise _malformed_request_line(bytes(self._buf[:100]))
             return
-        self._request_line = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
-        _speak(self._request_line[2])  # a 505 at once, the line kept for the log
+        method, target, sent_version = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
+        self._request_line = method, target, sent_version  # for the log, also if _speak
+        self._request_line = method, target, _speak(sent_version)  # refuses it (a 505)

@@ -182,6 +182,8 @@ class SystemResolver:
         try:
             return self._getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM), None
         except Exception as exc:
+            if not isinstance(exc, OSError):
+                return [], exc  # a name IDNA refused: the C library never saw it
             # The C library reports a lack of descriptors as anything, even "no such name":
             # a failure while no socket can be opened is that shortage.
             try:
