@@ -100,6 +100,7 @@ cdef struct Tunnel:
     int err
     bint done
     bint queued         # on the worker's ready list
+    int errors_seen     # sides (1 << side) with an EPOLLERR not yet looked into
     Tunnel* next        # inbox, graveyard and completion lists
     Tunnel* ready_next
 
@@ -521,8 +522,18 @@ cdef void peer_error(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
 
 
 cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:
+    cdef int side
     if pump_dir(w, t, UP, now) == 0:
         pump_dir(w, t, DOWN, now)
+    # Bytes that came before a reset are read and passed on first (Linux keeps them
+    # readable); an error the pump could not reach is looked into once the tunnel has
+    # nothing left to move now. Not while it waits on the ready list: epoll reports an
+    # edge once, so the error stays noted until the tunnel's last turn.
+    if t.errors_seen and not t.done and not t.queued:
+        for side in range(2):
+            if t.errors_seen & (1 << side) and not t.done:
+                peer_error(w, t, side, now)
+        t.errors_seen = 0
 
 
 # --- the worker thread ------------------------------------------------------------------
@@ -673,11 +684,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
                 t.readable[side] = True
             if mask & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 t.writable[side] = True
+            if mask & EPOLLERR:
+                t.errors_seen |= 1 << side
             pump(w, t, now)
-            # Bytes that came before a reset are read and passed on first (Linux keeps them
-            # readable); what pump could not reach the error through is ended here.
-            if mask & EPOLLERR and not t.done and not t.queued:
-                peer_error(w, t, side, now)
         run_ready(w, now)
         run_timers(w, now)
         hand_over(w)
