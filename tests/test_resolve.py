@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import dns.name
+import dns.rdatatype
 import gevent
 import pytest
 
 from dnsserver import SPOOFED_ADDRESS, DnsServer
 from proxyproc import descriptors_above_1023, no_descriptors_left
 from splicegate.dnscache import DnsCache
-from splicegate.errors import DnsError, DnsTimeout, OutOfResources
+from splicegate.errors import DnsError, DnsTimeout, OutOfResources, raise_if_short
 from splicegate.resolve import (
     NameserverResolver,
     Resolver,
@@ -444,6 +446,41 @@ def test_a_shortage_on_this_host_is_no_dns_error(dns_server: DnsServer) -> None:
         cache.resolve("short.test", soon())
     assert "open files" in caught.value.message and caught.value.status == 503
     assert cache.resolve("short.test", soon()) == [ip("127.0.0.1")]  # not kept as a failure
+
+
+class _ShortOn(NameserverResolver):
+    """Runs out of descriptors for the queries of the given record types, as when the
+    last descriptor went to the other family's socket."""
+
+    def __init__(self, server: DnsServer, *short: str) -> None:
+        super().__init__([server.address])
+        self.short = {dns.rdatatype.from_text(t) for t in short}
+
+    def _query(self, qname: dns.name.Name, rdtype: int, deadline: float) -> Any:
+        if rdtype in self.short:
+            raise_if_short(OSError(errno.EMFILE, "fake"), f"looking up {qname}")
+        return super()._query(qname, rdtype, deadline)
+
+
+def test_a_shortage_on_one_family_keeps_the_others_answer(dns_server: DnsServer) -> None:
+    """AAAA failing for want of a descriptor does not throw away A's addresses: they are
+    returned, as partial. Without any address the shortage is the answer, a 503."""
+    dns_server.add("half.test", a=["127.0.0.1"])
+    result = _ShortOn(dns_server, "AAAA").lookup("half.test", soon())
+    assert result.addresses == [ip("127.0.0.1")] and result.partial
+    dns_server.add("half6.test", aaaa=["::1"])
+    result = _ShortOn(dns_server, "A").lookup("half6.test", soon())
+    assert result.addresses == [ip("::1")] and result.partial
+    dns_server.add("empty.test", mode="noanswer")
+    with pytest.raises(OutOfResources) as caught:
+        _ShortOn(dns_server, "AAAA").lookup("empty.test", soon())
+    assert caught.value.status == 503 and "open files" in caught.value.message
+    with pytest.raises(OutOfResources):
+        _ShortOn(dns_server, "A", "AAAA").lookup("half.test", soon())
+    # NXDOMAIN is about the name (RFC 8020), whichever family says it.
+    with pytest.raises(DnsError) as nx:
+        _ShortOn(dns_server, "AAAA").lookup("nowhere.test", soon())
+    assert "no such name" in nx.value.details
 
 
 def test_system_resolver_without_addresses() -> None:

@@ -260,6 +260,7 @@ class _Outcome:
     rcode: int = dns.rcode.NOERROR
     unreachable: str | None = None  # why no nameserver could be asked at all
     timed_out: bool = False
+    shortage: OutOfResources | None = None  # this host ran short: not the name's failure
     crash: BaseException | None = None  # a bug, re-raised in the caller's greenlet
 
 
@@ -388,12 +389,18 @@ class NameserverResolver:
             partial = bool(pending) or any(
                 o.timed_out
                 or o.unreachable is not None
+                or o.shortage is not None
                 or o.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
                 for o in done.values()
             )
             return Resolution(
                 _dedup([*aaaa.addresses, *a.addresses]), min(ttls, default=None), partial
             )
+        # Without an address, this host's own shortage is what to report (a 503): it may
+        # well be why the other family failed too, and a retry may fare better.
+        for outcome in done.values():
+            if outcome.shortage is not None:
+                raise outcome.shortage
         if pending or any(o.timed_out for o in done.values()):
             raise _timeout_error(host, budget)
         # Both finished without an address: report the most telling failure.
@@ -411,9 +418,13 @@ class NameserverResolver:
         raise _no_address_error(host)
 
     def _query_guarded(self, qname: dns.name.Name, rdtype: int, deadline: float) -> _Outcome:
-        """Run one query; a bug comes back as a value so the greenlet never dies noisily."""
+        """Run one query; a bug comes back as a value so the greenlet never dies noisily.
+        A shortage is kept apart from a bug: it fails one family, and an answer the other
+        family already has still reaches the dialer."""
         try:
             return self._query(qname, rdtype, deadline)
+        except OutOfResources as exc:
+            return _Outcome(shortage=exc)
         except Exception as exc:
             return _Outcome(crash=exc)
 
