@@ -3,8 +3,10 @@ runnable example in examples/."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import ipaddress
+import logging
 import subprocess
 import sys
 import time
@@ -101,6 +103,37 @@ def test_custom_resolver_and_dialer(origin) -> None:
         refused = tunnel(proxy, "other.internal:443")
         assert refused.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
         assert b'error=dns_error; details="no such name: other.internal"' in refused
+    finally:
+        proxy.stop(timeout=1)
+
+
+def test_an_unmapped_failure_in_a_custom_dialer(caplog: pytest.LogCaptureFixture) -> None:
+    """An embedder's dialer that runs out of descriptors gets the 503 a shortage is, with
+    no traceback; any other error it raises is a 500 whose traceback goes to the log."""
+    failures = [OSError(errno.EMFILE, "Too many open files"), RuntimeError("a bug")]
+
+    def failing_dial(addresses, port, deadline):
+        raise failures.pop(0)
+
+    proxy = ProxyServer(
+        Config(
+            listen=["127.0.0.1:0"],
+            allow_port=["any"],
+            allow_dest=["127.0.0.0/8"],
+            dialer=failing_dial,
+        )
+    )
+    proxy.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="splicegate"):
+            short = tunnel(proxy, "127.0.0.1:9")
+            assert short.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert b"error=proxy_internal_response" in short and b"open files" in short
+            assert not caplog.records  # a shortage is no bug
+            bug = tunnel(proxy, "127.0.0.1:9")
+        assert bug.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert b"error=proxy_internal_error" in bug
+        assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
     finally:
         proxy.stop(timeout=1)
 

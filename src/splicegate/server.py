@@ -26,12 +26,14 @@ from splicegate.config import Config
 from splicegate.configfile import restart_only_changes
 from splicegate.dnscache import DnsCache
 from splicegate.errors import (
+    SHORTAGES,
     ClientDenied,
     DestinationUnavailable,
     HeadTimeout,
     InternalError,
     MethodNotAllowed,
     ProxyError,
+    out_of_resources,
     render,
 )
 from splicegate.handlers import HandlerPool
@@ -54,7 +56,19 @@ CLIENT_GONE = 499
 
 class ClientGone(Exception):
     """The client's socket failed (a reset) before the tunnel was handed over: nothing to
-    answer, and not the proxy's fault. Other OSErrors are the proxy's, and get a 500."""
+    answer, and not the proxy's fault. Other OSErrors are the proxy's: a 503 when this host
+    ran short of something, a 500 otherwise."""
+
+
+def _unexpected(exc: Exception, address: tuple) -> ProxyError:
+    """The answer to an error no check mapped. The sites that can run out of descriptors
+    or memory map that themselves, with their own words; this catches the ones that do not
+    (an embedder's resolver or dialer, a path added later), so a shortage is still the 503
+    it is, and no traceback is logged for it."""
+    if isinstance(exc, OSError) and exc.errno in SHORTAGES:
+        return out_of_resources(exc.errno, "serving the request")
+    log.exception("internal error serving %s", show_address(address))
+    return InternalError("internal proxy error; see the proxy log")
 
 
 @dataclass(slots=True)
@@ -269,9 +283,8 @@ class ProxyServer:
             self._refuse(sock, attempt, err)
         except ClientGone as gone:
             self._client_gone(attempt, str(gone))
-        except Exception:
-            log.exception("internal error serving %s", show_address(address))
-            self._refuse(sock, attempt, InternalError("internal proxy error; see the proxy log"))
+        except Exception as exc:
+            self._refuse(sock, attempt, _unexpected(exc, address))
         finally:
             if not handed_off:
                 sock.close()
