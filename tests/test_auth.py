@@ -181,15 +181,17 @@ def test_malformed_credentials_are_407(authenticator: auth.Authenticator, value:
 
 def test_two_authorization_fields_are_407(authenticator: auth.Authenticator) -> None:
     good = f"Proxy-Authorization: {basic('alice', 'wonderland')}"
-    with pytest.raises(AuthRequired):
+    with pytest.raises(AuthRequired) as caught:
         authenticator.check(connect(good, good))
+    assert "not one Basic credential" in caught.value.message
 
 
 def test_http10_without_fields_is_407(authenticator: auth.Authenticator) -> None:
     request = parse_head(b"CONNECT a.example:443 HTTP/1.0")
     assert request.fields == ()
-    with pytest.raises(AuthRequired):
+    with pytest.raises(AuthRequired) as caught:
         authenticator.check(request)
+    assert "send Basic credentials" in caught.value.message
 
 
 def test_wrong_password_and_unknown_user_look_alike(authenticator: auth.Authenticator) -> None:

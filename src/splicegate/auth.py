@@ -285,10 +285,11 @@ class Authenticator:
 
     def check(self, request: Request) -> str:
         """The authenticated user name, or AuthRequired (407) for anything else."""
-        credentials = self._credentials(request)
+        values = [v for name, v in request.fields if name == b"proxy-authorization"]
+        if not values:
+            raise self._required("proxy authentication required: send Basic credentials")
+        credentials = self._credentials(values)
         if credentials is None:
-            if request.field(b"proxy-authorization") is None:
-                raise self._required("proxy authentication required: send Basic credentials")
             raise self._required(
                 "proxy authentication required: the Proxy-Authorization field is not one "
                 "Basic credential (base64 of user:password, the user in UTF-8)"
@@ -334,10 +335,10 @@ class Authenticator:
     def _required(self, message: str) -> AuthRequired:
         return AuthRequired(message, realm=self.realm)
 
-    def _credentials(self, request: Request) -> tuple[str, bytes] | None:
-        """User and password from the one Proxy-Authorization field, or None for anything
-        missing, repeated or malformed: the answer is a 407 in every case."""
-        values = [v for name, v in request.fields if name == b"proxy-authorization"]
+    def _credentials(self, values: Sequence[bytes]) -> tuple[str, bytes] | None:
+        """User and password from the one Proxy-Authorization field, or None when it is
+        repeated or malformed: the answer is a 407 in every case. The caller collects the
+        values, having to tell "nothing sent" apart anyway, so the fields are read once."""
         if len(values) != 1:
             return None
         scheme, _, token = values[0].strip().partition(b" ")
