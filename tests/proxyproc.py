@@ -289,29 +289,35 @@ def descriptors_above_1023() -> Iterator[None]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2048:
         pytest.skip(f"the open-file hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    filler = [os.dup(0) for _ in range(1100)]
-    try:
+    with _descriptors_held(max(soft, 2048), 1100):
         yield
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @contextlib.contextmanager
 def no_descriptors_left() -> Iterator[None]:
     """Every descriptor number below the soft limit in use, so the next socket() inside
     fails with EMFILE; the limit lowered to just above what is open, and put back after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    with _descriptors_held(highest + 16, None):
+        yield
+
+
+@contextlib.contextmanager
+def _descriptors_held(soft_limit: int, count: int | None) -> Iterator[None]:
+    """``count`` fds held under this soft open-file limit, or as many as it lets open
+    (None); the fds and the limit are given back after, also when filling fails halfway,
+    so a test that fails here does not starve the ones after it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft_limit, hard))
     filler: list[int] = []
     try:
-        while True:  # bounded: at most the 16 numbers above the highest, plus any gaps
+        # bounded: ``count``, or the numbers left under the limit
+        while count is None or len(filler) < count:
             try:
                 filler.append(os.dup(0))
             except OSError:
+                if count is not None:
+                    raise
                 break
         yield
     finally:
