@@ -159,14 +159,11 @@ def test_malformed_is_400(head: bytes) -> None:
         (b"a.example:", "must be a number from 1 to 65535"),
         (b":443", "the host is missing"),
         (b"[fe80::1%eth0]:443", "an IPv6 zone (%interface) cannot be named"),
-        (b"a b:443", "not a valid host name"),
+        (b"a b:443", "malformed request line"),  # a space splits the request line itself
     ],
 )
 def test_a_bad_target_is_told_what_is_wrong_with_it(target: bytes, hint: str) -> None:
     err = parse_all_ways(b"CONNECT " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
-    if target == b"a b:443":  # a space splits the request line itself
-        assert isinstance(err, errors.BadRequest) and "malformed request line" in err.message
-        return
     assert isinstance(err, errors.BadRequest) and hint in err.message, err.message
 
 
