@@ -539,10 +539,16 @@ cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:
 # --- the worker thread ------------------------------------------------------------------
 
 cdef void adopt(Worker* w, Tunnel* t, double now) noexcept nogil:
-    """Register a new tunnel; edge-triggered ADD reports what is already ready."""
+    """Register a new tunnel; edge-triggered ADD reports what is already ready.
+
+    Its sockets are made non-blocking here, before the first read or write, rather than in
+    submit: that keeps submit, in the hub, at one system call per fd, and one FIONBIO needs
+    no look at the flags first (gevent's sockets already are non-blocking; a caller's may
+    not be). A refused switch ends the tunnel like a refused ADD."""
     cdef epoll_event ev
     cdef int side
     cdef int reason = 0
+    cdef int on = 1
     t.timer_at = next_deadline(w.core, t, &reason)
     if heap_push(w, t) < 0:
         finish(w, t, R_ERROR, PROXY, ENOMEM, True, True, now)
@@ -554,7 +560,8 @@ cdef void adopt(Worker* w, Tunnel* t, double now) noexcept nogil:
     for side in range(2):
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = <uint64_t><uintptr_t>t | <uint64_t>side
-        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[side], &ev) < 0:
+        if (ioctl(t.fd[side], FIONBIO, &on) < 0
+                or epoll_ctl(w.epfd, EPOLL_CTL_ADD, t.fd[side], &ev) < 0):
             finish(w, t, R_ERROR, PROXY, sg_errno(), True, True, now)
             return
 
@@ -878,7 +885,6 @@ cdef class NativeEngine:
         cdef uint64_t one = 1
         cdef int side
         cdef int fds[2]
-        cdef int flags[2]
         cdef int sotype
         cdef socklen_t solen = sizeof(sotype)
         if self.closing:
@@ -887,15 +893,13 @@ cdef class NativeEngine:
             self._start_threads()
         fds[0] = client_fd
         fds[1] = origin_fd
-        # Check both before changing either: when submit raises, the caller still owns both
-        # fds, and neither may have been touched (not even made non-blocking). A socket, as
-        # the Python engine's socket objects require: a pipe or a file is refused here
-        # (ENOTSOCK), not in the middle of a tunnel.
+        # When submit raises, the caller still owns both fds, and neither may have been
+        # touched (not even made non-blocking): submit only looks, and the relay thread
+        # makes them non-blocking once they are the engine's (adopt). A socket, as the
+        # Python engine's socket objects require: a pipe or a file is refused here
+        # (ENOTSOCK), not in the middle of a tunnel; a closed fd fails the same call (EBADF).
         for side in range(2):
             if getsockopt(fds[side], SOL_SOCKET, SO_TYPE, &sotype, &solen) < 0:
-                raise OSError(sg_errno(), "not a usable socket")
-            flags[side] = fcntl(fds[side], F_GETFL)
-            if flags[side] < 0:
                 raise OSError(sg_errno(), "not a usable socket")
         t = <Tunnel*>calloc(1, sizeof(Tunnel))
         if t == NULL:
@@ -907,12 +911,6 @@ cdef class NativeEngine:
                 raise MemoryError()
             memcpy(t.dir[UP].buf, <char*>early_up, len(early_up))
             t.dir[UP].buf_len = len(early_up)
-        for side in range(2):  # gevent's sockets already are: no system call then
-            if not flags[side] & O_NONBLOCK and fcntl(fds[side], F_SETFL,
-                                                      flags[side] | O_NONBLOCK) < 0:
-                free(t.dir[UP].buf)
-                free(t)
-                raise OSError(sg_errno(), "not a usable socket")
         self.next_id += 1
         t.id = self.next_id
         t.fd[CLIENT] = client_fd

@@ -25,10 +25,14 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_NONBLOCK
         F_SETPIPE_SZ
         F_GETPIPE_SZ
-        F_GETFL
-        F_SETFL
         O_NONBLOCK
         O_CLOEXEC
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        FIONBIO
 
 
 cdef extern from "<sys/socket.h>" nogil:

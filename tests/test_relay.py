@@ -149,6 +149,30 @@ def test_ipv6_loopback(make_rig: Any) -> None:
     assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up) + 6, len(down))
 
 
+def test_blocking_sockets_handed_over_hold_up_no_other_tunnel(make_rig: Any) -> None:
+    """gevent's sockets are non-blocking, but an embedding application may hand over
+    blocking ones: the engine switches them before its first read or write. One relay
+    thread, so that a read left waiting on a quiet tunnel would stall the busy one (the
+    native engine); the pure-Python engine's hub would stall outright."""
+    rig = make_rig(threads=1)
+    client, proxy_client = rig.connect(rig.front)
+    proxy_origin, origin = rig.connect(rig.back)
+    fds = (proxy_client.detach(), proxy_origin.detach())
+    for fd in fds:
+        os.set_blocking(fd, True)
+    quiet = Tunnel(client, origin, fds, None)
+    rig.engine.submit(fds[0], fds[1], b"", quiet.on_done)
+    rig.tunnels.append(quiet)
+    quiet.client.sendall(b"one")  # read, and then nothing more to read either way
+    assert recv_exactly(quiet.origin, 3) == b"one"
+    quiet.origin.sendall(b"two")
+    assert recv_exactly(quiet.client, 3) == b"two"
+    exchange(rig.open(), randbytes(MiB, 21), randbytes(MiB, 22))
+    exchange(quiet, b"up", b"down")
+    record = quiet.record()
+    assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", 5, 7)
+
+
 def test_records_and_stats_count_delivered_bytes(make_rig: Any) -> None:
     rig = make_rig()
     engine = rig.engine
