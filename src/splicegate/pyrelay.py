@@ -453,9 +453,12 @@ class PythonEngine:
         if self._closing:
             raise RuntimeError("the relay engine is shutting down")
         # A socket object checks its fd (EBADF, ENOTSOCK), but under an application's default
-        # timeout it also makes it non-blocking: the origin's fd is checked before the
-        # client's object exists, so a refusal leaves both as they were.
-        if not stat.S_ISSOCK(os.fstat(origin_fd).st_mode):
+        # timeout it also makes it non-blocking: then the origin's fd is checked before the
+        # client's object exists, so a refusal leaves both as they were. Without one, the
+        # objects change nothing, and the fstat would only repeat their own check.
+        if _socket.getdefaulttimeout() is not None and not stat.S_ISSOCK(
+            os.fstat(origin_fd).st_mode
+        ):
             raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
         client = _socket.socket(fileno=client_fd)
         try:
