@@ -157,8 +157,7 @@ class _Direction:
             self.tunnel.fail(exc, self.dst_side)
             return
         self.done = True
-        self.tunnel.direction_done()
-        if not (self.tunnel.up.done and self.tunnel.down.done):  # the other way goes on
+        if not self.tunnel.direction_done():  # the other way goes on
             self._watch_src()
 
     def close_watchers(self) -> None:
@@ -339,10 +338,14 @@ class _Tunnel:
             if half_closed and self.first_eof + half_closed < self.timer_at:
                 self._arm()
 
-    def direction_done(self) -> None:
-        if self.up.done and self.down.done:
-            assert self.first_closer is not None  # set by the first EOF
-            self.end("eof", self.first_closer, 0, abort_client=False, abort_origin=False)
+    def direction_done(self) -> bool:
+        """Whether that ended the tunnel: the caller's socket is then closed, and must not
+        be watched."""
+        if not (self.up.done and self.down.done):
+            return False
+        assert self.first_closer is not None  # set by the first EOF
+        self.end("eof", self.first_closer, 0, abort_client=False, abort_origin=False)
+        return True
 
     def fail(self, exc: OSError, side: Closer) -> None:
         """End the tunnel on a socket error from ``side``.
