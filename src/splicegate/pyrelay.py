@@ -210,7 +210,10 @@ class _ErrorWatch:
         self._watched[fd] = direction
 
     def remove(self, sock: _socket.socket) -> None:
-        """Before the socket closes: a later socket may get its number."""
+        """Before the socket closes: a later socket may get its number. Not left to the
+        close, which drops the registration only with the last fd on the socket's open
+        file: a copy left by a fork (or held by a subprocess until its exec) keeps it, and
+        it would then report under that number and be out of reach of any unregister."""
         fd = sock.fileno()
         self._skipped.discard(fd)
         if self._watched.pop(fd, None) is not None and self._epoll is not None:
