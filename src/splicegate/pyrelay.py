@@ -25,6 +25,7 @@ import socket
 import stat
 import struct
 import time
+import weakref
 from typing import Any
 
 import gevent
@@ -422,6 +423,18 @@ class _Tunnel:
         )
         self.engine._tunnel_finished(self, record)
 
+    def forget(self) -> None:
+        """A parent's tunnel, in a forked child: close this process's copies of its fds,
+        which sends nothing to either peer (the parent still holds the sockets and relays
+        them), and stop its watchers, which a fork keeps: run in the child, they would read
+        the parent's bytes. Not taken off the error epoll: its instance is the parent's too."""
+        self.up.close_watchers()
+        self.down.close_watchers()
+        self._drop_timer()
+        for sock in (self.client, self.origin):
+            with contextlib.suppress(OSError):
+                sock.close()
+
 
 def _expire_at_shutdown(tunnel: _Tunnel) -> None:
     tunnel.expire("shutdown")
@@ -449,6 +462,7 @@ class PythonEngine:
         # keeps the per-chunk work to one addition.
         self._bytes_up = 0
         self._bytes_down = 0
+        _engines.add(self)
 
     def submit(self, client_fd: int, origin_fd: int, early_up: bytes, on_done: OnDone) -> None:
         """Take ownership of two connected sockets and relay between them.
@@ -513,6 +527,17 @@ class PythonEngine:
     def _close_all(self) -> None:
         run_each(list(self._tunnels), _expire_at_shutdown)
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's tunnels stay the parent's, never relayed, ended
+        or reported here. The engine itself goes on working in the child."""
+        for tunnel in self._tunnels:
+            tunnel.forget()
+        self._tunnels.clear()
+        # Closing the child's copy of the error epoll leaves the parent's instance as it is,
+        # where unregistering each socket would have taken them off the parent's watch.
+        self._errors.close()
+        self._drained = None  # a parent's shutdown in progress is not the child's
+
     def _tunnel_finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
         self._tunnels.remove(tunnel)
         self._bytes_up += record.bytes_up
@@ -524,3 +549,14 @@ class PythonEngine:
         finally:  # an exit from on_done too: the drain must not wait for this tunnel
             if self._drained is not None and not self._tunnels:
                 self._drained.set()
+
+
+_engines: weakref.WeakSet[PythonEngine] = weakref.WeakSet()
+
+
+def _forget_all_after_fork() -> None:
+    for engine in list(_engines):
+        engine._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
