@@ -32,14 +32,15 @@ class ProxyProcess:
     """``splicegate`` started with the given flags; stopped by its pid only."""
 
     def __init__(self, *flags: str, listen: Sequence[str] = ("127.0.0.1:0",),
-                 prefix: Sequence[str] = ()) -> None:  # fmt: skip
-        cmd = [*prefix, sys.executable, "-m", "splicegate"]
+                 prefix: Sequence[str] = (), cwd: str | None = None) -> None:  # fmt: skip
+        # -P keeps the working directory off sys.path, as the console script does.
+        cmd = [*prefix, sys.executable, "-P", "-m", "splicegate"]
         for address in listen:
             cmd += ["--listen", address]
         cmd += flags
         self._log = tempfile.NamedTemporaryFile(prefix="splicegate-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, cwd=cwd
         )
         self.addresses: list[tuple[str, int]] = []
         deadline = time.monotonic() + WAIT

@@ -615,6 +615,22 @@ def test_a_low_open_file_limit_is_reported_once_for_all_workers() -> None:
         assert proc.stop() == 0
 
 
+def test_workers_do_not_import_from_the_working_directory(tmp_path: Path) -> None:
+    """A file in the daemon's working directory named like a module the proxy imports is
+    not run by the workers (``-m`` alone would put the directory first on sys.path)."""
+    planted = tmp_path / "planted-ran"
+    (tmp_path / "dns.py").write_text(
+        f"open({str(planted)!r}, 'w').close()\nraise SystemExit('the planted dns.py ran')\n"
+    )
+    proc = ProxyProcess(*LOOPBACK, "--workers", "2", listen=[f"127.0.0.1:{free_port()}"],
+                        cwd=str(tmp_path))  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        assert not planted.exists(), proc.log()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "splicegate.toml"

@@ -1,6 +1,6 @@
 """``--workers N``: N proxy processes on the same ports, under a supervisor.
 
-Each worker is ``python -m splicegate`` with the supervisor's own arguments, started fresh
+Each worker is ``python -P -m splicegate`` with the supervisor's own arguments, started fresh
 (fork and exec, not a bare fork): it imports, builds its engine and binds its listeners
 itself, with SO_REUSEPORT, so the kernel spreads new connections over the workers and a
 dead worker's share goes to the others at once. A fresh process carries no copy of the
@@ -156,7 +156,10 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         worker.proc = Popen(
-            [sys.executable, "-m", "splicegate", *self.argv],
+            # -P: "-m" would put the working directory first on sys.path, and any file there
+            # named like a module the proxy imports (dns.py, gevent.py) would run in every
+            # worker. The console script that started the supervisor does not do that either.
+            [sys.executable, "-P", "-m", "splicegate", *self.argv],
             env=self._worker_env,
             stdin=DEVNULL,
             # Their own process group: a Ctrl-C at the terminal reaches the supervisor
