@@ -16,6 +16,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -452,6 +453,104 @@ def test_passwd_keeps_a_broken_file_untouched(tmp_path: Path) -> None:
     out = passwd(str(path), "alice", stdin="pw\n")
     assert out.returncode == 1 and "line 1" in out.stderr
     assert path.read_text() == "garbage\n"
+
+
+root_only = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file away needs root"
+)
+
+
+@root_only
+def test_passwd_as_root_keeps_the_owner_group_and_mode(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    auth.set_password(str(path), "alice", "wonderland", CHEAP)
+    os.chown(path, 65534, 65533)
+    path.chmod(0o640)
+    out = passwd(str(path), "zed", stdin="pw\n")
+    assert out.returncode == 0, out.stderr
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65533, 0o640)
+    assert [line.partition(":")[0] for line in path.read_text().splitlines()] == ["alice", "zed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["users"]
+
+
+@root_only
+@pytest.mark.parametrize(
+    ("owner", "group", "refused"),
+    [
+        (65534, 65534, False),  # the caller's own file: written as before
+        (65533, 65533, True),  # someone else's: the caller cannot give it back
+        (65534, 0, True),  # the caller's, in a group the caller is not in
+    ],
+)
+def test_passwd_refuses_a_file_whose_owner_it_cannot_keep(
+    owner: int, group: int, refused: bool
+) -> None:
+    # Not tmp_path: the caller here is uid 65534, which cannot reach pytest's directories.
+    directory = Path(tempfile.mkdtemp())
+    try:
+        directory.chmod(0o777)
+        path = directory / "users"
+        auth.set_password(str(path), "alice", "wonderland", CHEAP)
+        os.chown(path, owner, group)
+        path.chmod(0o666)
+        before = path.read_text()
+        # Imported as root, then run with uid and gid 65534 and no capabilities.
+        code = (
+            "import os, sys\n"
+            "from splicegate import auth\n"
+            "os.setgroups([]); os.setegid(65534); os.seteuid(65534)\n"
+            "sys.exit(auth.passwd_main(sys.argv[1:]))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(path), "zed"],
+            input="pw\n",
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner, group, 0o666)
+        assert [p.name for p in directory.iterdir()] == ["users"]
+        if refused:
+            assert out.returncode == 1 and "Traceback" not in out.stderr
+            assert f"belongs to uid {owner}, gid {group}" in out.stderr
+            assert "left unchanged" in out.stderr
+            assert path.read_text() == before
+        else:
+            assert out.returncode == 0, out.stderr
+            assert "added user zed" in out.stderr
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_passwd_writes_through_a_symlink_to_its_target(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "links").mkdir()
+    target = tmp_path / "etc" / "users2"
+    auth.set_password(str(target), "alice", "wonderland", CHEAP)
+    target.chmod(0o640)
+    link = tmp_path / "links" / "userslink"
+    link.symlink_to("../etc/users2")
+    out = passwd(str(link), "zed2", stdin="pw\n")
+    assert out.returncode == 0, out.stderr
+    assert f"added user zed2 in {link}" in out.stderr
+    assert link.is_symlink() and os.readlink(link) == "../etc/users2"
+    assert [line.partition(":")[0] for line in target.read_text().splitlines()] == [
+        "alice",
+        "zed2",
+    ]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    # The temporary file went beside the target, and nothing is left of it.
+    assert [p.name for p in (tmp_path / "etc").iterdir()] == ["users2"]
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["userslink"]
+    # A link to a file not there yet creates the file, as a new file: the owner's alone.
+    dangling = tmp_path / "links" / "newlink"
+    dangling.symlink_to("../etc/new")
+    assert passwd(str(dangling), "bob", stdin="pw\n").returncode == 0
+    assert dangling.is_symlink()
+    assert (tmp_path / "etc" / "new").read_text().startswith("bob:scrypt$")
+    assert stat.S_IMODE((tmp_path / "etc" / "new").stat().st_mode) == 0o600
 
 
 # --- end to end: the 407 flow ------------------------------------------------------------------

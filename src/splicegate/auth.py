@@ -414,16 +414,23 @@ def set_password(path: str, user: str, password: str, params: Params = DEFAULT_P
     """Add ``user`` or change its password, keeping every other line; True if it was added.
 
     Written to a temporary file beside it and renamed over it, so a reader (a reload) sees
-    the old file or the new one, never half of one. A new file is made readable by its
-    owner only; an existing one keeps its mode.
+    the old file or the new one, never half of one. A symlink is followed: its target is
+    what gets replaced (the temporary file goes in the target's directory, where the rename
+    is atomic), and the link stays. A new file is made readable by its owner only; an
+    existing one keeps its mode, owner and group, as htpasswd keeps them, so that a root
+    operator's edit does not leave the proxy's user unable to read its own file. When they
+    cannot be kept (a caller that is not root and not the owner, or not in the file's
+    group), :class:`PermissionError` is raised and the file is left as it was.
     """
     check_user_name(user)
+    target = os.path.realpath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(target, encoding="utf-8") as f:
             lines = f.read().splitlines()
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+            old: os.stat_result | None = os.fstat(f.fileno())
     except FileNotFoundError:
-        lines, mode = [], 0o600
+        lines, old = [], None
+    mode = 0o600 if old is None else stat.S_IMODE(old.st_mode)
     parse_users("\n".join(lines), path)  # refuse to rewrite a file that is already broken
     entry = f"{user}:{hash_password(password, params)}"
     added = True
@@ -434,20 +441,42 @@ def set_password(path: str, user: str, password: str, params: Params = DEFAULT_P
             break
     else:
         lines.append(entry)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".splicegate-passwd-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".splicegate-passwd-", dir=os.path.dirname(target))
     try:
-        os.fchmod(fd, mode)
+        if old is not None:
+            _keep_owner(fd, old, path)
+        os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return added
+
+
+def _keep_owner(fd: int, old: os.stat_result, path: str) -> None:
+    """Give the new file (open as ``fd``) the old file's owner and group, or refuse.
+
+    Refusing beats writing the file under the caller's name: the proxy, running as the
+    file's owner, would be unable to read it, and the failure would show only at the next
+    reload or restart. Nothing is done when the new file already has them (the caller owns
+    the file), so that case works wherever chown does not.
+    """
+    new = os.fstat(fd)
+    if (new.st_uid, new.st_gid) == (old.st_uid, old.st_gid):
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        raise PermissionError(
+            f"{path} belongs to uid {old.st_uid}, gid {old.st_gid}, and uid {os.geteuid()} "
+            "cannot give the new file that owner and group, so the file is left unchanged: "
+            "run this as root, or as the file's owner in its group"
+        ) from None
 
 
 def passwd_main(argv: Sequence[str]) -> int:
