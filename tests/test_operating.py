@@ -234,6 +234,35 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_a_client_that_resets_while_its_name_resolves_gets_a_499_line(tmp_path: Path) -> None:
+    """Gone during the lookup, the client is not refused by the lookup's timeout after: the
+    line says 499, not the 504 no one was there to read, and the log names that 504."""
+    path = tmp_path / "access.log"
+    with DnsServer() as server:
+        server.add("silent.test", mode="drop")
+        proc = ProxyProcess(
+            *LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json",
+            "--nameserver", f"{server.host}:{server.port}", "--dns-timeout", "1",
+        )  # fmt: skip
+        try:
+            with socket.create_connection(proc.address, timeout=WAIT) as sock:
+                sock.sendall(b"CONNECT silent.test:443 HTTP/1.1\r\nHost: silent.test:443\r\n\r\n")
+                wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            (line,) = log_lines(path, 1)
+            entry = json.loads(line)
+            assert (entry["status"], entry["error"]) == (499, None)
+            assert entry["target"] == "silent.test:443" and entry["dns_ms"] >= 900
+            assert "left before the answer (silent.test:443): " in proc.log()
+            assert "before its 504 dns_timeout" in proc.log()
+            # Still there when the lookup times out: the 504, as before.
+            assert request(proc.address, connect_head("silent.test:443")).status == 504
+            (_, line) = log_lines(path, 2)
+            assert (json.loads(line)["status"], json.loads(line)["error"]) == (504, "dns_timeout")
+        finally:
+            assert proc.stop() == 0
+
+
 @pytest.fixture
 def dns() -> Iterator[DnsServer]:
     with DnsServer() as server:

@@ -445,7 +445,20 @@ class ProxyServer:
         )
 
     def _refuse(self, sock: socket.socket, attempt: Attempt, err: ProxyError) -> None:
-        """Answer, then close in stages so the answer is read rather than reset away."""
+        """Answer, then close in stages so the answer is read rather than reset away.
+
+        A client that reset its connection while the proxy resolved or dialled (a DNS or
+        connect timeout is long) is gone, not refused: its line says 499, as for a reset
+        mid-head, and names the answer it left before. The reset is looked for before the
+        line is written, so that a client that reads its answer finds the line there."""
+        try:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            code = exc.errno or 0
+        if code:
+            status = f"{err.status} {err.proxy_status_error or ''}".rstrip()
+            self._client_gone(attempt, f"{os.strerror(code)}, before its {status}")
+            return
         attempt.status, attempt.error = err.status, err.proxy_status_error
         self.metrics.refusals.labels(cause_label(err)).inc()
         self._finished(attempt, None)
