@@ -194,6 +194,57 @@ def test_the_start_of_a_request_line_waits_for_the_rest(start: bytes) -> None:
     assert feed(start, bytewise=True, close=False) is NEED_DATA
 
 
+BARE_CR_BEFORE_THE_END = {
+    "CR CR LF for the empty line": (
+        b"CONNECT 127.0.0.1:9000 HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n\r\r\nx"
+    ),
+    "CR in a field, no end yet": b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-A: 1\r2",
+    "CR ends the request line": b"CONNECT a.example:443 HTTP/1.1\rHost: a.example:443",
+    "CR in the target": b"CONNECT a.exa\rmple:443",
+    "CR LF CR": b"CONNECT a.example:443 HTTP/1.1\r\n\rX",
+}
+
+
+@pytest.mark.parametrize("data", BARE_CR_BEFORE_THE_END.values(), ids=BARE_CR_BEFORE_THE_END.keys())
+def test_a_bare_cr_is_refused_as_soon_as_the_byte_after_it_comes(data: bytes) -> None:
+    """The end of the head may never come after a bare CR (CR CR LF is no empty line), and
+    the client would wait out --header-timeout for its 400: it is refused at once."""
+    refused = parse_all_ways(BAD["bare CR in value"])
+    for bytewise in (False, True):
+        err = feed(data, bytewise=bytewise, close=False)
+        assert isinstance(err, errors.BadRequest), err
+        assert (err.message, err.details) == (refused.message, refused.details)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\r",
+        b"CONNECT a.example:443 HTTP/1.1\r",
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r",
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n\r",
+    ],
+)
+def test_a_cr_last_waits_for_the_byte_after_it(data: bytes) -> None:
+    """Its LF may be in the next segment."""
+    assert feed(data, bytewise=False, close=False) is NEED_DATA
+    assert feed(data, bytewise=True, close=False) is NEED_DATA
+
+
+def test_a_bare_cr_within_the_limit_is_a_400_before_the_size() -> None:
+    """Fed byte by byte the CR is refused before the limit is reached, so fed whole it must
+    be too; a CR past the limit is never looked at, and the head is too large."""
+    start = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: "
+    err = parse_all_ways(start + b"1\r2" + b"p" * 2000 + b"\r\n\r\n", max_head_bytes=1024)
+    assert isinstance(err, errors.BadRequest) and "bare CR" in err.message, err
+    err = parse_all_ways(start + b"p" * 2000 + b"\r2\r\n\r\n", max_head_bytes=1024)
+    assert isinstance(err, errors.HeadTooLarge), err
+    # the CR is the limit's last byte: the byte after it is past the limit, and never read
+    at_limit = start + b"p" * (1023 - len(start)) + b"\rX\r\n\r\n"
+    err = parse_all_ways(at_limit, max_head_bytes=1024)
+    assert isinstance(err, errors.HeadTooLarge), err
+
+
 @pytest.mark.parametrize("value", [b"0", b"00", b"0, 0", b"0,0"])
 def test_content_length_zero_on_a_connect_is_no_content(value: bytes) -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n"

@@ -57,6 +57,8 @@ _PORT = re.compile(rb"[0-9]{1,5}")
 # Host = uri-host [ ":" port ]; the value may be empty (RFC 9110 §7.2).
 _HOST_FIELD = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9_.~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
+# A CR and the byte after it, when that byte is not LF (RFC 9112 §2.2: refused, not read as SP)
+_BARE_CR = re.compile(rb"\r[^\n]")
 # Content-Length: 0, or a list of zeros ("0, 0"): no content (RFC 9110 §8.6)
 _ZEROS = re.compile(rb"0+(?:[ \t]*,[ \t]*0+)*")
 
@@ -188,15 +190,20 @@ def parse_authority(
     )
 
 
+def _bare_cr() -> BadRequest:
+    """One answer for a bare CR, whether met early in a partial head or in a whole line."""
+    return BadRequest(
+        "the request contains a bare CR; lines end with CRLF",
+        details="bare CR in request head",
+    )
+
+
 def _strip_cr(line: bytes) -> bytes:
     """A line without its CR of CRLF (a bare LF ending is fine); any other CR is an error."""
     if line.endswith(b"\r"):
         line = line[:-1]
     if b"\r" in line:
-        raise BadRequest(
-            "the request contains a bare CR; lines end with CRLF",
-            details="bare CR in request head",
-        )
+        raise _bare_cr()
     return line
 
 
@@ -387,9 +394,11 @@ class RequestParser:
                 return seen
         self._skip_leading_empty_lines()
         # Order matters so that a head fed whole and fed byte by byte fail alike: the
-        # request line first (as soon as it is complete), then the size, then the fields.
+        # request line first (as soon as it is complete), then a bare CR (as soon as the
+        # byte after it has come, within the limit), then the size, then the fields.
         self._check_request_line_early()
         match = _END_OF_HEAD.search(self._buf, max(0, self._searched - 2))
+        self._check_bare_cr(len(self._buf) if match is None else match.start())
         end = len(self._buf) if match is None else match.end()
         if end > self.max_head_bytes or (match is None and end == self.max_head_bytes):
             raise HeadTooLarge(
@@ -464,3 +473,13 @@ class RequestParser:
         method, target, sent_version = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
         self._request_line = method, target, sent_version  # for the log, also if _speak
         self._request_line = method, target, _speak(sent_version)  # refuses it (a 505)
+
+    def _check_bare_cr(self, head_end: int) -> None:
+        """A bare CR may keep the end of the head from ever coming (CR CR LF is no empty
+        line), and the client would wait out --header-timeout for its 400: refused as soon
+        as the byte after the CR has come. Only within the limit, where a head fed a byte at
+        a time meets it before the size check; a CR after the head is the tunnel's. The
+        search resumes at the last byte already searched, a CR whose next byte had not come."""
+        end = min(head_end, self.max_head_bytes)
+        if _BARE_CR.search(self._buf, max(0, self._searched - 1), end) is not None:
+            raise _bare_cr()
