@@ -16,6 +16,7 @@ EXPECTED = {
     errors.MethodNotAllowed: (405, "http_request_denied"),
     errors.AuthRequired: (407, None),
     errors.HeadTimeout: (408, "http_request_error"),
+    errors.RequestLineTooLong: (414, "http_request_error"),
     errors.HeadTooLarge: (431, "http_request_error"),
     errors.OverCapacity: (503, "proxy_internal_response"),
     errors.AuthOverloaded: (503, "proxy_internal_response"),

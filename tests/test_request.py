@@ -307,6 +307,35 @@ def test_head_over_limit_is_431() -> None:
     )
 
 
+def test_a_request_line_over_the_limit_is_414() -> None:
+    """RFC 9112 §3: a target longer than the server wishes to parse is a 414, which tells
+    the client that the target is what to shorten, not its fields."""
+    line = b"CONNECT " + b"a" * 2000 + b".example:443 HTTP/1.1\r\n"
+    err = parse_all_ways(line + b"Host: a\r\n\r\n", max_head_bytes=1024)
+    assert isinstance(err, errors.RequestLineTooLong), err
+    assert err.status == 414
+    assert "request line" in err.message and "1024 bytes" in err.message, err.message
+    # no newline in sight and the limit reached: refused without waiting for more
+    for bytewise in (False, True):
+        early = feed(line[:1024], bytewise=bytewise, close=False, max_head_bytes=1024)
+        assert isinstance(early, errors.RequestLineTooLong), early
+        assert feed(line[:1023], bytewise=bytewise, close=False, max_head_bytes=1024) is NEED_DATA
+
+
+@pytest.mark.parametrize(
+    ("line_bytes", "refusal"),
+    [(1024, errors.HeadTooLarge), (1025, errors.RequestLineTooLong)],
+)
+def test_a_request_line_that_fits_the_limit_leaves_the_blame_to_the_fields(
+    line_bytes: int, refusal: type[errors.ProxyError]
+) -> None:
+    """The line with its CRLF within the limit: what pushes the head past it is a 431."""
+    line = b"CONNECT " + b"a" * (line_bytes - 23) + b":443 HTTP/1.1\r\n"
+    assert len(line) == line_bytes
+    err = parse_all_ways(line + b"Host: a\r\n\r\n", max_head_bytes=1024)
+    assert type(err) is refusal, err
+
+
 def test_head_exactly_at_limit_is_accepted() -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: "
     head += b"a" * (1024 - len(head) - 4) + b"\r\n\r\n"
@@ -403,7 +432,7 @@ def outcome_of(data: bytes, cuts: list[int], **limits: int):
         return parser.next_event(), parser.trailing_data
     except errors.ProxyError as err:
         assert 400 <= err.status < 600 and err.message and err.details
-        assert err.status in (400, 431, 505), err
+        assert err.status in (400, 414, 431, 505), err
         # the body quotes the client's bytes as escapes, never as latin-1 characters
         assert err.message.isascii(), err
         return type(err)
@@ -421,7 +450,7 @@ def test_any_input_gives_request_need_data_or_typed_error(data: bytes) -> None:
         ), outcome
         if isinstance(outcome, errors.ProxyError):
             assert 400 <= outcome.status < 600
-            assert outcome.status in (400, 431, 505)
+            assert outcome.status in (400, 414, 431, 505)
     # fed whole and fed byte by byte, a head meets the same fate
     parse_all_ways(data, max_head_bytes=256)
 

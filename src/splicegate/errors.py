@@ -92,8 +92,14 @@ class HeadTimeout(ProxyError):
     """The request head was not complete by --header-timeout."""
 
 
+class RequestLineTooLong(ProxyError):
+    """The request line alone is over --max-header-bytes. RFC 9112 §3 answers a target
+    longer than the server wishes to parse with 414, not 431: shortening the fields would
+    not help the client."""
+
+
 class HeadTooLarge(ProxyError):
-    """The request head is over --max-header-bytes or has too many fields."""
+    """The request head's fields take it over --max-header-bytes, or it has too many."""
 
 
 class OverCapacity(ProxyError):
@@ -194,6 +200,9 @@ TABLE: dict[type[ProxyError], Response] = {
     MethodNotAllowed: Response(405, "http_request_denied"),
     AuthRequired: Response(407, None),
     HeadTimeout: Response(408, "http_request_error"),
+    # RFC 9209 has no token for a request too large (its size tokens are for responses):
+    # a request refused as it arrived is an http_request_error.
+    RequestLineTooLong: Response(414, "http_request_error"),
     HeadTooLarge: Response(431, "http_request_error"),
     OverCapacity: Response(503, "proxy_internal_response"),
     AuthOverloaded: Response(503, "proxy_internal_response"),

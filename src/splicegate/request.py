@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from splicegate.errors import BadRequest, HeadTooLarge, VersionNotSupported
+from splicegate.errors import BadRequest, HeadTooLarge, RequestLineTooLong, VersionNotSupported
 
 # Limits, checked once, when more data is asked for. 32 KiB for the head sits between
 # h11 (16 KiB), Apache (8 KiB per line, 100 fields) and Squid (64 KiB); 100 fields is
@@ -401,6 +401,12 @@ class RequestParser:
         self._check_bare_cr(len(self._buf) if match is None else match.start())
         end = len(self._buf) if match is None else match.end()
         if end > self.max_head_bytes or (match is None and end == self.max_head_bytes):
+            if self._request_line is None:  # its line end is not within the limit
+                raise RequestLineTooLong(
+                    f"the request line is longer than {self.max_head_bytes} bytes, the most "
+                    "this proxy reads of a request head; a CONNECT target is host:port",
+                    details=f"request line over {self.max_head_bytes} bytes",
+                )
             raise HeadTooLarge(
                 f"the request head is larger than {self.max_head_bytes} bytes",
                 details=f"head over {self.max_head_bytes} bytes",
