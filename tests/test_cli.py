@@ -59,6 +59,13 @@ def test_engine_python_can_be_forced() -> None:
         (["--connect-timeout", "0"], "connect-timeout: '0' is too small"),
         (["--pipe-size", "100000000"], "pipe-size: '100000000' is too large; the most is"),
         (["--engine", "turbo"], "engine: 'turbo' is not one of auto, native, python"),
+        # NaN and infinity would make a limit that never fires, a timeout that waits for ever
+        (["--header-timeout", "nan"], "header-timeout: 'nan' is not a finite number; allowed:"),
+        (["--connect-timeout", "inf"], "connect-timeout: 'inf' is not a finite number"),
+        (["--dns-timeout", "1e400"], "dns-timeout: '1e400' is not a finite number"),
+        (["--idle-timeout=-inf"], "idle-timeout: '-inf' is not a finite number"),
+        (["--max-lifetime", "inf"], "'inf' is not a finite number; allowed: 0.001 or more (0 "),
+        (["--max-connections", "inf"], "max-connections: 'inf' is not a finite number"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -98,6 +105,10 @@ def test_config_object_takes_cli_style_values() -> None:
     assert config.relay_timeouts.idle == 5.0
     with pytest.raises(ValueError, match="max-header-bytes"):
         Config(max_header_bytes=10)
+    with pytest.raises(ValueError, match=r"^header-timeout: nan is not a finite number"):
+        Config(header_timeout=float("nan"))
+    with pytest.raises(ValueError, match=r"^workers: inf is not a finite number"):
+        Config(workers=float("inf"))  # int() of it overflowed: not a ValueError
 
 
 def test_parse_address() -> None:

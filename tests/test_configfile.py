@@ -3,6 +3,8 @@ over the file, and refusals that name the file, the key, the value and what is a
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +80,13 @@ def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None
             "workers: 2 processes share each listener's port, so it must be fixed; port 0",
         ),
         ("listen = [\n", "not valid TOML"),
+        ("header_timeout = nan\n", "header_timeout = nan: nan is not a finite number; allowed: "),
+        ("dns_timeout = -inf\n", "dns_timeout = -inf: -inf is not a finite number; allowed: "),
+        # inf is not how to say "no limit": where there is one, the message says what is.
+        ("max_lifetime = inf\n", "inf is not a finite number; allowed: 0.001 or more (0 turns"),
+        ("max_connections = inf\n", "max_connections = inf: inf is not a finite number; "),
+        ("max_connections = 1e400\n", "inf is not a finite number; allowed: 1 or more"),
+        ("pipe_size = nan\n", "nan is not a finite number; allowed: from 4096 to 67108864"),
     ],
 )
 def test_bad_files_are_refused_with_key_value_and_what_is_allowed(
@@ -99,6 +108,32 @@ def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot read the config file .*No such file"):
         load(str(tmp_path / "absent.toml"))
+
+
+NUMERIC = [f.name for f in cli_fields() if f.metadata["metavar"] in ("S", "N", "BYTES")]
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+@pytest.mark.parametrize("written", ["nan", "inf", "-inf", "1e400", "'nan'", "'inf'"])
+def test_no_numeric_key_takes_a_non_finite_value(tmp_path: Path, key: str, written: str) -> None:
+    """A NaN or infinite limit is one that never fires (a timeout that waits for ever), and
+    an infinite count overflowed int(): each key refuses them, as a value or a string."""
+    path = write(tmp_path, f"{key} = {written}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: {key} = .* is not a finite "):
+        load(path)
+    with pytest.raises(ConfigError, match=rf"^--{key.replace('_', '-')}: .* is not a finite "):
+        load(None, {key: written.strip("'")})
+
+
+def test_a_file_not_in_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'auth_realm = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+    assert str(caught.value) == (
+        f"{path}: not valid TOML: a TOML file is UTF-8, and byte 0xe9 at offset 17 is not "
+        "(invalid continuation byte)"
+    )
 
 
 def test_render_loads_back_to_the_same_settings(tmp_path: Path) -> None:
@@ -142,6 +177,26 @@ def test_check_config_refuses_a_bad_file(tmp_path: Path) -> None:
     assert out.stdout == "" and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"header_timeout = nan\n", "header_timeout = nan: nan is not a finite number"),
+        (b"max_connections = 1e400\n", "max_connections = inf: inf is not a finite number"),
+        (b"\xff\xfe", "not valid TOML: a TOML file is UTF-8, and byte 0xff at offset 0"),
+    ],
+)
+def test_check_config_and_the_daemon_refuse_what_once_was_a_traceback(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "splicegate.toml"
+    path.write_bytes(content)
+    for args in (["check-config", str(path)], ["--config", str(path)]):
+        out = run_cli(*args)
+        assert out.returncode == 2, out.stderr
+        assert f"{path}: {message}" in out.stderr
+        assert out.stdout == "" and "Traceback" not in out.stderr
+
+
 def test_daemon_refuses_a_bad_file_at_start(tmp_path: Path) -> None:
     out = run_cli("--config", write(tmp_path, "bogus = 1\n"))
     assert out.returncode == 2
@@ -159,6 +214,32 @@ def test_daemon_runs_from_the_file(tmp_path: Path) -> None:
     proc = ProxyProcess("--config", path)
     try:
         assert proc.address[1] > 0  # --listen given as a flag beats the file's default
+    finally:
+        assert proc.stop() == 0
+
+
+def test_reload_refuses_a_non_finite_value_or_a_file_not_in_utf8(tmp_path: Path) -> None:
+    """SIGHUP reads the file as start does: each bad one is refused naming the file and the
+    key, and the proxy runs on with its settings (an int() overflow once stopped it)."""
+    path = write(tmp_path, "header_timeout = 2\n")
+    proc = ProxyProcess("--config", path)
+    try:
+        bad = [
+            (b"max_connections = inf\n", "max_connections = inf: inf is not a finite number"),
+            (b"header_timeout = nan\n", "header_timeout = nan: nan is not a finite number"),
+            (b"\xff\xfe", "not valid TOML: a TOML file is UTF-8, and byte 0xff at offset 0"),
+        ]
+        for count, (content, message) in enumerate(bad, 1):
+            Path(path).write_bytes(content)
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log(
+                rf"reload refused, the running settings stay: {re.escape(f'{path}: {message}')}"
+            )
+            assert proc.log().count("reload refused") == count
+        Path(path).write_text("header_timeout = 3\n")
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded " + re.escape(path))
+        assert "Traceback" not in proc.log()
     finally:
         assert proc.stop() == 0
 

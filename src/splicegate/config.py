@@ -11,6 +11,7 @@ application may give them, the CLI has no flag for them (see :func:`component`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
@@ -70,18 +71,38 @@ def parse_nameserver(value: Any) -> Address:
     return parse_address(value, default_port=53)
 
 
+def _finite(value: Any) -> bool:
+    """False for NaN and the infinities however written: "nan", "inf", 1e400 (which TOML
+    and float() read as infinity), an integer too large to be a float."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+    except (TypeError, ValueError):
+        return True  # not a number at all: the caller's conversion says so
+
+
 def _number(
     kind: type, low: float, *, high: float | None = None, zero_ok: bool = False
 ) -> Callable[[Any], Any]:
+    off = " (0 turns it off)" if zero_ok else ""
+    allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+
     def parse(value: Any) -> Any:
         try:
             number = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+        except (TypeError, ValueError, OverflowError):  # int() of an infinity overflows
+            if _finite(value):
+                raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+            number = math.nan
+        # NaN fails every comparison below and infinity passes the least, so either would
+        # slip through as a limit that never fires (a timeout that waits for ever). "No
+        # limit" is 0 where a setting has it, never inf.
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a finite number; allowed: {allowed}{off}")
         if number == 0 and zero_ok:
             return number
         if number < low:
-            off = " (0 turns it off)" if zero_ok else ""
             raise ValueError(f"{value!r} is too small; the least is {low}{off}")
         if high is not None and number > high:
             raise ValueError(f"{value!r} is too large; the most is {high}")

@@ -38,6 +38,14 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file before parsing any of it, so this is not a
+        # TOMLDecodeError, and its own text does not say which file.
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            f"{path}: not valid TOML: a TOML file is UTF-8, and byte 0x{byte:02x} at offset "
+            f"{exc.start} is not ({exc.reason})"
+        ) from None
     settings = {f.name: f for f in cli_fields()}
     for key, value in data.items():
         f = settings.get(key)
