@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import gevent
 import pytest
@@ -20,6 +21,7 @@ from gevent.event import Event
 
 from proxyproc import full_accept_queue, ipv6_loopback
 from splicegate import Config, ProxyServer, TunnelRecord
+from splicegate import server as server_module
 from splicegate.dial import dial
 from splicegate.errors import DnsError
 from splicegate.server import Attempt
@@ -134,6 +136,38 @@ def test_an_unmapped_failure_in_a_custom_dialer(caplog: pytest.LogCaptureFixture
         assert bug.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
         assert b"error=proxy_internal_error" in bug
         assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+    finally:
+        proxy.stop(timeout=1)
+
+
+def test_an_ipv6_listener_sharing_an_ipv4_listeners_port_is_ipv6_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """So that [::]:P beside 0.0.0.0:P binds (nginx's ipv6only=on); alone, an IPv6
+    listener keeps the system's default. (Bound to ::1 a socket is IPv6-only anyway, so
+    what the server asks for is what is checked.)"""
+    asked: dict[tuple, bool] = {}
+    real = server_module.listening_socket
+
+    def recording(address: tuple, backlog: int, **options: Any) -> Any:
+        asked[address] = options["v6only"]
+        return real(address, backlog, **options)
+
+    monkeypatch.setattr(server_module, "listening_socket", recording)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = [f"127.0.0.1:{port}", "127.0.0.1:0", "[::ffff:127.0.0.1]:0"]
+    if ipv6_loopback():
+        listen.append(f"[::1]:{port}")
+    proxy = ProxyServer(Config(listen=listen))
+    proxy.start()
+    try:
+        expected = {("127.0.0.1", port): False, ("127.0.0.1", 0): False}
+        expected[("::ffff:127.0.0.1", 0)] = False  # port 0: no port shared with IPv4
+        if ipv6_loopback():
+            expected[("::1", port)] = True
+        assert asked == expected
     finally:
         proxy.stop(timeout=1)
 

@@ -13,6 +13,7 @@ import gevent
 import pytest
 from gevent import socket
 
+from proxyproc import ipv6_loopback
 from splicegate import limits
 from splicegate.errors import OverCapacity, render
 from splicegate.limits import Acceptor, ConnectionLimits
@@ -166,6 +167,23 @@ def test_listening_socket_names_the_address() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: "):
             limits.listening_socket(("127.0.0.1", port), 16)
+    finally:
+        taken.close()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_listening_socket_v6only_and_an_ipv6_address_in_brackets() -> None:
+    # Bound to ::1 a socket is IPv6-only whatever was asked; an IPv4-mapped address shows
+    # the option: Linux refuses to bind one to an IPv6-only socket.
+    with limits.listening_socket(("::ffff:127.0.0.1", 0), 16) as sock:
+        assert sock.getsockopt(stdsocket.IPPROTO_IPV6, stdsocket.IPV6_V6ONLY) == 0
+    with pytest.raises(OSError, match=r"cannot listen on \[::ffff:127.0.0.1\]:0: Invalid"):
+        limits.listening_socket(("::ffff:127.0.0.1", 0), 16, v6only=True)
+    taken = limits.listening_socket(("::1", 0), 16)
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen on \[::1\]:{port}: "):
+            limits.listening_socket(("::1", port), 16)
     finally:
         taken.close()
 

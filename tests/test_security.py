@@ -18,6 +18,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,12 +27,14 @@ from proxyproc import (
     WAIT,
     ProxyProcess,
     connect_head,
+    ipv6_loopback,
     open_tunnel,
     origin,
     read_reply,
     recv_exactly,
     request,
 )
+from relayrig import wait_until
 from splicegate import auth
 
 LOOPBACK_OK = ("--allow-dest", "127.0.0.0/8", "--allow-port", "any")
@@ -210,6 +213,42 @@ def test_per_client_cap() -> None:
                 assert read_reply(other).status == 200
             for sock, _ in held:
                 sock.close()
+    finally:
+        assert proc.stop() == 0
+
+
+def tunnel_or_none(proxy: tuple[str, int], target: str) -> tuple[socket.socket, Any] | None:
+    """A tunnel, or None (its socket closed) when the proxy answered anything but 200."""
+    sock, reply = open_tunnel(proxy, target)
+    if reply.status == 200:
+        return sock, reply
+    sock.close()
+    return None
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_per_client_cap_counts_an_ipv4_client_once_on_a_dual_stack_listener() -> None:
+    """An IPv4 client reaching an IPv6 listener arrives as ::ffff:a.b.c.d: it is still
+    that client, for its cap and in what the proxy says about it."""
+    proc = ProxyProcess(*LOOPBACK_OK, "--max-connections-per-client", "1",
+                        listen=["127.0.0.1:0", "[::ffff:127.0.0.1]:0"])  # fmt: skip
+    try:
+        assert proc.addresses[1][0] == "::ffff:127.0.0.1"
+        mapped = ("127.0.0.1", proc.addresses[1][1])  # an IPv4 connection to it
+        with origin() as server:
+            target = f"127.0.0.1:{server.port}"
+            sock, reply = open_tunnel(mapped, target)
+            with sock:
+                assert reply.status == 200
+                reply = request(proc.address, connect_head(target))
+                assert_503(reply, "over --max-connections-per-client 1")
+                assert "client 127.0.0.1 has 1 connections open" in reply.body.decode()
+            # The first one's count is released when its tunnel closes, just after.
+            sock, reply = wait_until(lambda: tunnel_or_none(proc.address, target), "released")
+            with sock:
+                reply = request(mapped, connect_head(target))
+                assert_503(reply, "over --max-connections-per-client 1")
+                assert "client 127.0.0.1 has 1 connections open" in reply.body.decode()
     finally:
         assert proc.stop() == 0
 

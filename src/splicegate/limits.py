@@ -23,6 +23,7 @@ from typing import Any
 import gevent
 
 from splicegate.errors import OverCapacity
+from splicegate.request import show_address
 
 log = logging.getLogger("splicegate")
 
@@ -93,7 +94,12 @@ class ConnectionLimits:
 
 
 def listening_socket(
-    address: tuple[str, int], backlog: int, *, reuse_port: bool = False, defer_accept: int = 0
+    address: tuple[str, int],
+    backlog: int,
+    *,
+    reuse_port: bool = False,
+    defer_accept: int = 0,
+    v6only: bool = False,
 ) -> socket.socket:
     """A bound, listening, non-blocking socket, with SO_REUSEADDR (a restart can bind again
     while old connections sit in TIME_WAIT) and, for ``--workers``, SO_REUSEPORT, so that
@@ -104,7 +110,11 @@ def listening_socket(
     its first bytes have arrived, or after that long without any: a CONNECT then comes with
     its head, and the handler reads it at once instead of waiting on it in the hub (that
     wait was about a tenth of the proxy's CPU per tunnel on loopback). The head's deadline
-    counts from the hand-over, so a silent client has up to ``defer_accept`` more."""
+    counts from the hand-over, so a silent client has up to ``defer_accept`` more.
+
+    ``v6only`` (IPV6_V6ONLY) keeps an IPv6 listener to IPv6: an IPv4 listener on the same
+    port takes the IPv4 clients (nginx's ipv6only=on), where a dual-stack ``[::]`` would
+    hold the port for IPv4 too and make that bind fail."""
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -114,6 +124,8 @@ def listening_socket(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if defer_accept:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+        if v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Tunnels relay small TLS records, whose latency Nagle would add to; Linux gives an
         # accepted socket its listener's TCP_NODELAY, which saves a call per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,7 +134,8 @@ def listening_socket(
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        where = show_address((host, port))
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
     except BaseException:
         sock.close()
         raise

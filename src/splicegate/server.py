@@ -188,6 +188,7 @@ class ProxyServer:
         """Bind every listener and start accepting; raises OSError naming the address."""
         if self.engine is None:
             self.engine = self.config.create_engine()
+        ipv4_ports = {port for host, port in self.config.listen if ":" not in host and port}
         try:
             for address in self.config.listen:
                 listener = listening_socket(
@@ -195,6 +196,7 @@ class ProxyServer:
                     self.backlog,
                     reuse_port=self.config.workers > 1,
                     defer_accept=self.config.defer_accept,
+                    v6only=":" in address[0] and address[1] in ipv4_ports,
                 )
                 server = Acceptor(listener, self.handle, self._pool.spawn)
                 server.start()
@@ -270,7 +272,12 @@ class ProxyServer:
     # --- one connection --------------------------------------------------------------------
 
     def handle(self, sock: socket.socket, address: tuple, accepted: float) -> None:
-        attempt = Attempt(client=(address[0], address[1]), accepted=accepted)
+        host = address[0]
+        if host.startswith("::ffff:") and "." in host:
+            # An IPv4 client of a dual-stack listener is that IPv4 client: one per-client
+            # count, one allow-client match and one log form whichever listener it used.
+            host = host[7:]
+        attempt = Attempt(client=(host, address[1]), accepted=accepted)
         self.metrics.connections.inc()
         handed_off = admitted = False
         try:
