@@ -336,6 +336,14 @@ def test_a_request_line_that_fits_the_limit_leaves_the_blame_to_the_fields(
     assert type(err) is refusal, err
 
 
+@pytest.mark.parametrize("line", [b"CONNECTS:443 HTTP/1.1\r\n", b"CONNECT\x16\r\n"])
+def test_the_start_of_a_request_line_is_judged_within_the_limit(line: bytes) -> None:
+    """Fed a byte at a time, a line is refused for its size on reaching the limit, before
+    the bytes past it are seen; fed whole, what lies past it must not decide either."""
+    err = parse_all_ways(line + b"Host: a\r\n\r\n", max_head_bytes=7)
+    assert isinstance(err, errors.RequestLineTooLong), err
+
+
 def test_head_exactly_at_limit_is_accepted() -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: "
     head += b"a" * (1024 - len(head) - 4) + b"\r\n\r\n"

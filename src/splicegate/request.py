@@ -472,8 +472,10 @@ class RequestParser:
         end = self._buf.find(b"\n", 0, self.max_head_bytes)
         if end < 0:
             # Not a whole line yet, but bytes no request line starts with (a TLS
-            # handshake, say) are refused now, not after --header-timeout.
-            if _REQUEST_LINE_START.match(self._buf) is None:
+            # handshake, say) are refused now, not after --header-timeout. Only the bytes
+            # within the limit count: fed a byte at a time, the line would be too long
+            # before any past it came.
+            if _REQUEST_LINE_START.match(self._buf, 0, self.max_head_bytes) is None:
                 raise _malformed_request_line(bytes(self._buf[:100]))
             return
         method, target, sent_version = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
