@@ -279,6 +279,18 @@ def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str
         admin = admin_address(proc)
         assert http_get(admin, "/healthz") == (200, "serving\n")
         assert http_get(admin, "/nothing")[0] == 404
+        conn = http.client.HTTPConnection(*admin, timeout=WAIT)
+        try:
+            conn.request("POST", "/healthz")
+            answer = conn.getresponse()
+            assert (answer.status, answer.getheader("Allow")) == (405, "GET, HEAD")
+        finally:
+            conn.close()
+        with socket.create_connection(admin, timeout=WAIT) as garbage:
+            garbage.sendall(b"GARBAGE\r\n\r\n")
+            assert garbage.recv(4096).startswith(b"HTTP/1.1 400 ")
+        proc.wait_for_log(r"INFO admin: refused a request from 127\.0\.0\.1:\d+: Invalid")
+        assert "ERROR" not in proc.log()
         before = scrape(admin)
         assert metric(before, "splicegate_tunnels_active") == 0
         assert metric(before, "splicegate_connections_total") == 0

@@ -12,12 +12,27 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from splicegate.request import show_address
 
 log = logging.getLogger("splicegate")
 
 #: the Prometheus text exposition format
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Handler(WSGIHandler):
+    """A request pywsgi cannot parse is the client's error, like a refused CONNECT: one
+    INFO line that names the client, not an ERROR with the socket object's repr."""
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        client = self.client_address
+        who = show_address(client) if isinstance(client, tuple) else str(client)
+        text = msg % args if args else msg
+        # pywsgi names the client as "(from ('127.0.0.1', 5678))": once, in our form, is enough.
+        text = text.replace(f"(from {client}) ", "").replace(f" (from {client})", "")
+        log.info("admin: refused a request from %s: %s", who, text)
 
 
 class AdminServer:
@@ -32,7 +47,9 @@ class AdminServer:
         self.metrics = metrics
         self.serving = serving
         # log=None: no access line per scrape; errors go to the splicegate log
-        self._server = WSGIServer(address, self._app, log=None, error_log=log)
+        self._server = WSGIServer(
+            address, self._app, log=None, error_log=log, handler_class=_Handler
+        )
         self.address: tuple[str, int] = address
 
     def start(self) -> None:
@@ -53,8 +70,10 @@ class AdminServer:
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        headers = []
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
+            headers.append(("Allow", "GET, HEAD"))  # a 405 must say (RFC 9110, 15.5.6)
         elif path == "/metrics":
             status, ctype, body = "200 OK", METRICS_TYPE, self.metrics()
         elif path == "/healthz":
@@ -64,5 +83,6 @@ class AdminServer:
                 status, ctype, body = "503 Service Unavailable", "text/plain", b"draining\n"
         else:
             status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /healthz\n"
-        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        headers += [("Content-Type", ctype), ("Content-Length", str(len(body)))]
+        start_response(status, headers)
         return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
