@@ -7,7 +7,7 @@
 
 The invariant, as in h11's fuzz target: whatever the bytes and however they are split, the
 parser returns a Request, NEED_DATA or CLOSED, or raises a splicegate ProxyError that knows
-its status (400, 431 or 505), an ASCII body, and a request line (if it kept one) fit for a
+its status (400, 414, 431 or 505), an ASCII body, and a request line (if it kept one) fit for a
 log; anything else, an IndexError, a UnicodeDecodeError, a RuntimeError, is a bug and
 stops the run with the input that caused it. Fed whole and fed
 in the fuzzer's chunks, the same head must meet the same fate.
@@ -33,7 +33,7 @@ with atheris.instrument_imports():
     from splicegate import errors
     from splicegate.request import CLOSED, NEED_DATA, Request, RequestParser
 
-STATUSES = (400, 431, 505)
+STATUSES = (400, 414, 431, 505)
 
 
 def run(data: bytes, cuts: list[int], max_head_bytes: int, max_fields: int):

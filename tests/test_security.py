@@ -483,7 +483,7 @@ SEEDS = [
 INTERESTING = b"\r\n\x00 :\t\x7f\xff[]%@/.-0123456789"
 #: What a hostile head may be answered with: parse errors, policy, auth, method, deadline,
 #: size, and 505 for a version other than 1.x (the one 5xx a request alone can earn).
-ANSWERS = {400, 403, 405, 407, 408, 431, 505}
+ANSWERS = {400, 403, 405, 407, 408, 414, 431, 505}
 MAX_HEAD = 4096
 
 

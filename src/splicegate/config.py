@@ -265,7 +265,8 @@ class Config:
     max_header_bytes: int = setting(
         32 * 1024,
         _number(int, 256),
-        "largest request head accepted, in bytes (else 431)",
+        "largest request head accepted, in bytes (else 431; 414 when the request line alone "
+        "is longer)",
         metavar="N",
     )
     max_header_fields: int = setting(
