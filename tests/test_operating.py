@@ -412,8 +412,12 @@ def test_a_stop_closes_what_is_left(drain: str, sig: signal.Signals) -> None:
             sock = open_echo_tunnel(proc, srv)
             proc.proc.send_signal(sig)  # the tunnel stays open, idle
             assert_closed_at_exit(proc, sock)  # closed by the proxy
-        if sig == signal.SIGQUIT:
-            assert "closing the open tunnels now" in proc.log()
+        if sig == signal.SIGQUIT:  # announced as what it does, not as a drain
+            assert "stopping: no new connections; SIGQUIT: closing the open tunnels now" in (
+                proc.log()
+            )
+            assert "open tunnels get" not in proc.log()
+            assert "stop signal while draining" not in proc.log()
     finally:
         proc.stop()
 

@@ -70,13 +70,25 @@ class Signals:
         """A stop asked for: SIGTERM or SIGINT (drain), or SIGQUIT (no drain)."""
         return self.pending["stop"] > 0 or self.pending["quit"] > 0
 
+    def announce_stop(self, what: str, drain: float) -> None:
+        """The stop's log line: SIGQUIT closes the open tunnels at once, SIGTERM or SIGINT
+        gives them ``drain`` seconds first."""
+        if self.pending["quit"] > 0:
+            log.info("stopping: %s; SIGQUIT: closing the open tunnels now", what)
+        else:
+            log.info(
+                "stopping: %s; open tunnels get %g s (stop again to close them now)", what, drain
+            )
+
     def on_second_stop(self, act: Callable[..., None], *args: object) -> None:
         """While a drain runs (in another greenlet): SIGQUIT, or a second SIGTERM or SIGINT,
-        means the operator will not wait, so ``act`` ends it now."""
-        self.take("stop")  # the one that started the drain
-        while not (self.take("quit") or self.take("stop")):
-            self.wait()
-        log.warning("stop signal while draining: closing the open tunnels now")
+        means the operator will not wait, so ``act`` ends it now; a stop that came as
+        SIGQUIT has no drain to wait for, and was announced as such."""
+        if not self.take("quit"):
+            self.take("stop")  # the one that started the drain
+            while not (self.take("quit") or self.take("stop")):
+                self.wait()
+            log.warning("stop signal while draining: closing the open tunnels now")
         act(*args)
 
 
@@ -115,10 +127,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         if signals.take("reopen") and server.access_log is not None:
             server.access_log.reopen()
     notify("STOPPING=1")
-    log.info(
-        "stopping: no new connections; open tunnels get %g s (stop again to close them now)",
-        server.config.drain_timeout,
-    )
+    signals.announce_stop("no new connections", server.config.drain_timeout)
     impatient = gevent.spawn(signals.on_second_stop, server.hurry)
     try:
         server.stop()

@@ -106,11 +106,7 @@ class Supervisor:
             self.draining = True
             notify("STOPPING=1")
             drain = self.config.drain_timeout
-            log.info(
-                "stopping: the workers stop accepting; open tunnels get %g s "
-                "(stop again to close them now)",
-                drain,
-            )
+            signals.announce_stop("the workers stop accepting", drain)
             # "Now" goes on as SIGQUIT: a second SIGTERM could merge with the first in a
             # worker that has not taken it yet.
             impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGQUIT)
