@@ -74,6 +74,8 @@ def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None
         ('listen = "localhost"\n', "'localhost' has no port; write HOST:PORT"),
         ('log_format = "xml"\n', "'xml' is not one of text, json"),
         ("workers = 0\n", "workers = 0: 0 is too small; the least is 1"),
+        ("workers = 2.5\n", "workers = 2.5: 2.5 is not a whole number"),
+        ("max_connections = 1.9\n", "max_connections = 1.9: 1.9 is not a whole number"),
         ("dns_min_ttl = 10\ndns_max_ttl = 5\n", "dns-min-ttl: 10 is above --dns-max-ttl 5"),
         (
             'workers = 2\nlisten = ["127.0.0.1:0"]\n',
@@ -101,7 +103,7 @@ def test_bad_files_are_refused_with_key_value_and_what_is_allowed(
 
 def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:
     path = write(tmp_path, "connect_timeout = 3\n")
-    with pytest.raises(ConfigError, match=r"^--connect-timeout: 'x' is not a float"):
+    with pytest.raises(ConfigError, match=r"^--connect-timeout: 'x' is not a number"):
         load(path, {"connect_timeout": "x"})
 
 

@@ -87,13 +87,17 @@ def _number(
 ) -> Callable[[Any], Any]:
     off = " (0 turns it off)" if zero_ok else ""
     allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+    what = "a whole number" if kind is int else "a number"
 
     def parse(value: Any) -> Any:
+        # int() would cut a TOML 2.5 to 2 where the flag's "2.5" is refused: both refused.
+        if kind is int and isinstance(value, float) and not value.is_integer() and _finite(value):
+            raise ValueError(f"{value!r} is not {what}")
         try:
             number = kind(value)
         except (TypeError, ValueError, OverflowError):  # int() of an infinity overflows
             if _finite(value):
-                raise ValueError(f"{value!r} is not a {kind.__name__}") from None
+                raise ValueError(f"{value!r} is not {what}") from None
             number = math.nan
         # NaN fails every comparison below and infinity passes the least, so either would
         # slip through as a limit that never fires (a timeout that waits for ever). "No
