@@ -37,7 +37,7 @@ _REQUEST_LINE = re.compile(
     rb"HTTP/(?P<major>[0-9])\.(?P<minor>[0-9])"
 )
 # What an unfinished request line may hold so far: (part of) a method, then its space.
-_REQUEST_LINE_START = re.compile(_TOKEN + rb"(?: |\Z)|\Z")
+_TOKEN_CHARS = re.compile(_TOKEN[:-1] + b"*")  # as many token bytes as there are
 #: The first byte of a TLS record carrying a handshake: a client that speaks TLS to this
 #: plain-HTTP port (a proxy URL written https:// instead of http://).
 _TLS_HANDSHAKE = 0x16
@@ -362,6 +362,10 @@ class RequestParser:
         self.max_fields = max_fields
         self._buf = bytearray()
         self._searched = 0  # bytes of _buf known to hold no end of head
+        # An unfinished request line, searched on from where the last look stopped: bytes
+        # known to hold no LF, and bytes known to be a token (-1: a token and a space came).
+        self._line_searched = 0
+        self._line_token = 0
         self._started = False  # past any empty lines before the request line
         self._empty_lines = 0
         self._request_line: tuple[str, bytes, tuple[int, int]] | None = None
@@ -469,14 +473,25 @@ class RequestParser:
     def _check_request_line_early(self) -> None:
         if self._request_line is not None or not self._started:
             return
-        end = self._buf.find(b"\n", 0, self.max_head_bytes)
+        limit = self.max_head_bytes
+        end = self._buf.find(b"\n", self._line_searched, limit)
         if end < 0:
             # Not a whole line yet, but bytes no request line starts with (a TLS
-            # handshake, say) are refused now, not after --header-timeout. Only the bytes
-            # within the limit count: fed a byte at a time, the line would be too long
-            # before any past it came.
-            if _REQUEST_LINE_START.match(self._buf, 0, self.max_head_bytes) is None:
-                raise _malformed_request_line(bytes(self._buf[:100]))
+            # handshake, say) are refused now, not after --header-timeout: a request line
+            # starts with a token and a space. Only the bytes within the limit count: fed a
+            # byte at a time, the line would be too long before any past it came.
+            have = min(len(self._buf), limit)
+            self._line_searched = have
+            if self._line_token >= 0:
+                token = _TOKEN_CHARS.match(self._buf, self._line_token, limit)
+                assert token is not None  # "*": it matches, if only nothing
+                token_end = token.end()
+                if token_end == have:
+                    self._line_token = have  # a token so far: its space may still come
+                elif token_end > 0 and self._buf[token_end] == 0x20:
+                    self._line_token = -1
+                else:
+                    raise _malformed_request_line(bytes(self._buf[:100]))
             return
         method, target, sent_version = _parse_request_line(_strip_cr(bytes(self._buf[:end])))
         self._request_line = method, target, sent_version  # for the log, also if _speak
