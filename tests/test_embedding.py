@@ -140,33 +140,34 @@ def test_an_unmapped_failure_in_a_custom_dialer(caplog: pytest.LogCaptureFixture
         proxy.stop(timeout=1)
 
 
-def test_an_ipv6_listener_sharing_an_ipv4_listeners_port_is_ipv6_only(
+def test_the_ipv6_wildcard_sharing_an_ipv4_listeners_port_is_ipv6_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """So that [::]:P beside 0.0.0.0:P binds (nginx's ipv6only=on); alone, an IPv6
-    listener keeps the system's default. (Bound to ::1 a socket is IPv6-only anyway, so
-    what the server asks for is what is checked.)"""
+    """So that [::]:P beside 0.0.0.0:P binds (nginx's ipv6only=on); alone, and for any other
+    IPv6 address (::1 is IPv6-only anyway; an IPv4-mapped one cannot be), the system's
+    default. What the server asks for is checked, and the wildcard is bound as ::1 instead:
+    tests listen on loopback only."""
     asked: dict[tuple, bool] = {}
     real = server_module.listening_socket
 
     def recording(address: tuple, backlog: int, **options: Any) -> Any:
         asked[address] = options["v6only"]
-        return real(address, backlog, **options)
+        bind = ("::1", 0) if address[0] == "::" else address
+        return real(bind, backlog, **options)
 
     monkeypatch.setattr(server_module, "listening_socket", recording)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    listen = [f"127.0.0.1:{port}", "127.0.0.1:0", "[::ffff:127.0.0.1]:0"]
+    listen = [f"127.0.0.1:{port}", "[::ffff:127.0.0.2]:" + str(port), "[::ffff:127.0.0.1]:0"]
+    expected = {("127.0.0.1", port): False, ("::ffff:127.0.0.2", port): False}
+    expected[("::ffff:127.0.0.1", 0)] = False
     if ipv6_loopback():
-        listen.append(f"[::1]:{port}")
+        listen += [f"[::1]:{port}", f"[::]:{port}", "[::]:0"]
+        expected.update({("::1", port): False, ("::", port): True, ("::", 0): False})
     proxy = ProxyServer(Config(listen=listen))
     proxy.start()
     try:
-        expected = {("127.0.0.1", port): False, ("127.0.0.1", 0): False}
-        expected[("::ffff:127.0.0.1", 0)] = False  # port 0: no port shared with IPv4
-        if ipv6_loopback():
-            expected[("::1", port)] = True
         assert asked == expected
     finally:
         proxy.stop(timeout=1)

@@ -10,6 +10,7 @@ client reads its answer instead of a reset.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import socket
@@ -58,6 +59,10 @@ class ClientGone(Exception):
     """The client's socket failed (a reset) before the tunnel was handed over: nothing to
     answer, and not the proxy's fault. Other OSErrors are the proxy's: a 503 when this host
     ran short of something, a 500 otherwise."""
+
+
+def _is_ipv6_wildcard(host: str) -> bool:
+    return ":" in host and ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
 
 
 def _unexpected(exc: Exception, address: tuple) -> ProxyError:
@@ -196,7 +201,9 @@ class ProxyServer:
                     self.backlog,
                     reuse_port=self.config.workers > 1,
                     defer_accept=self.config.defer_accept,
-                    v6only=":" in address[0] and address[1] in ipv4_ports,
+                    # Only the IPv6 wildcard also takes IPv4 (::1 is IPv6-only anyway, and
+                    # an IPv4-mapped address cannot be bound IPv6-only at all).
+                    v6only=_is_ipv6_wildcard(address[0]) and address[1] in ipv4_ports,
                 )
                 server = Acceptor(listener, self.handle, self._pool.spawn)
                 server.start()
