@@ -1100,7 +1100,10 @@ cdef class NativeEngine:
         self.core.pipes_total = self.core.pipes_in_use = 0
         self.core.done_head = NULL
         self.callbacks.clear()
-        self.drained = self.stopped = None  # a parent's shutdown in progress is not ours
+        # A shutdown() caught waiting by the fork goes on in the child too: it has no tunnel
+        # left to wait for, and finishes its work on the child's copy of the engine.
+        if self.drained is not None:
+            self.drained.set()
         if not self.closed:
             self.watcher.stop()
             close(self.core.done_fd)

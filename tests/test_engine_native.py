@@ -773,6 +773,29 @@ def test_fork_child_relays_and_does_not_hold_the_parents_tunnels(
     assert (result["record"]["bytes_up"], result["record"]["bytes_down"]) == (3 * MiB, 3 * MiB)
 
 
+def test_a_shutdown_waiting_at_a_fork_ends_in_the_child(rigs: Any, engine_kind: str) -> None:
+    """A greenlet waiting in shutdown() for the parent's tunnels is copied into a forked
+    child, which has none of them: there it ends at once, it does not wait for ever."""
+    rig = rigs(engine_kind)
+    t = rig.open()
+    t.client.sendall(b"up")
+    assert recv_exactly(t.origin, 2) == b"up"  # relayed, and open
+    waiter = gevent.spawn(rig.engine.shutdown, time.monotonic() + 3600)
+    gevent.sleep(0.05)  # waiting in the drain
+
+    def child(channel: Channel) -> dict[str, Any]:
+        t.close()  # the test's peers: the parent's
+        waiter.join(timeout=10)
+        return {"finished": waiter.dead, "active": rig.engine.stats()["active"]}
+
+    result = Forked.run(child)
+    assert result == {"finished": True, "active": 0}
+    assert not waiter.dead  # the parent's drain still waits for its tunnel
+    t.close()
+    waiter.join(timeout=WAIT)
+    assert waiter.dead and t.record().reason == "eof"
+
+
 def recv_n(sock: socket.socket, n: int) -> str:
     """Read exactly ``n`` bytes; their sha256."""
     return sha(recv_exactly(sock, n))

@@ -536,7 +536,11 @@ class PythonEngine:
         # Closing the child's copy of the error epoll leaves the parent's instance as it is,
         # where unregistering each socket would have taken them off the parent's watch.
         self._errors.close()
-        self._drained = None  # a parent's shutdown in progress is not the child's
+        # A shutdown() caught waiting by the fork goes on in the child too: nothing is left
+        # for it to wait for. Dropped once set, so a later drain in the child waits anew.
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     def _tunnel_finished(self, tunnel: _Tunnel, record: TunnelRecord) -> None:
         self._tunnels.remove(tunnel)
