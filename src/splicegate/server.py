@@ -10,6 +10,7 @@ client reads its answer instead of a reset.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -59,6 +60,10 @@ class ClientGone(Exception):
     """The client's socket failed (a reset) before the tunnel was handed over: nothing to
     answer, and not the proxy's fault. Other OSErrors are the proxy's: a 503 when this host
     ran short of something, a 500 otherwise."""
+
+
+#: What SO_ERROR says of a client that reset its connection.
+_GONE = frozenset({errno.ECONNRESET, errno.EPIPE})
 
 
 def _is_ipv6_wildcard(host: str) -> bool:
@@ -469,7 +474,9 @@ class ProxyServer:
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as exc:
             code = exc.errno or 0
-        if code:
+        # Only a reset: SO_ERROR also reports a soft error an ICMP message left on a client
+        # still there (EHOSTUNREACH), which must still get its answer.
+        if code in _GONE:
             status = f"{err.status} {err.proxy_status_error or ''}".rstrip()
             self._client_gone(attempt, f"{os.strerror(code)}, before its {status}")
             return
