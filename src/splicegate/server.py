@@ -303,7 +303,7 @@ class ProxyServer:
         except ClientGone as gone:
             self._client_gone(attempt, str(gone))
         except Exception as exc:
-            self._refuse(sock, attempt, _unexpected(exc, address))
+            self._refuse(sock, attempt, _unexpected(exc, attempt.client))
         finally:
             if not handed_off:
                 sock.close()
