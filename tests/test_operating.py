@@ -422,6 +422,25 @@ def test_a_stop_closes_what_is_left(drain: str, sig: signal.Signals) -> None:
         proc.stop()
 
 
+def test_sigquit_reaches_the_workers_as_sigquit() -> None:
+    """Under --workers each worker closes its tunnels at once too, and none announces a
+    drain it will not run."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "3600", "--workers", "2",
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        with origin(echo) as srv:
+            sock = open_echo_tunnel(proc, srv)
+            proc.proc.send_signal(signal.SIGQUIT)
+            assert_closed_at_exit(proc, sock)
+        log = proc.log()
+        assert "stopping: the workers stop accepting; SIGQUIT: closing the open tunnels now" in log
+        assert log.count("stopping: no new connections; SIGQUIT: closing the open tunnels") == 2
+        assert "open tunnels get" not in log and "stop signal while draining" not in log
+    finally:
+        proc.stop()
+
+
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_a_second_sigterm_ends_the_drain_at_once(workers: int) -> None:
     """An operator who will not wait out --drain-timeout signals again: the open tunnels

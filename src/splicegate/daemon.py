@@ -70,10 +70,14 @@ class Signals:
         """A stop asked for: SIGTERM or SIGINT (drain), or SIGQUIT (no drain)."""
         return self.pending["stop"] > 0 or self.pending["quit"] > 0
 
+    def quitting(self) -> bool:
+        """The stop came as SIGQUIT: no drain."""
+        return self.pending["quit"] > 0
+
     def announce_stop(self, what: str, drain: float) -> None:
         """The stop's log line: SIGQUIT closes the open tunnels at once, SIGTERM or SIGINT
         gives them ``drain`` seconds first."""
-        if self.pending["quit"] > 0:
+        if self.quitting():
             log.info("stopping: %s; SIGQUIT: closing the open tunnels now", what)
         else:
             log.info(

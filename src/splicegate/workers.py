@@ -106,14 +106,20 @@ class Supervisor:
             self.draining = True
             notify("STOPPING=1")
             drain = self.config.drain_timeout
+            # SIGQUIT goes on as itself: a SIGTERM first would have each worker announce,
+            # and start, a drain.
+            stop = signal.SIGQUIT if signals.quitting() else signal.SIGTERM
             signals.announce_stop("the workers stop accepting", drain)
             # "Now" goes on as SIGQUIT: a second SIGTERM could merge with the first in a
             # worker that has not taken it yet.
-            impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGQUIT)
+            impatient = None
+            if stop == signal.SIGTERM:
+                impatient = gevent.spawn(signals.on_second_stop, self._signal_all, signal.SIGQUIT)
             try:
-                ok = self._stop_workers(signal.SIGTERM, time.monotonic() + drain + 10)
+                ok = self._stop_workers(stop, time.monotonic() + drain + 10)
             finally:
-                impatient.kill()
+                if impatient is not None:
+                    impatient.kill()
             log.info("stopped")
             return 0 if ok else 1
         except OSError as exc:
