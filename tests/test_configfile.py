@@ -76,6 +76,8 @@ def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None
         ("workers = 0\n", "workers = 0: 0 is too small; the least is 1"),
         ("workers = 2.5\n", "workers = 2.5: 2.5 is not a whole number"),
         ("max_connections = 1.9\n", "max_connections = 1.9: 1.9 is not a whole number"),
+        ("workers = 2.0\n", "workers = 2.0: 2.0 is not a whole number"),
+        ("max_connections = 1e3\n", "max_connections = 1000.0: 1000.0 is not a whole number"),
         ("dns_min_ttl = 10\ndns_max_ttl = 5\n", "dns-min-ttl: 10 is above --dns-max-ttl 5"),
         (
             'workers = 2\nlisten = ["127.0.0.1:0"]\n',

@@ -90,8 +90,9 @@ def _number(
     what = "a whole number" if kind is int else "a number"
 
     def parse(value: Any) -> Any:
-        # int() would cut a TOML 2.5 to 2 where the flag's "2.5" is refused: both refused.
-        if kind is int and isinstance(value, float) and not value.is_integer() and _finite(value):
+        # int() would cut a TOML 2.5 to 2, read 2.0 or 1e3, and take true for 1, where the
+        # flag takes only digits: a whole-number setting takes an integer, as the flag does.
+        if kind is int and isinstance(value, (bool, float)) and _finite(value):
             raise ValueError(f"{value!r} is not {what}")
         try:
             number = kind(value)
