@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import ipaddress
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from splicegate import Config, ProxyServer, TunnelRecord
 from splicegate import server as server_module
 from splicegate.dial import dial
 from splicegate.errors import DnsError
+from splicegate.relay import native_engine_error
 from splicegate.server import Attempt
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -274,3 +276,125 @@ def test_example_upstream_refusal_is_the_front_proxys_own() -> None:
     finally:
         front.stop(timeout=1)
         upstream.stop(timeout=1)
+
+
+# --- the server's life: start once, stop once, from anywhere ------------------------------
+
+
+def loopback_config(**extra: Any) -> Config:
+    return Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"], **extra)
+
+
+def open_echo(proxy: ProxyServer, port: int) -> socket.socket:
+    """A tunnel through ``proxy`` to the echo origin, checked with one exchange."""
+    sock = socket.create_connection(proxy.address, timeout=5)
+    sock.sendall(HEAD.format(f"127.0.0.1:{port}").encode() + b"ping")
+    reply = b""
+    while not reply.endswith(b"ping"):
+        chunk = sock.recv(4096)
+        assert chunk, reply
+        reply += chunk
+    assert reply == ESTABLISHED + b"ping"
+    return sock
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_stop_from_a_hook_finishes_and_refuses_that_request(
+    origin, engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application may stop the proxy from a hook: the stop runs to its end (the other
+    tunnel closed at its deadline, serve_forever returns), and the request whose hook it
+    was gets a 503 rather than a 200 and a dropped tunnel."""
+    if engine == "native" and native_engine_error():
+        pytest.skip(native_engine_error())
+    box: dict[str, Any] = {}
+
+    def authorize(request: Any, client: Any) -> None:
+        box["calls"] = box.get("calls", 0) + 1
+        if box["calls"] == 2:
+            box["proxy"].stop(timeout=0.5)
+
+    proxy = box["proxy"] = ProxyServer(loopback_config(engine=engine, authorize=authorize))
+    proxy.start()
+    server = gevent.spawn(proxy.serve_forever)
+    other = open_echo(proxy, origin.server_port)
+    with caplog.at_level(logging.INFO, logger="splicegate"):
+        reply = tunnel(proxy, f"127.0.0.1:{origin.server_port}")
+    try:
+        assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), reply
+        assert b'details="proxy stopping"' in reply
+        server.join(timeout=5)
+        assert server.dead  # serve_forever returned: the stop finished
+        assert other.recv(16) == b""  # closed by the stop, at its deadline
+        assert proxy.engine is not None and proxy.engine.stats()["active"] == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        other.close()
+        server.kill()
+
+
+def test_a_stopped_server_stays_stopped(origin) -> None:
+    """start() after stop() refuses; serve_forever() returns; a serve_forever() spawned
+    before a stop() that ran first binds nothing."""
+    proxy = ProxyServer(loopback_config())
+    proxy.start()
+    address = proxy.address
+    proxy.stop(timeout=1)
+    with pytest.raises(RuntimeError, match="has been stopped; make a new one"):
+        proxy.start()
+    done = gevent.spawn(proxy.serve_forever)
+    done.join(timeout=5)
+    assert done.dead and done.successful()
+    with pytest.raises(OSError):
+        socket.create_connection(address, timeout=1)
+    never = ProxyServer(loopback_config())
+    late = gevent.spawn(never.serve_forever)  # runs only after the stop below
+    never.stop(timeout=1)
+    late.join(timeout=5)
+    assert late.dead and never.addresses == [] and never.engine is None
+    started = ProxyServer(loopback_config())
+    started.start()
+    try:
+        with pytest.raises(RuntimeError, match="already started"):
+            started.start()
+    finally:
+        started.stop(timeout=1)
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_second_stop_waits_for_the_first(origin, engine: str) -> None:
+    """Both engines alike: a second stop() does not cut the first one's drain short (that
+    is hurry()'s job); it returns when the first does."""
+    if engine == "native" and native_engine_error():
+        pytest.skip(native_engine_error())
+    proxy = ProxyServer(loopback_config(engine=engine))
+    proxy.start()
+    sock = open_echo(proxy, origin.server_port)
+    first = gevent.spawn(proxy.stop, 1.0)
+    gevent.sleep(0.1)
+    second = gevent.spawn(proxy.stop, 1.0)
+    gevent.sleep(0.3)
+    sock.sendall(b"still")  # the first stop's drain still runs: the tunnel works
+    assert sock.recv(16) == b"still"
+    assert not second.dead
+    gevent.joinall([first, second], timeout=5)
+    assert first.dead and second.dead
+    assert sock.recv(16) == b""
+    sock.close()
+
+
+def test_a_failed_start_keeps_nothing() -> None:
+    """A start that cannot bind gives back its engine's descriptors and names no address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = Config(listen=["127.0.0.1:0", f"127.0.0.1:{port}"])
+        ProxyServer(config)  # what a server holds before start: not counted below
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            proxy = ProxyServer(config)
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+                proxy.start()
+            assert proxy.addresses == [] and proxy.engine is None
+        assert len(os.listdir("/proc/self/fd")) == before

@@ -21,6 +21,7 @@ EXPECTED = {
     errors.OverCapacity: (503, "proxy_internal_response"),
     errors.AuthOverloaded: (503, "proxy_internal_response"),
     errors.OutOfResources: (503, "proxy_internal_response"),
+    errors.ShuttingDown: (503, "proxy_internal_response"),
     errors.DnsTimeout: (504, "dns_timeout"),
     errors.DnsError: (502, "dns_error"),
     errors.ConnectionRefused: (502, "connection_refused"),

@@ -122,6 +122,11 @@ class AuthOverloaded(OverCapacity):
     503 as a connection cap, but its own cause in the metrics, since the remedy differs."""
 
 
+class ShuttingDown(OverCapacity):
+    """The proxy began to stop while the request was being handled (an embedding
+    application's stop() from a hook): no tunnel can be handed to an engine shutting down."""
+
+
 class OutOfResources(OverCapacity):
     """The proxy's own host ran short (descriptors, socket memory, local ports) while serving
     the request: the same 503 as a connection cap, its own cause in the metrics, and never
@@ -207,6 +212,7 @@ TABLE: dict[type[ProxyError], Response] = {
     OverCapacity: Response(503, "proxy_internal_response"),
     AuthOverloaded: Response(503, "proxy_internal_response"),
     OutOfResources: Response(503, "proxy_internal_response"),
+    ShuttingDown: Response(503, "proxy_internal_response"),
     DnsTimeout: Response(504, "dns_timeout"),
     DnsError: Response(502, "dns_error"),
     ConnectionRefused: Response(502, "connection_refused"),

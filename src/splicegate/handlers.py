@@ -92,7 +92,12 @@ class HandlerPool:
         return True
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no handler runs; False when ``timeout`` came first."""
+        """Wait until no handler runs; False when ``timeout`` came first. A handler that
+        calls this (ProxyServer.stop() from a hook) is not waited for, nor killed after: it
+        would wait for itself, and a kill would end the stop it is running."""
+        me = gevent.getcurrent()
+        for runner in [r for r in self._busy if r.greenlet is me]:
+            self.done(runner)
         return self._empty.wait(timeout)
 
     def kill(self, block: bool = True, timeout: float | None = None) -> None:

@@ -207,6 +207,8 @@ class Acceptor:
         accept = self.socket._accept  # type: ignore[attr-defined]
         family = self.family
         for _ in range(self.max_accept):
+            if self.closed:  # by a handler just run (a hook that stopped the server)
+                return
             try:
                 fd, address = accept()
             except BlockingIOError:

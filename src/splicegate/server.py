@@ -35,6 +35,7 @@ from splicegate.errors import (
     InternalError,
     MethodNotAllowed,
     ProxyError,
+    ShuttingDown,
     out_of_resources,
     render,
 )
@@ -146,6 +147,7 @@ class ProxyServer:
         self._servers: list[Acceptor] = []
         self._pool = HandlerPool()
         self._stopped = Event()
+        self._started = False
 
     def _configure(self, config: Config) -> None:
         """Build what a reload may change from the settings: the one place for it, so that
@@ -195,7 +197,14 @@ class ProxyServer:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind every listener and start accepting; raises OSError naming the address."""
+        """Bind every listener and start accepting; raises OSError naming the address, and
+        then holds nothing it took. A server starts once: stopped, it is done (a new one
+        serves again), as its engine is shut down."""
+        if self.draining:
+            raise RuntimeError("this ProxyServer has been stopped; make a new one to serve again")
+        if self._started:
+            raise RuntimeError("this ProxyServer has already started")
+        made_engine = self.engine is None
         if self.engine is None:
             self.engine = self.config.create_engine()
         ipv4_ports = {port for host, port in self.config.listen if ":" not in host and port}
@@ -222,7 +231,14 @@ class ProxyServer:
                 self.admin.start()
         except BaseException:
             self._close_listeners()
+            self.addresses.clear()
+            self._listeners.clear()
+            self.admin = None
+            if made_engine:  # its done channel and watcher: an embedder may try again
+                engine, self.engine = self.engine, None
+                engine.shutdown(time.monotonic())
             raise
+        self._started = True
         if self.metrics.multiprocess:  # a supervisor answers the scrapes: keep files fresh
             self._observer = gevent.spawn(self._observe_engine_forever)
         log.info(
@@ -236,13 +252,20 @@ class ProxyServer:
         return self.addresses[0]
 
     def serve_forever(self) -> None:
-        if not self._servers:
+        """Start (unless started) and return once :meth:`stop` has finished; at once if it
+        already has. A stop that came first is not undone by a start here."""
+        if not self._started and not self.draining:
             self.start()
         self._stopped.wait()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; give handlers and tunnels ``timeout`` seconds, then close them.
-        :meth:`hurry`, from another greenlet, cuts that time short."""
+        :meth:`hurry`, from another greenlet, cuts that time short. A second call, while
+        the first runs, waits for it (with the first one's time); it may come from a hook,
+        whose own request is then refused with a 503 rather than handed to the engine."""
+        if self.draining:
+            self._stopped.wait()
+            return
         if timeout is None:
             timeout = self.config.drain_timeout
         self._stop_deadline = time.monotonic() + timeout
@@ -350,6 +373,10 @@ class ProxyServer:
                     f"made ({exc.strerror or exc})",
                     details=f"closed at once: port {request.port}",
                 ) from None
+            if self._engine_draining:  # stop() ran from a hook of this very request
+                raise ShuttingDown(
+                    "the proxy is stopping; try again shortly", details="proxy stopping"
+                )
             try:
                 if not NODELAY_INHERITED:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
