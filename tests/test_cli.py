@@ -5,13 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxyproc import WAIT, ProxyProcess
-from splicegate.config import Config, cli_fields, parse_address
-from splicegate.relay import PUREPYTHON_ENV
+from splicegate.config import (
+    MAX_DEFER_ACCEPT,
+    MAX_PIPE_SIZE,
+    MAX_PIPES,
+    MAX_RELAY_THREADS,
+    Config,
+    cli_fields,
+    parse_address,
+)
+from splicegate.limits import listening_socket
+from splicegate.relay import PUREPYTHON_ENV, RelayTimeouts, create_engine, native_engine_error
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,6 +78,13 @@ def test_engine_python_can_be_forced() -> None:
         (["--idle-timeout=-inf"], "idle-timeout: '-inf' is not a finite number"),
         (["--max-lifetime", "inf"], "'inf' is not a finite number; allowed: 0.001 or more (0 "),
         (["--max-connections", "inf"], "max-connections: 'inf' is not a finite number"),
+        # what the engine or the kernel would refuse at start is refused as a setting
+        (["--relay-threads", "100"], "relay-threads: '100' is too large; the most is 64"),
+        (["--relay-threads=-1"], "the least is 1 (0 picks CPUs - 1, at least 1, at most 4)"),
+        (["--max-pipes", str(2**63)], f"max-pipes: '{2**63}' is too large; the most is"),
+        (["--defer-accept", str(2**31)], "defer-accept: '2147483648' is too large; the most"),
+        (["--nameserver", "127.0.0.1:0"], "'127.0.0.1:0': the port must be a number from 1 to"),
+        (["--nameserver", "dns.example"], "nameserver: 'dns.example' is not an IP address"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -112,11 +130,91 @@ def test_config_object_takes_cli_style_values() -> None:
         Config(workers=float("inf"))  # int() of it overflowed: not a ValueError
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        # A tuple is checked as the HOST:PORT string it stands for: bind() raised
+        # OverflowError at start for these.
+        ({"listen": [("127.0.0.1", 70000)]}, "listen: '127.0.0.1:70000': the port must be a "
+         "number from 0 to 65535"),
+        ({"listen": [("127.0.0.1", -1)]}, "listen: '127.0.0.1:-1': the port must be a number"),
+        ({"listen": [("::1", 65536)]}, "listen: '[::1]:65536': the port must be a number"),
+        ({"listen": [("127.0.0.1", 80.0)]}, "listen: '127.0.0.1:80.0': the port must be a"),
+        ({"listen": [("", 80)]}, "listen: ':80' has no host; write HOST:PORT"),
+        ({"listen": [(None, 80)]}, "listen: (None, 80) is not a (host, port) pair"),
+        ({"listen": [("127.0.0.1", 80, 0)]}, "listen: ('127.0.0.1', 80, 0) is not a (host, "),
+        ({"admin": ("127.0.0.1", 99999)}, "admin: '127.0.0.1:99999': the port must be a"),
+        # The resolver sends to a nameserver's address: an IP address and a port not 0.
+        ({"nameserver": [("127.0.0.1", 65536)]}, "nameserver: '127.0.0.1:65536': the port "
+         "must be a number from 1 to 65535"),
+        ({"nameserver": [("127.0.0.1", 0)]}, "nameserver: '127.0.0.1:0': the port must be a "
+         "number from 1 to 65535"),
+        ({"nameserver": ["127.0.0.1:0"]}, "nameserver: '127.0.0.1:0': the port must be a"),
+        ({"nameserver": ["dns.example:53"]}, "nameserver: 'dns.example' is not an IP address; "
+         "a nameserver is one, not a name"),
+        # No listener: start() bound nothing and serve_forever() waited for ever.
+        ({"listen": []}, "listen: no address given; at least one HOST:PORT is needed"),
+        ({"listen": ()}, "listen: no address given; at least one HOST:PORT is needed"),
+        # The native engine's bounds, and TCP_DEFER_ACCEPT's C int.
+        ({"relay_threads": 65}, "relay-threads: 65 is too large; the most is 64"),
+        ({"relay_threads": -1}, "relay-threads: -1 is too small; the least is 1 (0 picks CPUs"),
+        ({"max_pipes": 2**63}, f"max-pipes: {2**63} is too large; the most is {2**63 - 1}"),
+        ({"max_pipes": -1}, "max-pipes: -1 is too small; the least is 1 (0 means what the "),
+        ({"defer_accept": 2**31}, "defer-accept: 2147483648 is too large; the most is"),
+    ],
+)  # fmt: skip
+def test_config_refuses_what_start_would(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        Config(**settings)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_config_takes_the_values_at_the_bounds() -> None:
+    config = Config(
+        listen=[("127.0.0.1", 0), ("::1", 65535), ("[::1]", "3128")],
+        admin=("127.0.0.1", 0),
+        nameserver=[("::1", 53), ("127.0.0.1", 65535), "[::1]", "127.0.0.1:1"],
+        relay_threads=MAX_RELAY_THREADS,
+        max_pipes=MAX_PIPES,
+        defer_accept=MAX_DEFER_ACCEPT,
+        pipe_size=MAX_PIPE_SIZE,
+    )
+    assert config.listen == (("127.0.0.1", 0), ("::1", 65535), ("::1", 3128))
+    assert config.admin == ("127.0.0.1", 0)
+    assert config.nameserver == (("::1", 53), ("127.0.0.1", 65535), ("::1", 53), ("127.0.0.1", 1))
+    assert Config(relay_threads=0, max_pipes=0).relay_threads == 0  # 0: the engine's default
+
+
+@pytest.mark.skipif(native_engine_error() is not None, reason="the native engine is not built")
+def test_the_bounds_config_states_are_the_native_engines() -> None:
+    """config.py states the engine's limits without importing it: they must agree."""
+    at_bounds = Config(
+        engine="native",
+        relay_threads=MAX_RELAY_THREADS,
+        pipe_size=MAX_PIPE_SIZE,
+        max_pipes=MAX_PIPES,
+    ).create_engine()
+    at_bounds.shutdown(time.monotonic())
+    for past in ({"threads": MAX_RELAY_THREADS + 1}, {"pipe_size": MAX_PIPE_SIZE + 1}):
+        with pytest.raises(ValueError):
+            create_engine("native", RelayTimeouts(), **past)
+    with pytest.raises(OverflowError):
+        create_engine("native", RelayTimeouts(), max_pipes=MAX_PIPES + 1)
+
+
+def test_the_defer_accept_bound_is_what_setsockopt_takes() -> None:
+    listening_socket(("127.0.0.1", 0), 16, defer_accept=MAX_DEFER_ACCEPT).close()
+    with pytest.raises(TypeError):  # Python's setsockopt takes a larger int for a buffer
+        listening_socket(("127.0.0.1", 0), 16, defer_accept=MAX_DEFER_ACCEPT + 1)
+
+
 def test_parse_address() -> None:
     assert parse_address("127.0.0.1:3128") == ("127.0.0.1", 3128)
     assert parse_address("[::1]:0") == ("::1", 0)
     assert parse_address("localhost:80") == ("localhost", 80)
-    for bad in ("[::1", ":80", "host:99999", "host:x"):
+    assert parse_address(("localhost", 80)) == ("localhost", 80)
+    assert parse_address(("::1", 0)) == ("::1", 0)
+    for bad in ("[::1", ":80", "host:99999", "host:x", ("host", 99999), ("host", -1), ("", 80)):
         with pytest.raises(ValueError):
             parse_address(bad)
 

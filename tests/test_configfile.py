@@ -91,6 +91,16 @@ def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None
         ("max_connections = inf\n", "max_connections = inf: inf is not a finite number; "),
         ("max_connections = 1e400\n", "inf is not a finite number; allowed: 1 or more"),
         ("pipe_size = nan\n", "nan is not a finite number; allowed: from 4096 to 67108864"),
+        # what start() refused, or waited for ever on (no listener), is refused as a setting
+        ("listen = []\n", "listen: no address given; at least one HOST:PORT is needed"),
+        ("relay_threads = 100\n", "relay_threads = 100: 100 is too large; the most is 64"),
+        (f"max_pipes = {2**63}\n", f"max_pipes = {2**63}: {2**63} is too large; the most is"),
+        ("defer_accept = 2147483648\n", "2147483648 is too large; the most is 2147483647"),
+        (
+            'nameserver = ["127.0.0.1:0"]\n',
+            "nameserver = [\"127.0.0.1:0\"]: '127.0.0.1:0': the port must be a number from 1 ",
+        ),
+        ('nameserver = ["dns.example"]\n', "'dns.example' is not an IP address; a nameserver"),
     ],
 )
 def test_bad_files_are_refused_with_key_value_and_what_is_allowed(
@@ -198,6 +208,27 @@ def test_check_config_and_the_daemon_refuse_what_once_was_a_traceback(
         out = run_cli(*args)
         assert out.returncode == 2, out.stderr
         assert f"{path}: {message}" in out.stderr
+        assert out.stdout == "" and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "message"),
+    [
+        ("listen = []\n", [], "listen: no address given; at least one HOST:PORT is needed"),
+        ("", ["--relay-threads", "100"], "--relay-threads: '100' is too large; the most is 64"),
+        ("relay_threads = 100\n", [], "relay_threads = 100: 100 is too large; the most is 64"),
+    ],
+)
+def test_check_config_refuses_what_start_would(
+    tmp_path: Path, content: str, flags: list[str], message: str
+) -> None:
+    """Once check-config's "all valid", then a ValueError from the engine at start (or, with
+    no listener, a daemon serving no one); now exit 2 with the reason from both."""
+    path = write(tmp_path, content)
+    for args in (["check-config", path, *flags], ["--config", path, *flags]):
+        out = run_cli(*args)
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr
         assert out.stdout == "" and "Traceback" not in out.stderr
 
 

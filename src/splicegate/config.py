@@ -10,6 +10,7 @@ application may give them, the CLI has no flag for them (see :func:`component`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import Callable
@@ -38,13 +39,34 @@ from splicegate.resolve import Resolver
 
 Address = tuple[str, int]
 
+# Bounds the native engine enforces when it is built (csrc/engine.pyx, NativeEngine.__init__:
+# "threads must be from 1 to 64", "pipe_size must be from 4096 to 67108864 bytes"; Core's
+# max_pipes is an int64_t). The extension is not imported for them (the pure-Python install
+# has none), so they are stated again here, once: a value the engine would refuse at start
+# is refused as a setting, whichever engine runs. Keep them in step with engine.pyx.
+MAX_RELAY_THREADS = 64
+MAX_PIPE_SIZE = 64 * 1024 * 1024
+MAX_PIPES = 2**63 - 1
+# setsockopt(TCP_DEFER_ACCEPT) takes a C int; Python's setsockopt fails on a larger one (the
+# kernel caps the wait at its most retransmissions, some hours, long before that).
+MAX_DEFER_ACCEPT = 2**31 - 1
 
-def parse_address(value: Any, default_port: int | None = None) -> Address:
-    """``HOST:PORT`` or ``[V6]:PORT``; the port may be left out where a default exists."""
-    if isinstance(value, tuple):
-        host, port = value
-        return str(host), int(port)
-    text = str(value).strip()
+
+def _address_text(value: tuple[Any, ...]) -> str:
+    """A ``(host, port)`` tuple as the HOST:PORT it stands for, so that it is checked
+    exactly as that string is (the port's range, a host given)."""
+    if len(value) != 2 or not isinstance(value[0], str):
+        raise ValueError(f"{value!r} is not a (host, port) pair")
+    host, port = value
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def parse_address(value: Any, default_port: int | None = None, *, least_port: int = 0) -> Address:
+    """``HOST:PORT`` or ``[V6]:PORT``; the port may be left out where a default exists. A
+    ``(host, port)`` tuple is checked as the string it stands for."""
+    text = _address_text(value) if isinstance(value, tuple) else str(value).strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else None
@@ -60,15 +82,24 @@ def parse_address(value: Any, default_port: int | None = None) -> Address:
         if default_port is None:
             raise ValueError(f"{text!r} has no port; write HOST:PORT")
         return host, default_port
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    if not port_text.isdigit() or not least_port <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from {least_port} to 65535")
     if not host:
         raise ValueError(f"{text!r} has no host; write HOST:PORT")
     return host, int(port_text)
 
 
 def parse_nameserver(value: Any) -> Address:
-    return parse_address(value, default_port=53)
+    """``IP[:PORT]``, port 53 by default: the resolver sends its queries to that address, so
+    it is an IP address (a name would need a resolver first) and the port is not 0."""
+    host, port = parse_address(value, default_port=53, least_port=1)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address; a nameserver is one, not a name"
+        ) from None
+    return host, port
 
 
 def _finite(value: Any) -> bool:
@@ -83,9 +114,13 @@ def _finite(value: Any) -> bool:
 
 
 def _number(
-    kind: type, low: float, *, high: float | None = None, zero_ok: bool = False
+    kind: type, low: float, *, high: float | None = None, zero_ok: bool | str = False
 ) -> Callable[[Any], Any]:
-    off = " (0 turns it off)" if zero_ok else ""
+    """``zero_ok``: 0 is allowed too, below ``low``; True where it turns the setting off,
+    else what it does instead ("picks ...")."""
+    if zero_ok is True:
+        zero_ok = "turns it off"
+    off = f" (0 {zero_ok})" if zero_ok else ""
     allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
     what = "a whole number" if kind is int else "a number"
 
@@ -260,7 +295,7 @@ class Config:
     )
     defer_accept: int = setting(
         1,
-        _number(int, 1, zero_ok=True),
+        _number(int, 1, high=MAX_DEFER_ACCEPT, zero_ok=True),
         "seconds the kernel keeps a new connection until its first bytes arrive before "
         "handing it over anyway (TCP_DEFER_ACCEPT, as HAProxy's defer-accept); 0 turns it "
         "off. Connections then arrive with their request in: no wait per CONNECT",
@@ -437,7 +472,7 @@ class Config:
     )
     relay_threads: int = setting(
         0,
-        _number(int, 1, zero_ok=True),
+        _number(int, 1, high=MAX_RELAY_THREADS, zero_ok="picks CPUs - 1, at least 1, at most 4"),
         "native engine: relay threads, each with its own epoll loop",
         metavar="N",
         shown_default="CPUs - 1, at least 1, at most 4",
@@ -454,14 +489,14 @@ class Config:
     )
     pipe_size: int = setting(
         1024 * 1024,
-        _number(int, 4096, high=64 * 1024 * 1024),
+        _number(int, 4096, high=MAX_PIPE_SIZE),
         "native engine: bytes each splice pipe holds (more: fewer system calls per byte)",
         metavar="BYTES",
         restart=True,
     )
     max_pipes: int = setting(
         0,
-        _number(int, 1, zero_ok=True),
+        _number(int, 1, high=MAX_PIPES, zero_ok="means what the per-user pipe quota holds"),
         "native engine: pipes at most, split between --workers processes; past it tunnels "
         "copy through a buffer instead",
         metavar="N",
@@ -533,6 +568,8 @@ class Config:
             except ValueError as exc:
                 raise ValueError(f"{f.name.replace('_', '-')}: {exc}") from None
             object.__setattr__(self, f.name, coerced)
+        if not self.listen:  # a server listening nowhere would wait for ever, serving no one
+            raise ValueError("listen: no address given; at least one HOST:PORT is needed")
         if self.dns_min_ttl > self.dns_max_ttl:
             raise ValueError(
                 f"dns-min-ttl: {self.dns_min_ttl:g} is above --dns-max-ttl {self.dns_max_ttl:g}"
