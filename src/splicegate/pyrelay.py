@@ -30,6 +30,7 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
+from gevent.monkey import get_original
 
 from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord, run_each
 
@@ -45,6 +46,13 @@ _LINGER_ABORT = struct.pack("ii", 1, 0)
 # A send to a reset peer must fail with EPIPE, not kill the process, even when the
 # embedding application has restored the default SIGPIPE action.
 _SEND_FLAGS = socket.MSG_NOSIGNAL
+# The real epoll class, also in an application that called gevent's monkey.patch_all(): that
+# removes select.epoll (a blocking poller, to keep other code off it), yet the error watch only
+# ever polls with a timeout of 0, from a hub io watcher. The rest this module uses of select,
+# socket, time and os is left alone by patch_all: constants, _socket's own sockets,
+# time.monotonic, os.fstat/strerror/register_at_fork (gevent's patched os.fork still calls the
+# original fork, which runs the at-fork hooks).
+_new_epoll = get_original("select", "epoll")
 
 
 class _Direction:
@@ -200,7 +208,7 @@ class _ErrorWatch:
                     self._epoll.modify(fd, select.EPOLLET)
                 return
             if self._epoll is None:
-                self._epoll = select.epoll()
+                self._epoll = _new_epoll()
                 self._watcher = self._loop.io(self._epoll.fileno(), _READ)
                 self._watcher.ref = False  # it must not keep an embedding hub running
                 self._watcher.start(self._on_ready)
