@@ -50,6 +50,12 @@ def fd_is_open(fd: int) -> bool:
     return True
 
 
+def read_fd(fd: int, n: int) -> bytes:
+    """os.read, bounded: wait (in the hub) until ``fd`` is readable, for at most WAIT."""
+    socket.wait_read(fd, timeout=WAIT, timeout_exc=TimeoutError(f"fd {fd} never readable"))
+    return os.read(fd, n)
+
+
 def count_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

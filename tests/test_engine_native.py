@@ -54,6 +54,7 @@ from relayrig import (
     exchange_many,
     pump,
     randbytes,
+    read_fd,
     recv_exactly,
     sha,
     together,
@@ -183,12 +184,6 @@ def fds_by_kind() -> Counter[str]:
             continue
         kinds[target.split(":[")[0] if target.startswith(("socket:", "pipe:")) else target] += 1
     return kinds
-
-
-def read_fd(fd: int, n: int) -> bytes:
-    """os.read, bounded: wait (in the hub) until ``fd`` is readable, for at most WAIT."""
-    socket.wait_read(fd, timeout=WAIT, timeout_exc=TimeoutError(f"fd {fd} never readable"))
-    return os.read(fd, n)
 
 
 def rss_bytes() -> int:

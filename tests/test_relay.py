@@ -11,6 +11,7 @@ greenlets of the same hub the engine runs in.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 import time
@@ -39,6 +40,7 @@ from relayrig import (
     fd_is_open,
     pump,
     randbytes,
+    read_fd,
     recv_exactly,
     sha,
     together,
@@ -578,6 +580,77 @@ def test_no_fd_leak_whichever_way_tunnels_end(make_rig: Any) -> None:
     rig.close()
     idle_rig.close()
     assert count_fds() == before
+
+
+# --- a submit that fails (Python engine) ----------------------------------------------------
+
+
+class InjectedFailure(BaseException):
+    """Raised from inside submit; not an Exception, so it cannot be caught along the way."""
+
+
+@pytest.mark.parametrize("engine_kind", ["python"])  # its watchers are what is undone
+@pytest.mark.parametrize("fails_in", ["the error watch", "the timer"])
+def test_a_submit_failing_after_its_watchers_started_leaves_both_fds_as_they_were(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch, fails_in: str
+) -> None:
+    """Early bytes put the client's socket on the error epoll within submit, and the timer
+    is armed last: a failure right after either (every io watcher started by then, or the
+    writer and the registration) must be undone whole. The caller closes both fds at once
+    (the server does), and a libev watcher left on a closed fd aborts the process. So:
+    the fds open, with the flags they came with, nothing read or written, nothing watching
+    them, no tunnel counted, and the engine still relays."""
+    from splicegate import pyrelay
+
+    rig = make_rig(RelayTimeouts(idle=WAIT, half_closed=0, lifetime=0))  # a timer to arm
+    warm = rig.open(early_up=b"early")  # the error epoll exists already
+    assert recv_exactly(warm.origin, 5) == b"early"
+    exchange(warm, b"warm", b"up")
+    client, proxy_client = rig.connect(rig.front)
+    proxy_origin, origin = rig.connect(rig.back)
+    fds = (proxy_client.detach(), proxy_origin.detach())
+    os.set_blocking(fds[0], True)  # one blocking, one not: each must come back as it was
+    kept = [(fcntl.fcntl(fd, fcntl.F_GETFL), os.fstat(fd).st_ino) for fd in fds]
+    before = rig.engine.stats()
+
+    cls, name = (
+        (pyrelay._ErrorWatch, "add") if fails_in == "the error watch" else (pyrelay._Tunnel, "_arm")
+    )
+    original = getattr(cls, name)
+
+    def then_fail(self: Any, *args: Any) -> None:
+        original(self, *args)
+        raise InjectedFailure(fails_in)
+
+    monkeypatch.setattr(cls, name, then_fail)
+    with pytest.raises(InjectedFailure):
+        rig.engine.submit(fds[0], fds[1], b"early", lambda record: None)
+    monkeypatch.undo()
+
+    assert [(fcntl.fcntl(fd, fcntl.F_GETFL), os.fstat(fd).st_ino) for fd in fds] == kept
+    after = rig.engine.stats()
+    assert after["active"] == 0
+    assert after["tunnels_total"] == before["tunnels_total"]
+    assert not set(fds) & set(rig.engine._errors._watched)  # type: ignore[attr-defined]
+    try:
+        # Bytes for the caller stay for the caller: with the hub running, no watcher
+        # reads them first.
+        client.sendall(b"to the client's fd")
+        origin.sendall(b"to the origin's fd")
+        gevent.sleep(0.1)
+        assert read_fd(fds[0], 64) == b"to the client's fd"
+        assert read_fd(fds[1], 64) == b"to the origin's fd"
+    finally:
+        for fd in fds:  # what the server does on a refusal: with a watcher left, a crash
+            os.close(fd)
+    gevent.sleep(0.1)  # the loop runs past the closed fds
+    # Nothing was written to either peer (not the early bytes): each sees only the close.
+    assert together((drain, client), (drain, origin)) == [(0, EMPTY_SHA)] * 2
+    client.close()
+    origin.close()
+    again = rig.open(early_up=b"early")
+    assert recv_exactly(again.origin, 5) == b"early"
+    exchange(again, b"again", b"!")
 
 
 # --- shutdown and callbacks ------------------------------------------------------------------

@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import struct
 import time
 import weakref
@@ -50,8 +49,8 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL
 # removes select.epoll (a blocking poller, to keep other code off it), yet the error watch only
 # ever polls with a timeout of 0, from a hub io watcher. The rest this module uses of select,
 # socket, time and os is left alone by patch_all: constants, _socket's own sockets,
-# time.monotonic, os.fstat/strerror/register_at_fork (gevent's patched os.fork still calls the
-# original fork, which runs the at-fork hooks).
+# time.monotonic, os.get_blocking/set_blocking/strerror/register_at_fork (gevent's patched
+# os.fork still calls the original fork, which runs the at-fork hooks).
 _new_epoll = get_original("select", "epoll")
 
 
@@ -431,6 +430,18 @@ class _Tunnel:
         )
         self.engine._tunnel_finished(self, record)
 
+    def abandon(self) -> None:
+        """Undo ``start`` (all of it or the part that ran) for a submit that failed: every
+        watcher and the timer stopped and closed, both sockets off the error epoll, the
+        tunnel out of the engine. Its sockets stay open: they go back to the caller."""
+        self.up.close_watchers()
+        self.down.close_watchers()
+        self.engine._errors.remove(self.client)
+        self.engine._errors.remove(self.origin)
+        self._drop_timer()
+        self.up.buf = self.down.buf = None
+        self.engine._tunnels.discard(self)
+
     def forget(self) -> None:
         """A parent's tunnel, in a forked child: close this process's copies of its fds,
         which sends nothing to either peer (the parent still holds the sockets and relays
@@ -476,30 +487,40 @@ class PythonEngine:
         """Take ownership of two connected sockets and relay between them.
 
         Ownership passes only when this returns: if it raises, the caller still owns (and
-        must close) both fds, and neither has been touched.
+        must close) both fds, and neither has been touched. So a failure past the first
+        socket object is undone whole: every watcher and the timer the tunnel started are
+        stopped and closed (libev must not watch an fd the caller then closes: a watcher on
+        a closed fd aborts the process), the tunnel is forgotten, and both fds are detached
+        from their objects with the blocking modes they came with.
         """
         if self._closing:
             raise RuntimeError("the relay engine is shutting down")
-        # A socket object checks its fd (EBADF, ENOTSOCK), but under an application's default
-        # timeout it also makes it non-blocking: then the origin's fd is checked before the
-        # client's object exists, so a refusal leaves both as they were. Without one, the
-        # objects change nothing, and the fstat would only repeat their own check.
-        if _socket.getdefaulttimeout() is not None and not stat.S_ISSOCK(
-            os.fstat(origin_fd).st_mode
-        ):
-            raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
-        client = _socket.socket(fileno=client_fd)
+        # Read before any socket object exists: setblocking changes the mode, and so does
+        # the constructor itself under an application's default timeout. A closed fd is
+        # refused here (EBADF), a pipe by its socket object (ENOTSOCK).
+        blocking = (os.get_blocking(client_fd), os.get_blocking(origin_fd))
+        built: list[_socket.socket] = []
+        tunnel: _Tunnel | None = None
         try:
-            origin = _socket.socket(fileno=origin_fd)
-        except OSError:
-            client.detach()
+            built.append(_socket.socket(fileno=client_fd))
+            built.append(_socket.socket(fileno=origin_fd))
+            client, origin = built
+            client.setblocking(False)
+            origin.setblocking(False)
+            tunnel = _Tunnel(self, client, origin, on_done)
+            self._tunnels.add(tunnel)
+            tunnel.start(early_up)
+        except BaseException:
+            # Nothing ran in the hub since the watchers started (submit never yields), so
+            # no byte was read or written: stopping them leaves both sockets as they came.
+            if tunnel is not None:
+                tunnel.abandon()
+            for sock, was in zip(built, blocking, strict=False):
+                with contextlib.suppress(OSError):  # the caller's error is the one to see
+                    os.set_blocking(sock.fileno(), was)
+                sock.detach()
             raise
-        client.setblocking(False)
-        origin.setblocking(False)
-        tunnel = _Tunnel(self, client, origin, on_done)
-        self._tunnels.add(tunnel)
         self._tunnels_total += 1
-        tunnel.start(early_up)
 
     def stats(self) -> dict[str, int]:
         return {
