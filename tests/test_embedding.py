@@ -63,10 +63,12 @@ def origin():
     server.stop()
 
 
+def loopback_config(**extra: Any) -> Config:
+    return Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"], **extra)
+
+
 def test_embedded_server_tunnels_and_stops(origin) -> None:
-    proxy = ProxyServer(
-        Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"])
-    )
+    proxy = ProxyServer(loopback_config())
     proxy.start()
     try:
         assert proxy.address[0] == "127.0.0.1" and proxy.address[1] > 0
@@ -91,15 +93,7 @@ def test_custom_resolver_and_dialer(origin) -> None:
         dialled.append((list(addresses), port))
         return dial(addresses, port, deadline)
 
-    proxy = ProxyServer(
-        Config(
-            listen=["127.0.0.1:0"],
-            allow_port=["any"],
-            allow_dest=["127.0.0.0/8"],
-            resolver=Records(),
-            dialer=counting_dial,
-        )
-    )
+    proxy = ProxyServer(loopback_config(resolver=Records(), dialer=counting_dial))
     proxy.start()
     try:
         assert tunnel(proxy, f"echo.internal:{origin.server_port}") == ESTABLISHED + b"ping"
@@ -119,14 +113,7 @@ def test_an_unmapped_failure_in_a_custom_dialer(caplog: pytest.LogCaptureFixture
     def failing_dial(addresses, port, deadline):
         raise failures.pop(0)
 
-    proxy = ProxyServer(
-        Config(
-            listen=["127.0.0.1:0"],
-            allow_port=["any"],
-            allow_dest=["127.0.0.0/8"],
-            dialer=failing_dial,
-        )
-    )
+    proxy = ProxyServer(loopback_config(dialer=failing_dial))
     proxy.start()
     try:
         with caplog.at_level(logging.ERROR, logger="splicegate"):
@@ -176,9 +163,7 @@ def test_the_ipv6_wildcard_sharing_an_ipv4_listeners_port_is_ipv6_only(
 
 
 def test_stop_closes_open_tunnels_after_the_timeout(origin) -> None:
-    proxy = ProxyServer(
-        Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"])
-    )
+    proxy = ProxyServer(loopback_config())
     proxy.start()
     sock = socket.create_connection(proxy.address, timeout=5)
     sock.sendall(HEAD.format(f"127.0.0.1:{origin.server_port}").encode())
@@ -279,10 +264,6 @@ def test_example_upstream_refusal_is_the_front_proxys_own() -> None:
 
 
 # --- the server's life: start once, stop once, from anywhere ------------------------------
-
-
-def loopback_config(**extra: Any) -> Config:
-    return Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"], **extra)
 
 
 def open_echo(proxy: ProxyServer, port: int) -> socket.socket:

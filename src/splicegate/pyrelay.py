@@ -406,11 +406,7 @@ class _Tunnel:
     ) -> None:
         # Watchers go before their fds: libev must never watch a closed (maybe reused) fd,
         # nor the engine's epoll of errors.
-        self.up.close_watchers()
-        self.down.close_watchers()
-        self.engine._errors.remove(self.client)
-        self.engine._errors.remove(self.origin)
-        self._drop_timer()
+        self._unwatch()
         for sock, abort in ((self.client, abort_client), (self.origin, abort_origin)):
             # close() releases the fd even when it reports an error, so errors here change
             # nothing for the tunnel's outcome; they must not stop the other close.
@@ -430,15 +426,19 @@ class _Tunnel:
         )
         self.engine._tunnel_finished(self, record)
 
-    def abandon(self) -> None:
-        """Undo ``start`` (all of it or the part that ran) for a submit that failed: every
-        watcher and the timer stopped and closed, both sockets off the error epoll, the
-        tunnel out of the engine. Its sockets stay open: they go back to the caller."""
+    def _unwatch(self) -> None:
+        """Every watcher and the timer stopped and closed, both sockets off the error epoll."""
         self.up.close_watchers()
         self.down.close_watchers()
         self.engine._errors.remove(self.client)
         self.engine._errors.remove(self.origin)
         self._drop_timer()
+
+    def abandon(self) -> None:
+        """Undo ``start`` (all of it or the part that ran) for a submit that failed: every
+        watcher and the timer stopped and closed, both sockets off the error epoll, the
+        tunnel out of the engine. Its sockets stay open: they go back to the caller."""
+        self._unwatch()
         self.up.buf = self.down.buf = None
         self.engine._tunnels.discard(self)
 
