@@ -296,6 +296,33 @@ def test_a_refused_head_keeps_its_request_line_for_the_log(head: bytes, line: tu
     assert parser.request_line == line
 
 
+@pytest.mark.parametrize(
+    ("head", "secret"),
+    [
+        # the colon missing: the whole line would have passed for the field's name
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\n"
+         b"Proxy-Authorization Basic YWxpY2U6UzNjcmV0UFch\r\n\r\n", b"YWxpY2U6UzNjcmV0UFch"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization : Basic c2VjcmV0\r\n\r\n",
+         b"c2VjcmV0"),
+        (b"CONNECT alice:S3cret@a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n", b"S3cret"),
+        (b"CONNECT http://alice:S3cret@a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", b"S3cret"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: alice:S3cret@a\r\n\r\n", b"S3cret"),
+    ],
+)  # fmt: skip
+def test_a_refusal_never_repeats_credentials(head: bytes, secret: bytes) -> None:
+    """What a 400 says is logged and sent back: no password or credential in it, nor in
+    the request line kept for the log, wherever the client put it."""
+    err = parse_all_ways(head)
+    assert isinstance(err, errors.BadRequest)
+    parser = RequestParser()
+    parser.receive_data(head)
+    with pytest.raises(errors.BadRequest):
+        parser.next_event()
+    shown = [err.message, err.details or "", repr(parser.request_line), errors.render(err)]
+    for text in shown:
+        assert secret.decode() not in (text if isinstance(text, str) else text.decode())
+
+
 def test_head_over_limit_is_431() -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
     err = parse_all_ways(head, max_head_bytes=1024)

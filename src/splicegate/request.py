@@ -110,8 +110,20 @@ class Request:
 def show_target(target: bytes) -> str:
     """A request target as a log shows it: as sent, with any byte outside ASCII as \\xNN
     and a backslash doubled, so that no client can spell an escape it did not send. The
-    grammar keeps spaces and controls out; this keeps out C1 controls and look-alikes."""
+    grammar keeps spaces and controls out; this keeps out C1 controls and look-alikes.
+    Userinfo is hidden (:func:`_hide_userinfo`)."""
+    target = _hide_userinfo(target)
     return target.replace(b"\\", b"\\\\").decode("ascii", "backslashreplace")
+
+
+def _hide_userinfo(target: bytes) -> bytes:
+    """``user:password@`` in a target's authority as ``***@``: a client that put its
+    credentials there gets a 400, and neither the log nor the answer may keep them."""
+    start = target.find(b"//")
+    start = 0 if start < 0 else start + 2
+    end = target.find(b"/", start)
+    at = target.rfind(b"@", start, len(target) if end < 0 else end)
+    return target if at < 0 else target[:start] + b"***" + target[at:]
 
 
 def show_address(address: tuple) -> str:
@@ -130,13 +142,19 @@ def parse_authority(
     Cached: clients CONNECT to the same few targets again and again, and an address parsed
     by ``ipaddress`` costs more than the rest of the head. The result is immutable; an
     error is raised again each time, never cached."""
-    shown = target.decode("latin-1")
+    shown = _hide_userinfo(target).decode("latin-1")
     host_part, sep, port_part = target.rpartition(b":")
     if b"/" in target:  # a URL (absolute form) or a path (origin form)
         raise BadRequest(
             f"CONNECT takes host:port, not a URL or a path: got {shown!a}; send "
             "'CONNECT example.com:443'",
             details=f"bad CONNECT target: {shown}",
+        )
+    if b"@" in target:
+        raise BadRequest(
+            f"a CONNECT target carries no user name or password: got {shown!a}; proxy "
+            "credentials go in the Proxy-Authorization field",
+            details=f"userinfo in CONNECT target: {shown}",
         )
     if sep and not host_part:
         raise BadRequest(
@@ -260,14 +278,28 @@ def _parse_fields(lines: list[bytes], max_fields: int) -> tuple[tuple[bytes, byt
             )
         match = _FIELD_LINE.fullmatch(line)
         if match is None:
-            name = line.partition(b":")[0][:60].decode("latin-1")
-            raise BadRequest(
-                f"malformed header field {name!a}: a field is 'Name: value', no space before "
-                "the colon, no control characters in the value",
-                details=f"malformed field: {name}",
-            )
+            raise _malformed_field(line)
         fields.append((match["name"].lower(), match["value"]))
     return tuple(fields)
+
+
+def _malformed_field(line: bytes) -> BadRequest:
+    """The 400 for a field line that is none, naming the field by its name alone: the
+    message is logged and sent back, and a value is no one's to see there (a
+    'Proxy-Authorization Basic ...' with its colon missing carries a password). A line
+    without a colon has no name to show."""
+    if b":" not in line:
+        name, where = "", "a line without a colon"
+    else:
+        token = _TOKEN_CHARS.match(line)  # stops before any space, colon or control
+        assert token is not None  # "*": it matches, if only nothing
+        name = line[: min(token.end(), 60)].decode("latin-1")
+        where = f"{name!a}"
+    return BadRequest(
+        f"malformed header field ({where}): a field is 'Name: value', no space before the "
+        "colon, no control characters in the value",
+        details=f"malformed field: {name or 'no colon'}",
+    )
 
 
 def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...]) -> None:
@@ -283,7 +315,7 @@ def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...
             )
         return
     if not _HOST_FIELD.fullmatch(hosts[0]):
-        shown = hosts[0][:100].decode("latin-1")
+        shown = _hide_userinfo(hosts[0][:100]).decode("latin-1")
         raise BadRequest(f"the Host field {shown!a} is not valid", details="bad Host")
 
 
