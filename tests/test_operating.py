@@ -31,6 +31,7 @@ from proxyproc import (
     echo,
     open_tunnel,
     origin,
+    read_reply,
     recv_exactly,
     recv_until_eof,
     request,
@@ -261,6 +262,40 @@ def test_a_client_that_resets_while_its_name_resolves_gets_a_499_line(tmp_path: 
             assert (json.loads(line)["status"], json.loads(line)["error"]) == (504, "dns_timeout")
         finally:
             assert proc.stop() == 0
+
+
+def test_requests_cut_off_by_the_drain_deadline_get_a_503_and_a_line(tmp_path: Path) -> None:
+    """A request still being handled when the drain ends (waiting on DNS, or its head half
+    sent) is answered 503 "proxy stopping", and the access log has its line."""
+    path = tmp_path / "access.log"
+    with DnsServer() as server:
+        server.add("silent.test", mode="drop")
+        proc = ProxyProcess(
+            *LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json",
+            "--nameserver", f"{server.host}:{server.port}", "--dns-timeout", "60",
+            "--header-timeout", "60", "--drain-timeout", "0.5",
+        )  # fmt: skip
+        try:
+            waiting = socket.create_connection(proc.address, timeout=WAIT)
+            waiting.sendall(connect_head("silent.test:443"))
+            wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
+            partial = socket.create_connection(proc.address, timeout=WAIT)
+            partial.sendall(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0")
+            time.sleep(0.2)  # the proxy has both
+            proc.proc.send_signal(signal.SIGTERM)
+            for sock in (waiting, partial):
+                with sock:
+                    reply = read_reply(sock)
+                    assert reply.status == 503
+                    assert 'details="proxy stopping"' in reply.fields["proxy-status"]
+            entries = [json.loads(line) for line in log_lines(path, 2)]
+            assert sorted((e["status"], e["error"], e["target"]) for e in entries) == [
+                (503, "proxy_internal_response", "127.0.0.1:9"),
+                (503, "proxy_internal_response", "silent.test:443"),
+            ]
+            assert proc.proc.wait(timeout=WAIT) == 0
+        finally:
+            proc.stop()
 
 
 @pytest.fixture

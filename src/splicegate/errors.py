@@ -123,8 +123,17 @@ class AuthOverloaded(OverCapacity):
 
 
 class ShuttingDown(OverCapacity):
-    """The proxy began to stop while the request was being handled (an embedding
-    application's stop() from a hook): no tunnel can be handed to an engine shutting down."""
+    """The proxy stopped while the request was being handled: its handler was ended by the
+    drain's deadline (or a second stop signal), or its own hook stopped the server, and no
+    tunnel can be handed to an engine shutting down."""
+
+    #: no wait: the stop that ends this request is already closing everything
+    linger_seconds = 0.0
+
+
+def shutting_down() -> ShuttingDown:
+    """The 503 for a request the proxy's stop overtook."""
+    return ShuttingDown("the proxy is stopping; try again shortly", details="proxy stopping")
 
 
 class OutOfResources(OverCapacity):

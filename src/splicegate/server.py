@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import gevent
+from gevent import GreenletExit
 from gevent.event import Event
 
 from splicegate import accesslog, auth
@@ -35,9 +36,9 @@ from splicegate.errors import (
     InternalError,
     MethodNotAllowed,
     ProxyError,
-    ShuttingDown,
     out_of_resources,
     render,
+    shutting_down,
 )
 from splicegate.handlers import HandlerPool
 from splicegate.limits import NODELAY_INHERITED, Acceptor, ConnectionLimits, listening_socket
@@ -327,6 +328,12 @@ class ProxyServer:
             self._client_gone(attempt, str(gone))
         except Exception as exc:
             self._refuse(sock, attempt, _unexpected(exc, attempt.client))
+        except GreenletExit:
+            # Ended by stop() at the drain's deadline, or by hurry(): the request still gets
+            # its answer and its line, unless it had one already (killed while lingering).
+            if not attempt.status:
+                self._refuse(sock, attempt, shutting_down())
+            raise
         finally:
             if not handed_off:
                 sock.close()
@@ -374,9 +381,7 @@ class ProxyServer:
                     details=f"closed at once: port {request.port}",
                 ) from None
             if self._engine_draining:  # stop() ran from a hook of this very request
-                raise ShuttingDown(
-                    "the proxy is stopping; try again shortly", details="proxy stopping"
-                )
+                raise shutting_down()
             try:
                 if not NODELAY_INHERITED:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -414,7 +419,7 @@ class ProxyServer:
                 except OSError as exc:
                     raise ClientGone(exc.strerror or str(exc)) from None
                 event = parser.next_event()
-        except (ProxyError, ClientGone):
+        except BaseException:  # refused, gone, or ended by a stop: the line says what was asked
             if parser.request_line is not None:
                 attempt.method, attempt.target = parser.request_line
             raise
