@@ -235,6 +235,27 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_access_log_lines_lost_are_counted_and_reported() -> None:
+    """A log that cannot be written (a full disk: /dev/full) loses lines: /metrics counts
+    them, and the stop says how many, beyond the first failure's warning."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--access-log", "/dev/full", "--admin", "127.0.0.1:0")
+    try:
+        admin = admin_address(proc)
+        for _ in range(5):
+            assert request(proc.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 405
+        wait_until(
+            lambda: metric(scrape(admin), "splicegate_access_log_lines_lost_total") == 5,
+            "five lines counted lost",
+        )
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=WAIT) == 0
+        log = proc.log()  # before stop(), which deletes the file
+        assert log.count("cannot write: [Errno 28]") == 1
+        assert "access log /dev/full: 5 lines lost (0 dropped while the writer was behind" in log
+    finally:
+        proc.stop()
+
+
 def test_a_client_that_resets_while_its_name_resolves_gets_a_499_line(tmp_path: Path) -> None:
     """Gone during the lookup, the client is not refused by the lookup's timeout after: the
     line says 499, not the 504 no one was there to read, and the log names that 504."""

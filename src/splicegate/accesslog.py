@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from _queue import SimpleQueue  # the C queue: gevent's monkey-patching leaves it native
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -108,13 +109,20 @@ class AccessLog:
     #: entries waiting for the writer at most; more are dropped and counted in ``dropped``
     max_pending = 100_000
 
-    def __init__(self, destination: str, format: str = "text") -> None:
+    def __init__(
+        self,
+        destination: str,
+        format: str = "text",
+        on_lost: Callable[[int], None] | None = None,
+    ) -> None:
         if format not in FORMATTERS:
             raise ValueError(f"{format!r} is not one of {', '.join(FORMATS)}")
         self.destination = destination
         self.format = format
         self.dropped = 0  # counted in the hub: the queue was full
         self.failed = 0  # counted in the writer: write(2) failed
+        #: told of every line lost, from the hub or the writer thread (a metric's inc())
+        self.on_lost = on_lost
         self._fd = self._open()
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._finished = _allocate_lock()
@@ -142,6 +150,7 @@ class AccessLog:
     def write(self, entry: Entry) -> None:
         if self._closed or self._queue.qsize() >= self.max_pending:
             self.dropped += 1
+            self._lost(1)
             return
         self._queue.put(entry)
 
@@ -160,8 +169,21 @@ class AccessLog:
         while wait and time.monotonic() < deadline:  # bounded; polled, not a blocking wait
             if self._finished.acquire(False):
                 self._finished.release()
-                return
+                break
             gevent.sleep(0.005)
+        if self.dropped or self.failed:  # the first failure was warned of; now the count
+            log.warning(
+                "access log %s: %d lines lost (%d dropped while the writer was behind, "
+                "%d that could not be written)",
+                self.destination,
+                self.dropped + self.failed,
+                self.dropped,
+                self.failed,
+            )
+
+    def _lost(self, lines: int) -> None:
+        if self.on_lost is not None:
+            self.on_lost(lines)
 
     # --- the writer thread ----------------------------------------------------------------
 
@@ -208,6 +230,7 @@ class AccessLog:
             if not self.failed:
                 log.warning("access log %s: cannot write: %s", self.destination, exc)
             self.failed += text.count("\n")
+            self._lost(text.count("\n"))
 
     def _reopen(self) -> None:
         if self._fd == 2:
@@ -222,12 +245,17 @@ class AccessLog:
         log.info("access log %s reopened", self.destination)
 
 
-def reuse_or_open(current: AccessLog | None, destination: str, format: str) -> AccessLog | None:
+def reuse_or_open(
+    current: AccessLog | None,
+    destination: str,
+    format: str,
+    on_lost: Callable[[int], None] | None = None,
+) -> AccessLog | None:
     """The access log these settings ask for: ``current`` when it already is (a reload
     keeps its writer and file), a new one, or None when it is off ("")."""
     if current is not None and current.matches(destination, format):
         return current
-    return AccessLog(destination, format) if destination else None
+    return AccessLog(destination, format, on_lost) if destination else None
 
 
 def entry_for(attempt: Attempt, record: TunnelRecord | None) -> Entry:

@@ -108,6 +108,11 @@ class Metrics:
             ["cause"],
             registry=reg,
         )
+        self.log_lines_lost = Counter(
+            "splicegate_access_log_lines_lost",
+            "Access-log lines lost: the writer was too far behind, or write(2) failed",
+            registry=reg,
+        )
         #: tunnels_total's children by (status, error): labels() costs more than inc()
         self._finished: dict[tuple[int, str], Any] = {}
         self._up = self.bytes.labels("up")

@@ -182,7 +182,9 @@ class ProxyServer:
             allow_domain=config.allow_domain,
             deny_domain=config.deny_domain,
         )
-        access_log = accesslog.reuse_or_open(self.access_log, config.access_log, config.log_format)
+        access_log = accesslog.reuse_or_open(
+            self.access_log, config.access_log, config.log_format, self.metrics.log_lines_lost.inc
+        )
         # Nothing below raises: the new settings go in force together.
         self.policy = policy
         apply_users()
