@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -649,6 +650,66 @@ def one_tunnel(proc: ProxyProcess, port: int) -> bool:
             return reply.status == 200 and recv_exactly(sock, 2) == b"hi"
     except OSError:
         return False  # a connection queued at a worker as it was killed
+
+
+def stale_live_gauge(directory: Path, value: float) -> None:
+    """What a run killed by SIGKILL leaves in a metrics directory: a live gauge file of a
+    process that never marked itself dead."""
+    code = (
+        "from prometheus_client import Gauge\n"
+        f"Gauge('splicegate_tunnels_active', 'x', multiprocess_mode='livesum').set({value!r})\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=WAIT)
+    assert list(directory.glob("gauge_livesum_*.db"))
+
+
+def test_an_inherited_metrics_directory_keeps_nothing_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set by the operator: a supervisor empties it of an earlier
+    run's files first, and one process keeps its metrics in memory (its /metrics was empty)."""
+    stale_live_gauge(tmp_path, 4)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    single = ProxyProcess(*LOOPBACK, *ANY_PORT, "--admin", "127.0.0.1:0")
+    try:
+        with origin(echo) as srv:
+            sock = open_echo_tunnel(single, srv)
+            admin = admin_address(single)
+            assert metric(scrape(admin), "splicegate_tunnels_active") == 1  # not 1 + 4
+            sock.close()
+        wait_until(
+            lambda: metric(scrape(admin), "splicegate_tunnels_active") == 0, "the tunnel closed"
+        )
+        assert metric(scrape(admin), "splicegate_connections_total") == 1
+    finally:
+        assert single.stop() == 0
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--workers", "2", "--admin", "127.0.0.1:0",
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        assert metric(scrape(admin_address(proc)), "splicegate_tunnels_active") == 0
+        assert "files of an earlier run removed" in proc.log()
+    finally:
+        assert proc.stop() == 0
+
+
+def test_metrics_of_an_application_in_multiprocess_mode_are_rendered(tmp_path: Path) -> None:
+    """An embedding application that set PROMETHEUS_MULTIPROC_DIR (it runs processes of its
+    own) gets its proxy's metrics from the directory, not an empty page."""
+    code = (
+        "import sys\n"
+        "from splicegate.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "m.connections.inc(3)\n"
+        "sys.stdout.write(m.render().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "splicegate_connections_total 3.0" in out.stdout
 
 
 def test_two_workers_serve_and_survive_one_killed() -> None:

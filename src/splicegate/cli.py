@@ -15,6 +15,7 @@ from splicegate import configfile, daemon
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
 from splicegate.limits import raise_open_file_limit
+from splicegate.metrics import MULTIPROC_ENV
 from splicegate.relay import native_engine_error
 
 log = logging.getLogger("splicegate")
@@ -156,6 +157,11 @@ def run(
     """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
     do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
     worker = bool(os.environ.get(daemon.WORKER_ENV))
+    if not worker and config.workers == 1:
+        # One process keeps its metrics in memory: an inherited PROMETHEUS_MULTIPROC_DIR
+        # (before prometheus_client is imported) would have them summed with whatever an
+        # earlier run left in that directory.
+        os.environ.pop(MULTIPROC_ENV, None)
     if not worker:  # workers inherit the raised limit, and do not warn again
         raise_open_file_limit(config.max_connections, config.pipes_per_process())
     load = load or (lambda: config)

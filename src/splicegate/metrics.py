@@ -19,12 +19,16 @@ every CONNECT.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+log = logging.getLogger("splicegate")
 
 #: DNS lookups and connects on a LAN take a millisecond, across the world a few hundred;
 #: the timeouts' defaults are 5 and 10 s
@@ -141,7 +145,11 @@ class Metrics:
         self._seen_up, self._seen_down = up, down
 
     def render(self) -> bytes:
-        """This process's metrics in the Prometheus text format."""
+        """This process's metrics in the Prometheus text format; in multiprocess mode (an
+        embedding application that set PROMETHEUS_MULTIPROC_DIR) they are in its files,
+        summed with its other processes'."""
+        if self.multiprocess:
+            return collect_multiprocess()
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
@@ -155,6 +163,17 @@ def collect_multiprocess(directory: str | None = None) -> bytes:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory or os.environ[MULTIPROC_ENV])
     return generate_latest(registry)
+
+
+def wipe_multiprocess(directory: str) -> None:
+    """An operator's metrics directory, emptied of an earlier run's files, as
+    prometheus_client requires: a run that ended by SIGKILL leaves its live gauges there,
+    and every sum would carry them for good."""
+    stale = sorted(Path(directory).glob("*.db"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("metrics directory %s: %d files of an earlier run removed", directory, len(stale))
 
 
 def forget_process(pid: int, directory: str | None = None) -> None:

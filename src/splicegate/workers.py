@@ -133,10 +133,12 @@ class Supervisor:
         """The workers' environment: a readiness socket, and a metrics directory if there
         is an admin endpoint to serve (before prometheus_client is imported here)."""
         if self.config.admin is not None:
-            from splicegate.metrics import MULTIPROC_ENV, collect_multiprocess
+            from splicegate.metrics import MULTIPROC_ENV, collect_multiprocess, wipe_multiprocess
 
             self._metrics_dir = os.environ.get(MULTIPROC_ENV)
-            if not self._metrics_dir:
+            if self._metrics_dir:
+                wipe_multiprocess(self._metrics_dir)
+            else:
                 self._metrics_dir = tempfile.mkdtemp(prefix="splicegate-metrics-")
                 self._own_metrics_dir = True
                 os.environ[MULTIPROC_ENV] = self._metrics_dir
