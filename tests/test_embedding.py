@@ -314,6 +314,40 @@ def test_stop_from_a_hook_finishes_and_refuses_that_request(
         server.kill()
 
 
+def test_hurry_from_a_hook_ends_the_drain(origin) -> None:
+    """hurry() from the hook of a request still in flight while stop() drains: hurry()
+    returns in the hook, and the drain ends now."""
+    box: dict[str, Any] = {"draining": Event()}
+
+    def authorize(request: Any, client: Any) -> None:
+        box["calls"] = box.get("calls", 0) + 1
+        if box["calls"] == 2:
+            box["draining"].wait(5)
+            box["proxy"].hurry()
+            box["returned"] = True
+
+    proxy = box["proxy"] = ProxyServer(loopback_config(authorize=authorize))
+    proxy.start()
+    other = open_echo(proxy, origin.server_port)
+    late = gevent.spawn(tunnel, proxy, f"127.0.0.1:{origin.server_port}")
+    gevent.sleep(0.1)  # its hook waits for the drain
+    started = time.monotonic()
+    stopping = gevent.spawn(proxy.stop, 3600)
+    try:
+        gevent.sleep(0.1)
+        box["draining"].set()
+        stopping.join(timeout=5)
+        assert stopping.dead and time.monotonic() - started < 5  # not the hour
+        assert box.get("returned")
+        assert other.recv(16) == b""  # closed by the hurried stop
+        late.join(timeout=5)
+        assert late.dead
+    finally:
+        other.close()
+        stopping.kill()
+        late.kill()
+
+
 def test_a_stopped_server_stays_stopped(origin) -> None:
     """start() after stop() refuses; serve_forever() returns; a serve_forever() spawned
     before a stop() that ran first binds nothing."""
