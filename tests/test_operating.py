@@ -4,6 +4,7 @@ SIGHUP, log reopening on SIGUSR1, systemd readiness and ``--workers``. Each test
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -257,67 +258,67 @@ def test_access_log_lines_lost_are_counted_and_reported() -> None:
         proc.stop()
 
 
+@contextlib.contextmanager
+def silent_dns_proxy(log: Path, *flags: str) -> Iterator[tuple[DnsServer, ProxyProcess]]:
+    """A proxy logging JSON to ``log``, whose nameserver never answers for silent.test."""
+    with DnsServer() as server:
+        server.add("silent.test", mode="drop")
+        proc = ProxyProcess(
+            *LOOPBACK, *ANY_PORT, "--access-log", str(log), "--log-format", "json",
+            "--nameserver", f"{server.host}:{server.port}", *flags,
+        )  # fmt: skip
+        try:
+            yield server, proc
+        finally:
+            assert proc.stop() == 0
+
+
 def test_a_client_that_resets_while_its_name_resolves_gets_a_499_line(tmp_path: Path) -> None:
     """Gone during the lookup, the client is not refused by the lookup's timeout after: the
     line says 499, not the 504 no one was there to read, and the log names that 504."""
     path = tmp_path / "access.log"
-    with DnsServer() as server:
-        server.add("silent.test", mode="drop")
-        proc = ProxyProcess(
-            *LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json",
-            "--nameserver", f"{server.host}:{server.port}", "--dns-timeout", "1",
-        )  # fmt: skip
-        try:
-            with socket.create_connection(proc.address, timeout=WAIT) as sock:
-                sock.sendall(b"CONNECT silent.test:443 HTTP/1.1\r\nHost: silent.test:443\r\n\r\n")
-                wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            (line,) = log_lines(path, 1)
-            entry = json.loads(line)
-            assert (entry["status"], entry["error"]) == (499, None)
-            assert entry["target"] == "silent.test:443" and entry["dns_ms"] >= 900
-            assert "left before the answer (silent.test:443): " in proc.log()
-            assert "before its 504 dns_timeout" in proc.log()
-            # Still there when the lookup times out: the 504, as before.
-            assert request(proc.address, connect_head("silent.test:443")).status == 504
-            (_, line) = log_lines(path, 2)
-            assert (json.loads(line)["status"], json.loads(line)["error"]) == (504, "dns_timeout")
-        finally:
-            assert proc.stop() == 0
+    with silent_dns_proxy(path, "--dns-timeout", "1") as (server, proc):
+        with socket.create_connection(proc.address, timeout=WAIT) as sock:
+            sock.sendall(b"CONNECT silent.test:443 HTTP/1.1\r\nHost: silent.test:443\r\n\r\n")
+            wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        (line,) = log_lines(path, 1)
+        entry = json.loads(line)
+        assert (entry["status"], entry["error"]) == (499, None)
+        assert entry["target"] == "silent.test:443" and entry["dns_ms"] >= 900
+        assert "left before the answer (silent.test:443): " in proc.log()
+        assert "before its 504 dns_timeout" in proc.log()
+        # Still there when the lookup times out: the 504, as before.
+        assert request(proc.address, connect_head("silent.test:443")).status == 504
+        (_, line) = log_lines(path, 2)
+        assert (json.loads(line)["status"], json.loads(line)["error"]) == (504, "dns_timeout")
 
 
 def test_requests_cut_off_by_the_drain_deadline_get_a_503_and_a_line(tmp_path: Path) -> None:
     """A request still being handled when the drain ends (waiting on DNS, or its head half
     sent) is answered 503 "proxy stopping", and the access log has its line."""
     path = tmp_path / "access.log"
-    with DnsServer() as server:
-        server.add("silent.test", mode="drop")
-        proc = ProxyProcess(
-            *LOOPBACK, *ANY_PORT, "--access-log", str(path), "--log-format", "json",
-            "--nameserver", f"{server.host}:{server.port}", "--dns-timeout", "60",
-            "--header-timeout", "60", "--drain-timeout", "0.5",
-        )  # fmt: skip
-        try:
-            waiting = socket.create_connection(proc.address, timeout=WAIT)
-            waiting.sendall(connect_head("silent.test:443"))
-            wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
-            partial = socket.create_connection(proc.address, timeout=WAIT)
-            partial.sendall(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0")
-            time.sleep(0.2)  # the proxy has both
-            proc.proc.send_signal(signal.SIGTERM)
-            for sock in (waiting, partial):
-                with sock:
-                    reply = read_reply(sock)
-                    assert reply.status == 503
-                    assert 'details="proxy stopping"' in reply.fields["proxy-status"]
-            entries = [json.loads(line) for line in log_lines(path, 2)]
-            assert sorted((e["status"], e["error"], e["target"]) for e in entries) == [
-                (503, "proxy_internal_response", "127.0.0.1:9"),
-                (503, "proxy_internal_response", "silent.test:443"),
-            ]
-            assert proc.proc.wait(timeout=WAIT) == 0
-        finally:
-            proc.stop()
+    with silent_dns_proxy(
+        path, "--dns-timeout", "60", "--header-timeout", "60", "--drain-timeout", "0.5"
+    ) as (server, proc):
+        waiting = socket.create_connection(proc.address, timeout=WAIT)
+        waiting.sendall(connect_head("silent.test:443"))
+        wait_until(lambda: server.count("silent.test", "A") > 0, "the lookup started")
+        partial = socket.create_connection(proc.address, timeout=WAIT)
+        partial.sendall(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0")
+        time.sleep(0.2)  # the proxy has both
+        proc.proc.send_signal(signal.SIGTERM)
+        for sock in (waiting, partial):
+            with sock:
+                reply = read_reply(sock)
+                assert reply.status == 503
+                assert 'details="proxy stopping"' in reply.fields["proxy-status"]
+        entries = [json.loads(line) for line in log_lines(path, 2)]
+        assert sorted((e["status"], e["error"], e["target"]) for e in entries) == [
+            (503, "proxy_internal_response", "127.0.0.1:9"),
+            (503, "proxy_internal_response", "silent.test:443"),
+        ]
+        assert proc.proc.wait(timeout=WAIT) == 0
 
 
 @pytest.fixture
