@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import random
 import time
@@ -580,6 +581,42 @@ def test_no_fd_leak_whichever_way_tunnels_end(make_rig: Any) -> None:
     rig.close()
     idle_rig.close()
     assert count_fds() == before
+
+
+# --- a bug in a callback (Python engine) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("engine_kind", ["python"])  # its callbacks run in the hub
+def test_a_bug_in_a_callback_ends_its_tunnel_once(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback that raises ends its tunnel (reason error, both peers aborted) with one
+    traceback, rather than a watcher that fires and fails for ever; the others go on."""
+    from splicegate import pyrelay
+
+    rig = make_rig()
+    bystander = rig.open()
+
+    def bug(self: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(pyrelay._Direction, "_propagate_eof", bug)
+    t = rig.open()
+    sent = b"before the bug"
+    t.client.sendall(sent)
+    assert recv_exactly(t.origin, len(sent)) == sent
+    with caplog.at_level(logging.ERROR, logger="splicegate"):
+        t.client.shutdown(socket.SHUT_WR)  # the EOF reaches the injected bug
+        record = t.record()
+    assert (record.reason, record.first_closer) == ("error", "proxy")
+    t.origin.settimeout(WAIT)
+    with pytest.raises(ConnectionResetError):
+        drain(t.origin)
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 1 and failures[0].exc_info[0] is RuntimeError
+    monkeypatch.undo()
+    exchange(bystander, b"still", b"here")
+    assert rig.engine.stats()["active"] == 0
 
 
 # --- a submit that fails (Python engine) ----------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -25,6 +26,7 @@ import socket
 import struct
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -52,6 +54,25 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL
 # time.monotonic, os.get_blocking/set_blocking/strerror/register_at_fork (gevent's patched
 # os.fork still calls the original fork, which runs the at-fork hooks).
 _new_epoll = get_original("select", "epoll")
+
+
+def _ends_its_tunnel_on_a_bug(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A hub callback of a tunnel that raises (a bug) ends that tunnel, both peers aborted,
+    reason ``error``, with one traceback logged. Left to the loop, the exception would be
+    printed and the watcher kept: a level-triggered one fires again at once, spinning the
+    hub, and the tunnel would never end."""
+
+    @functools.wraps(callback)
+    def guarded(self: Any) -> None:
+        try:
+            callback(self)
+        except Exception:
+            tunnel: _Tunnel = getattr(self, "tunnel", self)
+            log.exception("relay callback failed; ending its tunnel")
+            if tunnel in tunnel.engine._tunnels:
+                tunnel.end("error", "proxy", 0, abort_client=True, abort_origin=True)
+
+    return guarded
 
 
 class _Direction:
@@ -108,6 +129,7 @@ class _Direction:
         on the engine's error epoll does, so a reset from src is not missed."""
         self.tunnel.engine._errors.add(self)
 
+    @_ends_its_tunnel_on_a_bug
     def _on_readable(self) -> None:
         try:
             data = self.src.recv(CHUNK)
@@ -136,6 +158,7 @@ class _Direction:
             self.writer.start(self._on_writable)
             self._watch_src()
 
+    @_ends_its_tunnel_on_a_bug
     def _on_writable(self) -> None:
         buf = self.buf
         assert buf is not None  # the writer only runs while bytes are pending
@@ -332,6 +355,7 @@ class _Tunnel:
             self.timer = None
             self.timer_at = float("inf")
 
+    @_ends_its_tunnel_on_a_bug
     def _on_timer(self) -> None:
         deadline = self._next_deadline()
         assert deadline is not None  # the timer is only armed when a deadline exists
