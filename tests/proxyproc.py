@@ -32,9 +32,10 @@ class ProxyProcess:
     """``splicegate`` started with the given flags; stopped by its pid only."""
 
     def __init__(self, *flags: str, listen: Sequence[str] = ("127.0.0.1:0",),
-                 prefix: Sequence[str] = (), cwd: str | None = None) -> None:  # fmt: skip
+                 prefix: Sequence[str] = (), cwd: str | None = None,
+                 safe_path: bool = True) -> None:  # fmt: skip
         # -P keeps the working directory off sys.path, as the console script does.
-        cmd = [*prefix, sys.executable, "-P", "-m", "splicegate"]
+        cmd = [*prefix, sys.executable, *(["-P"] if safe_path else []), "-m", "splicegate"]
         for address in listen:
             cmd += ["--listen", address]
         cmd += flags

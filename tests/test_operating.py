@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -24,6 +25,7 @@ import pytest
 from gevent.event import Event
 from prometheus_client.parser import text_string_to_metric_families
 
+import splicegate
 from dnsserver import DnsServer
 from proxyproc import (
     WAIT,
@@ -809,6 +811,30 @@ def test_workers_do_not_import_from_the_working_directory(tmp_path: Path) -> Non
     try:
         proc.wait_for_log("all 2 workers ready")
         assert not planted.exists(), proc.log()
+    finally:
+        assert proc.stop() == 0
+
+
+def test_workers_run_the_supervisors_own_splicegate(tmp_path: Path) -> None:
+    """Started as ``python -m splicegate`` from a directory that holds the package (an
+    uninstalled checkout's src/), the supervisor imports that copy: so do its workers, not
+    another splicegate installed elsewhere (nor none at all)."""
+    copy = tmp_path / "splicegate"
+    shutil.copytree(
+        Path(splicegate.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with (copy / "__init__.py").open("a") as init:  # each process that imports it says so
+        init.write(
+            "\nimport os as _os\n"
+            "open(_os.path.join(_os.path.dirname(__file__), '..', f'imported-{_os.getpid()}'),"
+            " 'w').close()\n"
+        )
+    proc = ProxyProcess(*LOOPBACK, "--workers", "2", listen=[f"127.0.0.1:{free_port()}"],
+                        cwd=str(tmp_path), safe_path=False)  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        imported = {int(p.name.split("-")[1]) for p in tmp_path.glob("imported-*")}
+        assert imported == {proc.pid, *worker_pids(proc)}, proc.log()
     finally:
         assert proc.stop() == 0
 

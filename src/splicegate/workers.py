@@ -1,8 +1,8 @@
 """``--workers N``: N proxy processes on the same ports, under a supervisor.
 
-Each worker is ``python -P -m splicegate`` with the supervisor's own arguments, started fresh
-(fork and exec, not a bare fork): it imports, builds its engine and binds its listeners
-itself, with SO_REUSEPORT, so the kernel spreads new connections over the workers and a
+Each worker is the supervisor's splicegate (``_WORKER``) with the supervisor's arguments,
+started fresh (fork and exec, not a bare fork): it imports, builds its engine and binds its
+listeners itself, with SO_REUSEPORT, so the kernel spreads new connections over the workers and a
 dead worker's share goes to the others at once. A fresh process carries no copy of the
 supervisor's greenlets or admin socket, and prometheus_client sees
 ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported.
@@ -43,6 +43,19 @@ from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 
 log = logging.getLogger("splicegate")
+
+
+#: A worker's program: the splicegate this supervisor runs, wherever it was imported from.
+#: -P keeps the working directory off sys.path, where "-m splicegate" would put it first (a
+#: dns.py or gevent.py there would then run in every worker). The directory the supervisor's
+#: splicegate came from is put first instead, unless it is on sys.path already (an installed
+#: package's site-packages, which must not go before the standard library): a checkout run
+#: from its src/ starts workers on that same code, not on another copy installed elsewhere.
+_WORKER = (
+    "import sys; home = sys.argv.pop(1); home in sys.path or sys.path.insert(0, home); "
+    "from splicegate.cli import main; sys.exit(main())"
+)
+_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -160,10 +173,7 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         worker.proc = Popen(
-            # -P: "-m" would put the working directory first on sys.path, and any file there
-            # named like a module the proxy imports (dns.py, gevent.py) would run in every
-            # worker. The console script that started the supervisor does not do that either.
-            [sys.executable, "-P", "-m", "splicegate", *self.argv],
+            [sys.executable, "-P", "-c", _WORKER, _HOME, *self.argv],
             env=self._worker_env,
             stdin=DEVNULL,
             # Their own process group: a Ctrl-C at the terminal reaches the supervisor
