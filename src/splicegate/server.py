@@ -503,11 +503,15 @@ class ProxyServer:
         A client that reset its connection while the proxy resolved or dialled (a DNS or
         connect timeout is long) is gone, not refused: its line says 499, as for a reset
         mid-head, and names the answer it left before. The reset is looked for before the
-        line is written, so that a client that reads its answer finds the line there."""
-        try:
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            code = exc.errno or 0
+        line is written, so that a client that reads its answer finds the line there. Only
+        after a lookup or a dial: a refusal of the head (a 407, a policy 403) waited on
+        nothing, and is answered without the extra system call."""
+        code = 0
+        if attempt.dns_s or attempt.connect_s:
+            try:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                code = exc.errno or 0
         # Only a reset: SO_ERROR also reports a soft error an ICMP message left on a client
         # still there (EHOSTUNREACH), which must still get its answer.
         if code in _GONE:
