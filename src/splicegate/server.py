@@ -148,7 +148,6 @@ class ProxyServer:
         self._servers: list[Acceptor] = []
         self._pool = HandlerPool()
         self._stopped = Event()
-        self._started = False
 
     def _configure(self, config: Config) -> None:
         """Build what a reload may change from the settings: the one place for it, so that
@@ -205,10 +204,10 @@ class ProxyServer:
         serves again), as its engine is shut down."""
         if self.draining:
             raise RuntimeError("this ProxyServer has been stopped; make a new one to serve again")
-        if self._started:
+        if self._servers:  # start() leaves one at least (Config refuses an empty listen)
             raise RuntimeError("this ProxyServer has already started")
         made_engine = self.engine is None
-        if self.engine is None:
+        if made_engine:
             self.engine = self.config.create_engine()
         ipv4_ports = {port for host, port in self.config.listen if ":" not in host and port}
         try:
@@ -241,7 +240,6 @@ class ProxyServer:
                 engine, self.engine = self.engine, None
                 engine.shutdown(time.monotonic())
             raise
-        self._started = True
         if self.metrics.multiprocess:  # a supervisor answers the scrapes: keep files fresh
             self._observer = gevent.spawn(self._observe_engine_forever)
         log.info(
@@ -257,7 +255,7 @@ class ProxyServer:
     def serve_forever(self) -> None:
         """Start (unless started) and return once :meth:`stop` has finished; at once if it
         already has. A stop that came first is not undone by a start here."""
-        if not self._started and not self.draining:
+        if not self._servers and not self.draining:
             self.start()
         self._stopped.wait()
 
