@@ -529,8 +529,13 @@ class PythonEngine:
             built.append(_socket.socket(fileno=client_fd))
             built.append(_socket.socket(fileno=origin_fd))
             client, origin = built
-            client.setblocking(False)
-            origin.setblocking(False)
+            # Only where it changes something: the server's fds are non-blocking already,
+            # and without a default timeout their objects then never wait (timeout -1, and
+            # the fd answers EAGAIN). Under one, the objects would poll: set to 0.
+            waits = _socket.getdefaulttimeout() is not None
+            for sock, was in zip(built, blocking, strict=True):
+                if was or waits:
+                    sock.setblocking(False)
             tunnel = _Tunnel(self, client, origin, on_done)
             self._tunnels.add(tunnel)
             tunnel.start(early_up)
