@@ -148,8 +148,10 @@ class Metrics:
         """This process's metrics in the Prometheus text format; in multiprocess mode (an
         embedding application that set PROMETHEUS_MULTIPROC_DIR) they are in its files,
         summed with its other processes'."""
-        if self.multiprocess:
-            return collect_multiprocess()
+        if self.multiprocess:  # file reads: off the hub, as the supervisor does them
+            import gevent
+
+            return gevent.get_hub().threadpool.apply(collect_multiprocess)
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
