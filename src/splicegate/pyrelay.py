@@ -439,7 +439,6 @@ class _Tunnel:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
             with contextlib.suppress(OSError):
                 sock.close()
-        self.up.buf = self.down.buf = None
         record = TunnelRecord(
             bytes_up=self.up.delivered,
             bytes_down=self.down.delivered,
@@ -450,20 +449,22 @@ class _Tunnel:
         )
         self.engine._tunnel_finished(self, record)
 
-    def _unwatch(self) -> None:
-        """Every watcher and the timer stopped and closed, both sockets off the error epoll."""
+    def _unwatch(self, *, errors: bool = True) -> None:
+        """Every watcher and the timer stopped and closed, the buffers dropped, and (with
+        ``errors``) both sockets off the error epoll."""
         self.up.close_watchers()
         self.down.close_watchers()
-        self.engine._errors.remove(self.client)
-        self.engine._errors.remove(self.origin)
+        if errors:
+            self.engine._errors.remove(self.client)
+            self.engine._errors.remove(self.origin)
         self._drop_timer()
+        self.up.buf = self.down.buf = None
 
     def abandon(self) -> None:
         """Undo ``start`` (all of it or the part that ran) for a submit that failed: every
         watcher and the timer stopped and closed, both sockets off the error epoll, the
         tunnel out of the engine. Its sockets stay open: they go back to the caller."""
         self._unwatch()
-        self.up.buf = self.down.buf = None
         self.engine._tunnels.discard(self)
 
     def forget(self) -> None:
@@ -471,9 +472,7 @@ class _Tunnel:
         which sends nothing to either peer (the parent still holds the sockets and relays
         them), and stop its watchers, which a fork keeps: run in the child, they would read
         the parent's bytes. Not taken off the error epoll: its instance is the parent's too."""
-        self.up.close_watchers()
-        self.down.close_watchers()
-        self._drop_timer()
+        self._unwatch(errors=False)
         for sock in (self.client, self.origin):
             with contextlib.suppress(OSError):
                 sock.close()
