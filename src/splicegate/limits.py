@@ -232,6 +232,10 @@ class Acceptor:
             except BaseException:
                 os.close(fd)
                 raise
+            if family == socket.AF_INET6 and address[0].startswith("::ffff:"):
+                # An IPv4 client of a dual-stack listener is that IPv4 client: one
+                # per-client count and one log form, whichever listener it used.
+                address = (address[0][7:], address[1])
             try:
                 sock.setblocking(False)
                 self.spawn(self.handle, sock, address, time.monotonic())

@@ -308,12 +308,7 @@ class ProxyServer:
     # --- one connection --------------------------------------------------------------------
 
     def handle(self, sock: socket.socket, address: tuple, accepted: float) -> None:
-        host = address[0]
-        if host.startswith("::ffff:") and "." in host:
-            # An IPv4 client of a dual-stack listener is that IPv4 client: one per-client
-            # count, one allow-client match and one log form whichever listener it used.
-            host = host[7:]
-        attempt = Attempt(client=(host, address[1]), accepted=accepted)
+        attempt = Attempt(client=(address[0], address[1]), accepted=accepted)
         self.metrics.connections.inc()
         handed_off = admitted = False
         try:
