@@ -31,13 +31,13 @@ import atexit
 import logging
 import os
 import time
-import weakref
 
 import gevent
 from gevent.event import Event
 
 from splicegate.relay import (
-    SCHEDULING, RelayTimeouts, TunnelRecord, pipe_share, run_each, usable_pipe_size,
+    SCHEDULING, RelayTimeouts, TunnelRecord, forget_in_forked_child, pipe_share, report_done,
+    run_each, usable_pipe_size,
 )
 
 log = logging.getLogger("splicegate")
@@ -716,17 +716,8 @@ cdef void forget_tunnel(Tunnel* t) noexcept nogil:
 
 # --- the engine, in the hub ---------------------------------------------------------------
 
-def _report(finished):
-    on_done, record = finished
-    try:
-        on_done(record)
-    except Exception:
-        log.exception("on_done of a finished tunnel failed")
-
-
-_engines = weakref.WeakSet()
 # Engines whose threads run hold a strong reference here: the threads use memory the engine
-# object owns, so it must not be collected before they are joined.
+# object owns, so it must not be collected before they are joined, at the latest at exit.
 _running = set()
 
 
@@ -795,7 +786,7 @@ cdef class NativeEngine:
             self.workers[i].wake_fd = -1
             pthread_mutex_init(&self.workers[i].lock, NULL)
         self._open_done_channel()
-        _engines.add(self)
+        forget_in_forked_child(self)
 
     def __dealloc__(self):
         # While threads run they use the workers; once shut down (joined) they are free.
@@ -959,7 +950,7 @@ cdef class NativeEngine:
             if on_done is not None:
                 finished.append((on_done, record))
         try:
-            run_each(finished, _report)
+            run_each(finished, lambda pair: report_done(*pair))
         finally:
             if self.drained is not None and not self.callbacks:
                 self.drained.set()
@@ -1111,14 +1102,8 @@ cdef class NativeEngine:
 
 
 def _stop_all_at_exit():
-    for engine in list(_engines):
+    for engine in list(_running):
         engine._stop_at_exit()
 
 
-def _forget_all_after_fork():
-    for engine in list(_engines):
-        engine._forget_after_fork()
-
-
 atexit.register(_stop_all_at_exit)
-os.register_at_fork(after_in_child=_forget_all_after_fork)

@@ -25,7 +25,6 @@ import select
 import socket
 import struct
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,16 @@ import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
 
-from splicegate.relay import Closer, OnDone, Reason, RelayTimeouts, TunnelRecord, run_each
+from splicegate.relay import (
+    Closer,
+    OnDone,
+    Reason,
+    RelayTimeouts,
+    TunnelRecord,
+    forget_in_forked_child,
+    report_done,
+    run_each,
+)
 
 log = logging.getLogger("splicegate")
 
@@ -504,7 +512,7 @@ class PythonEngine:
         # keeps the per-chunk work to one addition.
         self._bytes_up = 0
         self._bytes_down = 0
-        _engines.add(self)
+        forget_in_forked_child(self)
 
     def submit(self, client_fd: int, origin_fd: int, early_up: bytes, on_done: OnDone) -> None:
         """Take ownership of two connected sockets and relay between them.
@@ -604,20 +612,7 @@ class PythonEngine:
         self._bytes_up += record.bytes_up
         self._bytes_down += record.bytes_down
         try:
-            tunnel.on_done(record)
-        except Exception:
-            log.exception("tunnel on_done callback failed")
+            report_done(tunnel.on_done, record)
         finally:  # an exit from on_done too: the drain must not wait for this tunnel
             if self._drained is not None and not self._tunnels:
                 self._drained.set()
-
-
-_engines: weakref.WeakSet[PythonEngine] = weakref.WeakSet()
-
-
-def _forget_all_after_fork() -> None:
-    for engine in list(_engines):
-        engine._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_forget_all_after_fork)

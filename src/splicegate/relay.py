@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -167,6 +168,39 @@ def run_each(items: Iterable[_T], step: Callable[[_T], object]) -> None:
                 escaped = exc
     if escaped is not None:
         raise escaped
+
+
+def report_done(on_done: OnDone, record: TunnelRecord) -> None:
+    """Run one tunnel's ``on_done``; an error in it is logged, never let out, because the
+    engine calling it still has other tunnels to report and a drain to finish. An exit
+    (SystemExit and the like) does go out: :func:`run_each` holds it until the rest ran."""
+    try:
+        on_done(record)
+    except Exception:
+        log.exception("tunnel on_done callback failed")
+
+
+class _ForgetsAfterFork(Protocol):
+    def _forget_after_fork(self) -> None: ...
+
+
+_fork_aware: weakref.WeakSet[_ForgetsAfterFork] = weakref.WeakSet()
+
+
+def forget_in_forked_child(engine: _ForgetsAfterFork) -> None:
+    """Have a forked child call ``engine._forget_after_fork()``: the parent's tunnels stay
+    the parent's. A child must neither relay them (it would read bytes meant for the
+    parent) nor hold their fds (its copies would keep the parent's closes from reaching
+    the peers). The engine is held weakly: registering never keeps one alive."""
+    _fork_aware.add(engine)
+
+
+def _forget_all_after_fork() -> None:
+    for engine in list(_fork_aware):
+        engine._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
 
 
 def pipe_cap_bound(kind: str, pipe_size: int, max_pipes: int | None, processes: int) -> int:
