@@ -128,6 +128,12 @@ def test_config_object_takes_cli_style_values() -> None:
         Config(header_timeout=float("nan"))
     with pytest.raises(ValueError, match=r"^workers: inf is not a finite number"):
         Config(workers=float("inf"))  # int() of it overflowed: not a ValueError
+    with pytest.raises(ValueError, match=r"^header-timeout: True is not a number"):
+        Config(header_timeout=True)  # float() would take it for 1 second
+    # One (host, port) pair, as the socket API writes an address, is one address.
+    assert Config(listen=("127.0.0.1", 0)).listen == (("127.0.0.1", 0),)
+    assert Config(nameserver=("::1", 5353)).nameserver == (("::1", 5353),)
+    assert Config(listen=[("127.0.0.1", 0), "[::1]:0"]).listen == (("127.0.0.1", 0), ("::1", 0))
 
 
 @pytest.mark.parametrize(

@@ -125,21 +125,20 @@ def _number(
     what = "a whole number" if kind is int else "a number"
 
     def parse(value: Any) -> Any:
-        # int() would cut a TOML 2.5 to 2, read 2.0 or 1e3, and take true for 1, where the
-        # flag takes only digits: a whole-number setting takes an integer, as the flag does.
-        if kind is int and isinstance(value, (bool, float)) and _finite(value):
+        # NaN fails every range check below and infinity passes the least, so either would
+        # slip through as a limit that never fires (a timeout that waits for ever). "No
+        # limit" is 0 where a setting has it, never inf.
+        if not _finite(value):
+            raise ValueError(f"{value!r} is not a finite number; allowed: {allowed}{off}")
+        # int() would cut a TOML 2.5 to 2 and read 2.0 or 1e3, and both int() and float()
+        # take True for 1, where the flag takes only a number: a whole-number setting takes
+        # an integer, and none takes a boolean, as on the command line.
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
             raise ValueError(f"{value!r} is not {what}")
         try:
             number = kind(value)
-        except (TypeError, ValueError, OverflowError):  # int() of an infinity overflows
-            if _finite(value):
-                raise ValueError(f"{value!r} is not {what}") from None
-            number = math.nan
-        # NaN fails every comparison below and infinity passes the least, so either would
-        # slip through as a limit that never fires (a timeout that waits for ever). "No
-        # limit" is 0 where a setting has it, never inf.
-        if isinstance(number, float) and not math.isfinite(number):
-            raise ValueError(f"{value!r} is not a finite number; allowed: {allowed}{off}")
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not {what}") from None
         if number == 0 and zero_ok:
             return number
         if number < low:
@@ -268,6 +267,21 @@ def _log_destination(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a path, - (stderr) or an empty string (off)")
     return value.strip()
+
+
+def _one_value(value: Any, metavar: str) -> bool:
+    """Whether a repeatable setting was given one value rather than several: a string, a
+    scalar, or for an address list a lone ``(host, port)`` pair, as the socket API writes
+    one address (taken item by item, its host would be read as an address with no port)."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return True
+    return (
+        metavar == "HOST:PORT"
+        and isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    )
 
 
 #: ``authorize(request, client)``: None or True allows; a str allows as that user (it is
@@ -560,7 +574,7 @@ class Config:
             parse = f.metadata["parse"]
             try:
                 if f.metadata["multiple"]:
-                    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+                    if _one_value(value, f.metadata["metavar"]):
                         value = [value]
                     coerced: Any = tuple(parse(v) for v in value)
                 else:
