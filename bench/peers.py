@@ -95,8 +95,9 @@ DIRECT = "direct"
 PATHS = ("direct", "floor", "native", "python", "squid", "tinyproxy", "proxy.py", "pproxy")
 #: The parts of a run; ``--only`` picks some.
 PARTS = ("rate", "stream", "streams8", "idle", "errors")
-#: The parts the splice floor is measured in: it is a yardstick for throughput, not a proxy.
-FLOOR_PARTS = ("stream", "streams8")
+#: The paths measured in some parts only (the rest are measured in all): the splice floor
+#: is a yardstick for throughput, not a proxy.
+PATH_PARTS = {"floor": ("stream", "streams8")}
 #: The longest any proxy may take to start listening.
 START_TIMEOUT = 30.0
 #: The largest response head read from a proxy.
@@ -548,7 +549,7 @@ class Peers:
             "reaches on this machine, so measured in the throughput parts only",
             "none (IPv4 literals only)",
             start=lambda: start_peer(lambda port: [str(exe), str(port)], "floor"),
-            parts=FLOOR_PARTS,
+            parts=PATH_PARTS["floor"],
         )
         try:
             done = subprocess.run(build, capture_output=True, text=True, timeout=120)
@@ -1496,12 +1497,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not ipaddress.ip_address(args.dns_host).is_loopback:
         parser.error("--dns-host must be a loopback address")
     args.parts = [p for p in PARTS if p in parts]
-    # The floor only where it is measured: else it would be compiled (and cc needed) for
-    # nothing, and show as a column of dashes.
-    if not set(args.parts) & set(FLOOR_PARTS):
-        paths = [p for p in paths if p != "floor"]
-        if not paths:
-            parser.error(f"the splice floor is measured only in {','.join(FLOOR_PARTS)}")
+    # A path only where it is measured: else the floor would be compiled (and cc needed)
+    # for nothing, and show as a column of dashes.
+    unmeasured = [p for p in paths if not set(PATH_PARTS.get(p, PARTS)) & set(args.parts)]
+    paths = [p for p in paths if p not in unmeasured]
+    if not paths:
+        where = "; ".join(f"{p} only in {','.join(PATH_PARTS[p])}" for p in unmeasured)
+        parser.error(f"nothing to measure with --only {args.only}: {where}")
     args.paths = [p for p in PATHS if p in paths]
     if args.parts == ["errors"]:
         args.chart = ""
