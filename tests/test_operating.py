@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -205,6 +206,41 @@ def test_text_line_quotes_what_the_client_chose() -> None:
     text = format_text(entry)
     assert 'user="a b\\"c"' in text and 'target="/x=1"' in text and "dialled=-" in text
     assert "\n" not in text
+
+
+def test_a_write_cut_short_counts_only_the_lines_it_did_not_finish(tmp_path: Path) -> None:
+    """A file size limit (as a full disk) lets a write through in part: the lines it wrote
+    in full are in the file, and only the others are counted lost."""
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys
+        from splicegate.accesslog import AccessLog, Entry
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not death, past the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+        lost = []
+        log = AccessLog(sys.argv[1], "json", lost.append)
+        for n in range(20):
+            log.write(Entry(
+                ts="t", client="127.0.0.1", client_port=n, user=None, method="CONNECT",
+                target="x:443", dialled=None, status=403, error="http_request_denied",
+                dns_ms=0, connect_ms=0, established_ms=None, bytes_up=0, bytes_down=0,
+                duration_ms=1.0, first_closer=None, reason=None,
+            ))
+        log.close()
+        print(log.failed, sum(lost))
+        """
+    )
+    path = tmp_path / "access.log"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    failed, counted = map(int, done.stdout.split())
+    data = path.read_bytes()
+    assert len(data) == 1000  # the limit cut a line
+    whole = data.count(b"\n")
+    assert 0 < whole < 20
+    assert failed == counted == 20 - whole
 
 
 # --- metrics and health -------------------------------------------------------------------

@@ -229,8 +229,10 @@ class AccessLog:
         except OSError as exc:
             if not self.failed:
                 log.warning("access log %s: cannot write: %s", self.destination, exc)
-            self.failed += text.count("\n")
-            self._lost(text.count("\n"))
+            # The lines not written in full: a write may have taken the first ones.
+            lost = bytes(data).count(b"\n")
+            self.failed += lost
+            self._lost(lost)
 
     def _reopen(self) -> None:
         if self._fd == 2:
