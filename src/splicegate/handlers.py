@@ -96,8 +96,9 @@ class HandlerPool:
         calls this (ProxyServer.stop() from a hook) is not waited for, nor killed after: it
         would wait for itself, and a kill would end the stop it is running."""
         me = gevent.getcurrent()
-        for runner in [r for r in self._busy if r.greenlet is me]:
-            self.done(runner)
+        mine = next((r for r in self._busy if r.greenlet is me), None)
+        if mine is not None:
+            self.done(mine)
         return self._empty.wait(timeout)
 
     def kill(self, block: bool = True, timeout: float | None = None) -> None:
