@@ -518,6 +518,37 @@ def test_a_stop_closes_what_is_left(drain: str, sig: signal.Signals) -> None:
         proc.stop()
 
 
+# As root, a prefix that drops CAP_SYS_RESOURCE from the bounding set and execs the rest:
+# what follows runs as an unprivileged process would for pipe sizes. prctl(PR_CAPBSET_DROP
+# = 24, CAP_SYS_RESOURCE = 24).
+WITHOUT_CAP_SYS_RESOURCE = [
+    sys.executable,
+    "-c",
+    "import ctypes, os, sys; assert ctypes.CDLL(None).prctl(24, 24, 0, 0, 0) == 0; "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_a_pipe_size_past_the_limit_is_warned_of_once_not_per_worker() -> None:
+    """The supervisor finds the size the kernel grants and gives it to the workers, so the
+    warning is said once, and each worker's engine gets the limit without asking again."""
+    pytest.importorskip("splicegate._engine", reason="the native engine is not built here")
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        limit = int(f.read())
+    prefix = WITHOUT_CAP_SYS_RESOURCE if os.geteuid() == 0 else []
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--workers", "2", "--pipe-size", str(2 * limit),
+                        listen=[f"127.0.0.1:{free_port()}"], prefix=prefix)  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        with origin(echo) as srv:
+            sock = open_echo_tunnel(proc, srv)  # a worker's engine makes its pipes
+            sock.close()
+        log = proc.log()
+        assert log.count(f"is above fs.pipe-max-size ({limit})") == 1, log
+    finally:
+        assert proc.stop() == 0
+
+
 def test_sigquit_reaches_the_workers_as_sigquit() -> None:
     """Under --workers each worker closes its tunnels at once too, and none announces a
     drain it will not run."""

@@ -41,6 +41,7 @@ from splicegate.config import Config
 from splicegate.daemon import SUPERVISOR_SETTINGS, WORKER_ENV, Signals
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
+from splicegate.relay import native_engine_error, usable_pipe_size
 
 log = logging.getLogger("splicegate")
 
@@ -163,6 +164,12 @@ class Supervisor:
 
             self.admin = AdminServer(self.config.admin, scrape, lambda: not self.draining)
             self.admin.start()
+        # A --pipe-size past what this user may have is found, and warned of, once here;
+        # the workers are given the size they will get, or each would say it again.
+        if self.config.engine != "python" and native_engine_error() is None:
+            size = usable_pipe_size(self.config.pipe_size)
+            if size != self.config.pipe_size:
+                self.argv += ["--pipe-size", str(size)]
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_sock.bind("\0" + self._notify_name)
         self._worker_env = {
