@@ -549,6 +549,31 @@ def test_a_pipe_size_past_the_limit_is_warned_of_once_not_per_worker() -> None:
         assert proc.stop() == 0
 
 
+def test_the_supervisor_takes_readiness_only_from_its_workers() -> None:
+    """Its readiness socket is abstract, so any local process can send to it: a datagram
+    that is no worker's (here one claiming a worker's pid in a field, with a bad one
+    beside) is ignored, and the supervisor goes on."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--workers", "2",
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        with open("/proc/net/unix") as f:
+            names = re.findall(rf"@(splicegate-{proc.pid}-\w+)", f.read())
+        assert names, "the supervisor's readiness socket is not listed"
+        worker_pid = int(proc.wait_for_log(r"worker 1 started \(pid (\d+)\)").group(1))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+            for forged in (b"READY=1\nWORKER_PID=oops", f"WORKER_PID={worker_pid}".encode()):
+                stranger.sendto(forged, "\0" + names[0])
+        time.sleep(2.5)  # the supervisor reads its socket every second
+        assert proc.proc.poll() is None, proc.log()
+        assert "Traceback" not in proc.log()
+        with origin(echo) as srv:
+            sock = open_echo_tunnel(proc, srv)
+            sock.close()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_sigquit_reaches_the_workers_as_sigquit() -> None:
     """Under --workers each worker closes its tunnels at once too, and none announces a
     drain it will not run."""

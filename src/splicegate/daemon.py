@@ -120,7 +120,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))
+    notify("READY=1")
     while not signals.stopping():
         signals.wait(1.0 if worker else None)
         if worker and os.getppid() != supervisor:  # it was killed: no one would stop us
@@ -158,4 +158,4 @@ def reload(server: ProxyServer, load: Callable[[], Config], source: str, worker:
                     name.replace("_", "-"),
                 )
         log.info("reloaded%s", f" {source}" if source else "")
-    notify("READY=1", *([f"WORKER_PID={os.getpid()}"] if worker else []))
+    notify("READY=1")

@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -171,6 +172,7 @@ class Supervisor:
             if size != self.config.pipe_size:
                 self.argv += ["--pipe-size", str(size)]
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify_sock.bind("\0" + self._notify_name)
         self._worker_env = {
             **os.environ,
@@ -192,18 +194,23 @@ class Supervisor:
         log.info("worker %d started (pid %d)", worker.slot + 1, worker.proc.pid)
 
     def _readiness(self, timeout: float) -> None:
-        """Read the workers' datagrams for up to ``timeout`` seconds (cooperatively)."""
+        """Read the workers' datagrams for up to ``timeout`` seconds (cooperatively).
+
+        The socket is in the abstract namespace, which has no permissions: any local
+        process can send to it. So a datagram counts only from a worker's own pid, as the
+        kernel vouches for it (SCM_CREDENTIALS, as systemd checks a service's), never from
+        what the datagram says; anything else is ignored."""
         assert self._notify_sock is not None
         self._notify_sock.settimeout(timeout)
         with contextlib.suppress(TimeoutError, OSError):
             while True:
-                data = self._notify_sock.recv(4096).decode("ascii", "replace")
-                fields = dict(line.partition("=")[::2] for line in data.splitlines())
-                pid = int(fields.get("WORKER_PID", "0") or 0)
+                data, ancillary, _, _ = self._notify_sock.recvmsg(4096, _CREDENTIALS_SPACE)
+                self._notify_sock.settimeout(0)
+                pid = _sender_pid(ancillary)
+                ready = "READY=1" in data.decode("ascii", "replace").splitlines()
                 for worker in self.workers:
                     if worker.proc is not None and worker.proc.pid == pid:
-                        worker.ready = fields.get("READY") == "1"
-                self._notify_sock.settimeout(0)
+                        worker.ready = ready
 
     def _wait_ready(self, deadline: float, signals: Signals) -> bool:
         while time.monotonic() < deadline:
@@ -311,6 +318,18 @@ class Supervisor:
             self._notify_sock.close()
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_CREDENTIALS_SPACE = socket.CMSG_SPACE(_UCRED.size)
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The sending process's pid from SCM_CREDENTIALS; 0 when there is none."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return _UCRED.unpack_from(data)[0]
+    return 0
 
 
 def _exit_text(code: int | None) -> str:
