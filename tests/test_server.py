@@ -569,6 +569,24 @@ def test_aaaa_only_name(proxy: ProxyProcess, dns: DnsServer) -> None:
         tunnel_echoes(proxy, f"aaaa-only.test:{server.port}")
 
 
+@needs_ipv6
+@pytest.mark.parametrize("dns_timeout", ["5", "0.5"], ids=["long-deadline", "short-deadline"])
+def test_aaaa_answered_and_a_lost_tunnels_over_ipv6(dns: DnsServer, dns_timeout: str) -> None:
+    """A nameserver that never answers A costs one resend's wait (about a second), not
+    --dns-timeout; and when the deadline comes first, the IPv6 answer in hand still wins
+    over a 504."""
+    dns.add("a-lost.test", aaaa=["::1"], modes={"A": "drop"})
+    proc = ProxyProcess(*LOOPBACK_OK, "--nameserver", f"{dns.host}:{dns.port}",
+                        "--dns-timeout", dns_timeout)  # fmt: skip
+    try:
+        with origin(host="::1") as server:
+            started = time.monotonic()
+            tunnel_echoes(proc, f"a-lost.test:{server.port}")
+            assert time.monotonic() - started < min(float(dns_timeout), 2.0)
+    finally:
+        assert proc.stop() == 0
+
+
 def test_a_only_name(proxy: ProxyProcess, dns: DnsServer) -> None:
     dns.add("a-only.test", a=["127.0.0.1"])
     with origin() as server:

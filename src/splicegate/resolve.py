@@ -280,10 +280,14 @@ class NameserverResolver:
 
     Happy Eyeballs v2 (RFC 8305 §3): when A answers with addresses first, AAAA gets
     ``resolution_delay`` more (50 ms) and is then given up, so that a nameserver that drops
-    AAAA queries costs 50 ms, not the whole ``--dns-timeout``. When AAAA answers first, A is
-    still awaited until the deadline: the answer is a list handed to the dialer in one
-    piece, and returning IPv6 alone would take away the IPv4 fallback that Happy Eyeballs
-    exists for (a lost A packet costs one ``retry_interval``, after which it is resent).
+    AAAA queries costs 50 ms, not the whole ``--dns-timeout``. When AAAA answers first, A
+    gets longer: ``retry_interval`` and the resolution delay, time for a lost A packet to be
+    resent and answered. The answer is a list handed to the dialer in one piece, and IPv6
+    alone would take away the IPv4 fallback that Happy Eyeballs exists for; but a
+    nameserver that never answers A must not cost the whole deadline either, nor turn the
+    IPv6 answer in hand into a timeout. Either family is given up a little before the
+    deadline at the latest, so that the caller, whose own wait ends at the deadline, gets
+    the addresses rather than a timeout.
     """
 
     MAX_UDP = 65535
@@ -317,8 +321,9 @@ class NameserverResolver:
     def lookup(self, host: str, deadline: float) -> Resolution:
         """AAAA answers then A answers, deduplicated, with the smallest TTL seen.
 
-        Ends by the deadline, or ``resolution_delay`` after a positive A answer when AAAA
-        has not answered yet (the result is then ``partial``).
+        Ends by the deadline; or, when one family has answered with addresses and the
+        other has not, once that one's patience is out (``resolution_delay`` for AAAA,
+        ``retry_interval`` and that for A), with the result ``partial``.
         """
         budget = deadline - time.monotonic()
         try:
@@ -336,26 +341,35 @@ class NameserverResolver:
             rdtype: gevent.spawn(self._query_guarded, qname, rdtype, deadline)
             for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A)
         }
-        aaaa_by = deadline  # when to stop waiting for AAAA: moves up once A has addresses
+        # A family still pending once the other has addresses is waited for until
+        # ``other_by``, set then; never until the deadline itself (see the class docstring).
+        other_by: float | None = None
+        last_call = deadline - min(self.resolution_delay, budget / 10)
+        patience = {
+            dns.rdatatype.AAAA: self.resolution_delay,  # after a positive A
+            dns.rdatatype.A: self.retry_interval + self.resolution_delay,  # after AAAA
+        }
         try:
             # Bounded by the deadline: each pass either sees a query finish (both end by
-            # the deadline on their own) or waits until the deadline or the end of the
-            # resolution delay, and a pass at or after the deadline always decides.
+            # the deadline on their own) or waits until the deadline or ``other_by``, and a
+            # pass at or after the deadline always decides.
             while True:
-                pending = [job for job in jobs.values() if not job.ready()]
+                pending = [t for t, job in jobs.items() if not job.ready()]
                 done = {t: job.value for t, job in jobs.items() if job.ready()}
                 now = time.monotonic()
-                a = done.get(dns.rdatatype.A)
-                if a is not None and a.addresses and aaaa_by == deadline:
-                    aaaa_by = min(now + self.resolution_delay, deadline)
-                final = now >= deadline or (
-                    now >= aaaa_by and pending == [jobs[dns.rdatatype.AAAA]]
-                )
+                waiting_for_one = len(pending) == 1 and any(o.addresses for o in done.values())
+                if waiting_for_one and other_by is None:
+                    other_by = min(now + patience[pending[0]], last_call)
+                final = now >= deadline or (other_by is not None and now >= other_by)
                 result = self._decide(host, budget, done, pending, final=final)
                 if result is not None:
                     return result
-                wake = aaaa_by if pending == [jobs[dns.rdatatype.AAAA]] else deadline
-                gevent.wait(pending, timeout=max(wake - time.monotonic(), 0.0), count=1)
+                wake = other_by if other_by is not None else deadline
+                gevent.wait(
+                    [jobs[t] for t in pending],
+                    timeout=max(wake - time.monotonic(), 0.0),
+                    count=1,
+                )
         finally:
             # Also runs when the caller is killed or times out around us: no query outlives it.
             gevent.killall([job for job in jobs.values() if not job.dead], timeout=1.0)
@@ -365,7 +379,7 @@ class NameserverResolver:
         host: str,
         budget: float,
         done: dict[int, _Outcome],
-        pending: list[gevent.Greenlet],
+        pending: list[int],
         *,
         final: bool,
     ) -> Resolution | None:
