@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
@@ -13,6 +14,7 @@ from splicegate.policy import (
     Listener,
     Policy,
     broadcast_addresses,
+    parse_deny_domain_rule,
     parse_domain_rule,
     parse_network,
     parse_port_spec,
@@ -172,7 +174,7 @@ def test_a_subnet_broadcast_address_is_never_the_proxy_itself() -> None:
 def domains(allow: Sequence[str] = (), deny: Sequence[str] = ()) -> Policy:
     return Policy(
         allow_domain=[parse_domain_rule(r) for r in allow],
-        deny_domain=[parse_domain_rule(r) for r in deny],
+        deny_domain=[parse_deny_domain_rule(r) for r in deny],
     )
 
 
@@ -245,7 +247,12 @@ def test_ip_literals_and_domain_rules() -> None:
     assert not allowed(policy, "2001:db8::2")
     with pytest.raises(errors.DomainDenied, match=r"the address 192\.0\.2\.1 is not in"):
         policy.check_domain("192.0.2.1", True)
-    assert not allowed(domains(deny=["192.0.2.10"]), "192.0.2.10")
+    # An address is no deny rule: as one it would judge only the spelling written, and
+    # [::ffff:192.0.2.10] would get past it. --deny-dest judges every form.
+    for address, dest in (("192.0.2.10", "192.0.2.10/32"), ("[2001:DB8::1]", "2001:db8::1/128")):
+        with pytest.raises(ValueError, match=rf"deny it with --deny-dest {re.escape(dest)},"):
+            parse_deny_domain_rule(address)
+    assert str(parse_deny_domain_rule(".example.com")) == ".example.com"
 
 
 def test_many_rules_match_by_suffix() -> None:

@@ -23,6 +23,7 @@ from splicegate.policy import (
     DomainRule,
     IPNetwork,
     PortRange,
+    parse_deny_domain_rule,
     parse_domain_rule,
     parse_network,
     parse_port_spec,
@@ -387,7 +388,7 @@ class Config:
     )
     deny_domain: tuple[DomainRule, ...] = setting(
         [],
-        parse_domain_rule,
+        parse_deny_domain_rule,
         "target name denied, checked before DNS: example.com, or .example.com for it and its "
         "subdomains (repeatable; wins over --allow-domain)",
         metavar="DOMAIN",

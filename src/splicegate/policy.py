@@ -372,8 +372,9 @@ class Policy:
 # IP-literal target (a name rule cannot know which addresses are "its"), but an allow list
 # is a list of what may be reached, so once one exists a literal is denied like any other
 # target it does not list, unless a rule names that very address (--allow-domain
-# 192.0.2.10); otherwise writing the address would bypass the list. The destination table
-# still judges every address dialled, names and literals alike.
+# 192.0.2.10); otherwise writing the address would bypass the list. An address is refused
+# as a deny rule (--deny-dest is the rule for addresses). The destination table still
+# judges every address dialled, names and literals alike.
 
 _DOMAIN_LABEL = re.compile(r"[a-z0-9_](?:[-a-z0-9_]{0,61}[a-z0-9_])?")
 
@@ -410,6 +411,23 @@ def parse_domain_rule(text: str) -> DomainRule:
     if labels[-1].isdigit():
         raise ValueError(f"{text!r}: a name's last label is not all digits; is it an address?")
     return DomainRule(name, subdomains)
+
+
+def parse_deny_domain_rule(text: str) -> DomainRule:
+    """A --deny-domain rule: a name, never an address. A deny rule written as an address
+    would judge the target as written, which another spelling of the same address gets
+    past (``[::ffff:192.0.2.10]``); --deny-dest judges every address dialled, in every
+    form, names' addresses too."""
+    rule = parse_domain_rule(text)
+    try:
+        address = ipaddress.ip_address(rule.name)
+    except ValueError:
+        return rule
+    raise ValueError(
+        f"{text!r} is an address, which --deny-domain does not judge (it matches names); "
+        f"deny it with --deny-dest {address}/{address.max_prefixlen}, which covers every "
+        "form of it"
+    )
 
 
 class DomainRules:
@@ -451,9 +469,9 @@ class DomainRules:
         """Raise DomainDenied naming the rule that refuses ``host``; return if allowed."""
         if not self.allow and not self.deny:
             return
-        if literal:  # only a rule naming this very address matches it
+        if literal:  # no deny rule; only an allow rule naming this very address matches
             host = str(ipaddress.ip_address(host))
-            denied, allowed = self._deny[0].get(host), self._allow[0].get(host)
+            denied, allowed = None, self._allow[0].get(host)
         else:
             denied, allowed = self._match(host, self._deny), self._match(host, self._allow)
         if denied is not None:
