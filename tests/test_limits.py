@@ -16,10 +16,18 @@ from gevent import socket
 from proxyproc import ipv6_loopback
 from splicegate import limits
 from splicegate.errors import OverCapacity, render
-from splicegate.limits import Acceptor, ConnectionLimits
+from splicegate.limits import Acceptor, ConnectionLimits, unmapped
 from splicegate.relay import pipe_cap_bound
 
 MiB = 1024 * 1024
+
+
+def test_only_ipv4_mapped_clients_are_unmapped() -> None:
+    assert unmapped(("::ffff:127.0.0.1", 5, 0, 0)) == ("127.0.0.1", 5)
+    # Under ::ffff: but not in ::ffff:0:0/96: an IPv6 client, kept whole (cutting the
+    # prefix off made '0:c000:207', which the client policy could not parse: a 500).
+    assert unmapped(("::ffff:0:c000:207", 5, 0, 0)) == ("::ffff:0:c000:207", 5, 0, 0)
+    assert unmapped(("::1", 5, 0, 0)) == ("::1", 5, 0, 0)
 
 
 def test_total_cap() -> None:

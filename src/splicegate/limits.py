@@ -142,6 +142,17 @@ def listening_socket(
     return sock
 
 
+def unmapped(address: tuple) -> tuple:
+    """An IPv4 client of a dual-stack listener is that IPv4 client: one per-client count
+    and one log form, whichever listener it used. Only ::ffff:0:0/96 is mapped, which
+    inet_ntop writes with a dotted quad; other addresses under ::ffff: are IPv6 ones
+    (``::ffff:0:c000:207``) and stay as they are."""
+    host = address[0]
+    if host.startswith("::ffff:") and "." in host:
+        return (host[7:], address[1])
+    return address
+
+
 class Acceptor:
     """Accepts on one listening socket, in the hub, and survives running out of descriptors.
 
@@ -232,10 +243,8 @@ class Acceptor:
             except BaseException:
                 os.close(fd)
                 raise
-            if family == socket.AF_INET6 and address[0].startswith("::ffff:"):
-                # An IPv4 client of a dual-stack listener is that IPv4 client: one
-                # per-client count and one log form, whichever listener it used.
-                address = (address[0][7:], address[1])
+            if family == socket.AF_INET6:
+                address = unmapped(address)
             try:
                 sock.setblocking(False)
                 self.spawn(self.handle, sock, address, time.monotonic())
