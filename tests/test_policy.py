@@ -136,6 +136,19 @@ def test_self_loop() -> None:
     policy.check_not_self(ip_address("127.0.0.1"), 3129)
     policy.check_not_self(ip_address("127.0.0.2"), 3128)
     policy.check_not_self(ip_address("192.0.2.1"), 8080)  # not an address of this host
+    # NAT64 and 6to4 addresses go out through a gateway: never this proxy's listener
+    policy.check_not_self(ip_address("64:ff9b::7f00:1"), 3128)
+    policy.check_not_self(ip_address("2002:7f00:1::"), 3128)
+    with pytest.raises(errors.ProxyLoop, match=r"\[::1\]:8080 is this proxy"):
+        policy.check_not_self(ip_address("::1"), 8080)
+
+
+def test_an_ipv4_wildcard_listener_is_not_reached_over_ipv6() -> None:
+    policy = Policy(listeners=[Listener(ip_address("0.0.0.0"), 8080)])
+    policy.check_not_self(ip_address("::1"), 8080)
+    for reached in ("127.0.0.1", "::ffff:127.0.0.1"):
+        with pytest.raises(errors.ProxyLoop):
+            policy.check_not_self(ip_address(reached), 8080)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +179,23 @@ def test_a_subnet_broadcast_address_is_never_the_proxy_itself() -> None:
     policy.check_not_self(ip_address("127.0.0.1"), 3128)  # another port: no loop either
     with pytest.raises(errors.ProxyLoop):  # while the host's own addresses still are
         policy.check_not_self(ip_address("127.0.0.1"), 8080)
+
+
+def test_rules_written_ipv4_mapped_judge_the_ipv4_addresses() -> None:
+    """Addresses are judged by the IPv4 address they embed: a rule in the mapped form is
+    that IPv4 rule, or it would never match anything."""
+    policy = Policy(
+        allow_client=[ip_network("::ffff:127.0.0.1/128")],
+        allow_dest=[ip_network("::ffff:127.0.0.0/104")],
+        deny_dest=[ip_network("::ffff:192.0.2.0/120")],
+    )
+    policy.check_client(ip_address("127.0.0.1"))
+    policy.check_client(ip_address("::ffff:127.0.0.1"))
+    with pytest.raises(errors.ClientDenied):
+        policy.check_client(ip_address("127.0.0.2"))
+    assert policy.allowed_destinations("x", [ip_address("127.0.0.5")]) == [ip_address("127.0.0.5")]
+    with pytest.raises(errors.DestinationDenied, match="--deny-dest"):
+        policy.allowed_destinations("x", [ip_address("192.0.2.7")])
 
 
 # --- domain rules (--allow-domain, --deny-domain) -------------------------------------------

@@ -43,11 +43,27 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return addr.sixtofour
 
 
+def _unmapped(addr: IPAddress) -> IPAddress:
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return mapped or addr
+
+
 def effective(addr: IPAddress) -> IPAddress:
     """The address a rule is judged against: the embedded IPv4 one where there is one."""
     if isinstance(addr, ipaddress.IPv6Address):
         return embedded_ipv4(addr) or addr
     return addr
+
+
+def judged_network(net: IPNetwork) -> IPNetwork:
+    """A rule's network as addresses are judged: an IPv4-mapped one (``::ffff:a.b.c.d/N``,
+    N >= 96) as the IPv4 network it stands for. An address is judged by its embedded IPv4
+    one (:func:`effective`), so a rule written in the mapped form would never match."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 # Denied by default (IANA special-purpose registries, RFC 6890 and successors). Everything
@@ -260,14 +276,14 @@ class Policy:
         self._passed = {}
         clients = self.allow_client or [parse_network(n) for n in DEFAULT_ALLOWED_CLIENTS]
         self._clients = AddressTable(
-            (Rule(n, True, "--allow-client") for n in clients),
+            (Rule(judged_network(n), True, "--allow-client") for n in clients),
             Rule(ipaddress.ip_network("::/0"), False, "not in --allow-client"),
         )
         if not self.allow_port:
             self.allow_port = (PortRange(443, 443),)
         rules = [Rule(parse_network(n), False, why) for n, why in DEFAULT_DENIED_DESTINATIONS]
-        rules += [Rule(n, True, "--allow-dest") for n in self.allow_dest]
-        rules += [Rule(n, False, "--deny-dest") for n in self.deny_dest]
+        rules += [Rule(judged_network(n), True, "--allow-dest") for n in self.allow_dest]
+        rules += [Rule(judged_network(n), False, "--deny-dest") for n in self.deny_dest]
         self._dests = AddressTable(rules, Rule(ipaddress.ip_network("::/0"), True, "default"))
         self._domains = DomainRules(self.allow_domain, self.deny_domain)
 
@@ -325,16 +341,25 @@ class Policy:
         self._domains.check(host, literal)
 
     def check_not_self(self, addr: IPAddress, port: int) -> None:
-        """Refuse a CONNECT to one of our own listeners, which would loop forever."""
-        addr = effective(addr)
+        """Refuse a CONNECT to one of our own listeners, which would loop forever (or
+        reach the admin endpoint). Only an IPv4-mapped address reaches an IPv4 listener:
+        a NAT64 or 6to4 one goes out through a gateway, unlike the destination rules'
+        look-through. 0.0.0.0 takes IPv4 alone; :: may take both (whether it is IPv6-only
+        is the socket's business, and refusing is the safe side)."""
+        addr = _unmapped(addr)
         for listener in self.listeners:
             if listener.port != port:
                 continue
-            mine = effective(listener.address)
-            if mine == addr or (mine.is_unspecified and _is_local_address(addr)):
+            mine = _unmapped(listener.address)
+            if mine == addr or (
+                mine.is_unspecified
+                and (mine.version == 6 or addr.version == 4)
+                and _is_local_address(addr)
+            ):
+                shown = f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
                 raise ProxyLoop(
-                    f"{addr} port {port} is this proxy itself; a CONNECT there would loop",
-                    details=f"{addr}:{port} is this proxy",
+                    f"{shown} is this proxy itself; a CONNECT there would loop",
+                    details=f"{shown} is this proxy",
                 )
 
     def allowed_destinations(self, host: str, addresses: Sequence[IPAddress]) -> list[IPAddress]:
