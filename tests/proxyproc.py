@@ -275,6 +275,13 @@ def full_accept_queue(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
                 filler.close()
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for what cannot listen on port 0 (--workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ipv6_loopback() -> bool:
     """Whether ::1 can be bound here (some containers have no IPv6 at all)."""
     try:

@@ -34,6 +34,7 @@ from proxyproc import (
     ProxyProcess,
     connect_head,
     echo,
+    free_port,
     open_tunnel,
     origin,
     read_reply,
@@ -70,12 +71,6 @@ def upload_download(conn: socket.socket) -> None:
     while conn.recv(65536):
         pass
     conn.sendall(b"d" * 54321)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the access log -----------------------------------------------------------------------

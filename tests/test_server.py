@@ -25,6 +25,7 @@ from proxyproc import (
     ProxyProcess,
     connect_head,
     exchange,
+    free_port,
     full_accept_queue,
     ipv6_loopback,
     open_tunnel,
@@ -348,6 +349,24 @@ def test_403_proxy_loop(proxy: ProxyProcess) -> None:
     assert_refused(reply, 403, "proxy_loop_detected")
     reply = request(proxy.address, connect_head(f"origin.test:{port}"))
     assert_refused(reply, 403, "proxy_loop_detected")
+
+
+def test_403_to_the_admin_endpoint(dns: DnsServer) -> None:
+    """--admin is bound to loopback for the operator: a client allowed loopback
+    destinations must not reach it through a tunnel. Under --workers the admin endpoint is
+    the supervisor's, which the workers are told of."""
+    for workers in ([], ["--workers", "2"]):
+        listen = [f"127.0.0.1:{free_port()}"] if workers else ["127.0.0.1:0"]
+        proc = ProxyProcess(*LOOPBACK_OK, "--admin", "127.0.0.1:0", *workers, listen=listen)
+        try:
+            if workers:
+                proc.wait_for_log("all 2 workers ready")
+            port = int(proc.wait_for_log(r"admin on http://127\.0\.0\.1:(\d+)").group(1))
+            for _ in range(4):  # each worker in turn, whichever the kernel picks
+                reply = request(proc.address, connect_head(f"127.0.0.1:{port}"))
+                assert_refused(reply, 403, "proxy_loop_detected")
+        finally:
+            assert proc.stop() == 0
 
 
 def test_405_other_methods(proxy: ProxyProcess) -> None:

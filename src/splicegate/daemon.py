@@ -19,7 +19,7 @@ from collections.abc import Callable
 import gevent
 from gevent.event import Event
 
-from splicegate.config import Config
+from splicegate.config import Config, parse_address
 from splicegate.notify import notify, reloading
 from splicegate.server import ProxyServer
 
@@ -27,6 +27,9 @@ log = logging.getLogger("splicegate")
 
 #: set in a worker's environment by the supervisor (workers.py): the supervisor's pid
 WORKER_ENV = "SPLICEGATE_WORKER"
+#: set in a worker's environment by the supervisor when it serves --admin: that endpoint's
+#: address (HOST:PORT), which the worker refuses to tunnel to, as its own listeners
+ADMIN_ENV = "SPLICEGATE_SUPERVISOR_ADMIN"
 #: restart-only settings that a supervisor reports on reload, once, rather than each worker
 SUPERVISOR_SETTINGS = ("listen", "workers", "admin")
 
@@ -113,9 +116,10 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         def load() -> Config:
             return dataclasses.replace(read(), admin=None)
 
+    own = [parse_address(os.environ[ADMIN_ENV])] if worker and os.environ.get(ADMIN_ENV) else []
     signals = Signals()  # before start: a signal during start-up waits for the loop
     try:
-        server = ProxyServer(config)
+        server = ProxyServer(config, own_addresses=own)
         server.start()
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gevent
@@ -121,9 +122,15 @@ class ProxyServer:
         config: Config | None = None,
         *,
         engine: Engine | None = None,
+        own_addresses: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """``own_addresses``: where else this proxy listens, beyond its listeners and its
+        --admin endpoint (a supervisor's admin endpoint under --workers): a CONNECT there
+        is refused as a loop too, or any client could reach what is bound to loopback for
+        the operator alone."""
         self.config = config or Config()
         self.engine = engine
+        self.own_addresses = tuple(own_addresses)
         self.resolver: DnsCache
         self._dns_settings: tuple | None = None  # what self.resolver was built from
         self.dialer: dial_module.Dialer = (
@@ -231,6 +238,9 @@ class ProxyServer:
             if self.config.admin is not None:
                 self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
                 self.admin.start()
+            admin = [self.admin.address] if self.admin is not None else []
+            for host, port in [*admin, *self.own_addresses]:
+                self._listeners.append(Listener(socket_address(host), port))
         except BaseException:
             self._close_listeners()
             self.addresses.clear()

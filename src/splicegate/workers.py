@@ -39,10 +39,11 @@ from gevent.subprocess import DEVNULL, Popen
 
 from splicegate.admin import AdminServer
 from splicegate.config import Config
-from splicegate.daemon import SUPERVISOR_SETTINGS, WORKER_ENV, Signals
+from splicegate.daemon import ADMIN_ENV, SUPERVISOR_SETTINGS, WORKER_ENV, Signals
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 from splicegate.relay import native_engine_error, usable_pipe_size
+from splicegate.request import show_address
 
 log = logging.getLogger("splicegate")
 
@@ -179,6 +180,8 @@ class Supervisor:
             WORKER_ENV: str(os.getpid()),
             NOTIFY_ENV: "@" + self._notify_name,
         }
+        if self.admin is not None:
+            self._worker_env[ADMIN_ENV] = show_address(self.admin.address)
 
     def _spawn(self, worker: Worker) -> None:
         worker.proc = Popen(
