@@ -418,10 +418,17 @@ class _Tunnel:
         could not deliver: its receiver gets an abort instead, because a FIN there would
         present a truncated stream as complete (the kernel does the same when a socket is
         closed with unread data).
+
+        The half-closed timeout names the side whose FIN came first, as a reset after a
+        half-close does: its reason already says that the proxy ended it.
         """
+        closer: Closer = "proxy"
+        if reason == "half_closed_timeout":
+            assert self.first_closer is not None  # set by the EOF that armed this deadline
+            closer = self.first_closer
         self.end(
             reason,
-            "proxy",
+            closer,
             0,
             abort_client=self.down.buf is not None,
             abort_origin=self.up.buf is not None,
