@@ -151,9 +151,13 @@ cdef Pipe* get_pipe(Worker* w) noexcept nogil:
         w.free_count -= 1
         sg_add(&w.core.pipes_in_use, 1)
         return p
-    if sg_load(&w.core.pipes_total) >= w.core.max_pipes:
+    # Reserved before it is made: threads that read the count and added to it afterwards
+    # could pass the cap together. Every failure below gives the reservation back.
+    if sg_add(&w.core.pipes_total, 1) > w.core.max_pipes:
+        sg_add(&w.core.pipes_total, -1)
         return NULL
     if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        sg_add(&w.core.pipes_total, -1)
         return NULL
     # Past the per-user pipe quota this fails with EPERM and the pipe keeps a small size:
     # use what we got rather than nothing.
@@ -165,12 +169,12 @@ cdef Pipe* get_pipe(Worker* w) noexcept nogil:
         close(fds[0])
         close(fds[1])
         free(p)
+        sg_add(&w.core.pipes_total, -1)
         return NULL
     p.rfd = fds[0]
     p.wfd = fds[1]
     p.size = size
     p.next = NULL
-    sg_add(&w.core.pipes_total, 1)
     sg_add(&w.core.pipes_in_use, 1)
     return p
 

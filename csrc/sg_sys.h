@@ -15,10 +15,11 @@ static inline double sg_monotonic(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Statistics counters: written by engine threads, read by stats() in the hub. Relaxed
-   ordering is enough, nothing is synchronised through them. */
-static inline void sg_add(int64_t *counter, int64_t n) {
-    __atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
+/* Counters written by engine threads and read by stats() in the hub, or shared by the
+   threads (the pipe count). Relaxed ordering is enough, nothing is synchronised through
+   them. Returns the new value, so a thread can reserve one unit and see whether it fits. */
+static inline int64_t sg_add(int64_t *counter, int64_t n) {
+    return __atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
 }
 
 static inline int64_t sg_load(int64_t *counter) {

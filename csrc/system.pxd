@@ -108,7 +108,7 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "sg_sys.h" nogil:
     double sg_monotonic()
-    void sg_add(int64_t* counter, int64_t n)
+    int64_t sg_add(int64_t* counter, int64_t n)
     int64_t sg_load(int64_t* counter)
     int sg_errno()
     int sg_batch_thread(pthread_t thread)
