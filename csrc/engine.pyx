@@ -796,10 +796,18 @@ cdef class NativeEngine:
         forget_in_forked_child(self)
 
     def __dealloc__(self):
-        # While threads run they use the workers; once shut down (joined) they are free.
-        if self.workers != NULL and (self.closed or not self.threads_started):
-            free(self.workers)
-            self.workers = NULL
+        # While threads run they use the workers and the locks. Once they are joined (shut
+        # down), or if they never started, no thread can hold a lock, and the hub takes
+        # none once the engine is unreachable. Here rather than at shutdown: every engine
+        # comes here, also one whose threads never started or whose shutdown never ran.
+        cdef int i
+        if self.closed or not self.threads_started:
+            if self.workers != NULL:
+                for i in range(self.allocated):
+                    pthread_mutex_destroy(&self.workers[i].lock)
+                free(self.workers)
+                self.workers = NULL
+            pthread_mutex_destroy(&self.core.done_lock)
 
     cdef _open_done_channel(self):
         self.core.done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
