@@ -75,6 +75,10 @@ def test_proxy_status_details_example_and_quoting() -> None:
     assert errors.proxy_status(err) == (
         'splicegate; error=dns_error; details="no such name: example.invalid"'
     )
+    err.rcode = "NXDOMAIN"  # RFC 9209 §2.3.3's own parameter for it
+    assert errors.proxy_status(err) == (
+        'splicegate; error=dns_error; rcode="NXDOMAIN"; details="no such name: example.invalid"'
+    )
     tricky = errors.BadRequest("x", details='a "quoted" \\ name\r\n\x00é')
     assert errors.proxy_status(tricky).endswith(r'details="a \"quoted\" \\ name????"')
 

@@ -81,7 +81,8 @@ def assert_refused(reply, status: int, error: str | None, *, body_has: str = "")
     if error is None:
         assert reply.fields["proxy-status"] == "splicegate"
     else:
-        assert reply.fields["proxy-status"].startswith(f"splicegate; error={error}; details=")
+        assert reply.fields["proxy-status"].startswith(f"splicegate; error={error}; ")
+        assert "; details=" in reply.fields["proxy-status"]
     assert body_has in reply.body.decode()
 
 
@@ -444,10 +445,14 @@ def test_505_version(proxy: ProxyProcess) -> None:
 def test_502_dns_errors(proxy: ProxyProcess, dns: DnsServer) -> None:
     reply = request(proxy.address, b"CONNECT nx.test:443 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert_refused(reply, 502, "dns_error", body_has="nx.test")
-    assert reply.fields["proxy-status"].endswith('details="no such name: nx.test"')
-    for name in ("fail.test", "empty.test"):
+    assert reply.fields["proxy-status"] == (
+        'splicegate; error=dns_error; rcode="NXDOMAIN"; details="no such name: nx.test"'
+    )
+    for name, rcode in (("fail.test", '; rcode="SERVFAIL"'), ("empty.test", "")):
         reply = request(proxy.address, connect_head(f"{name}:443"))
         assert_refused(reply, 502, "dns_error", body_has=name)
+        # RFC 9209 §2.3.3: the RCODE where one says why (a name without addresses: none)
+        assert reply.fields["proxy-status"].startswith(f"splicegate; error=dns_error{rcode}; ")
     assert dns.count("fail.test") >= 1
 
 

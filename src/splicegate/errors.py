@@ -174,7 +174,12 @@ class DnsTimeout(ProxyError):
 
 
 class DnsError(ProxyError):
-    """NXDOMAIN, SERVFAIL, no address, or any other resolver failure."""
+    """NXDOMAIN, SERVFAIL, no address, or any other resolver failure. ``rcode``: the DNS
+    RCODE that says why, where one does (RFC 9209 §2.3.3 gives it its own parameter)."""
+
+    def __init__(self, message: str, *, details: str | None = None, rcode: str = "") -> None:
+        super().__init__(message, details=details)
+        self.rcode = rcode
 
 
 class ConnectionRefused(ProxyError):
@@ -244,7 +249,8 @@ def proxy_status(err: ProxyError) -> str:
     """The Proxy-Status field value for a refusal."""
     if err.proxy_status_error is None:
         return PROXY_NAME
-    return f"{PROXY_NAME}; error={err.proxy_status_error}; details={_sf_string(err.details)}"
+    rcode = f"; rcode={_sf_string(err.rcode)}" if isinstance(err, DnsError) and err.rcode else ""
+    return f"{PROXY_NAME}; error={err.proxy_status_error}{rcode}; details={_sf_string(err.details)}"
 
 
 def render(err: ProxyError) -> bytes:

@@ -103,6 +103,7 @@ def _nxdomain_error(host: str) -> DnsError:
     return DnsError(
         f"the name {host} does not exist (NXDOMAIN); check the spelling of the host name",
         details=f"no such name: {host}",
+        rcode="NXDOMAIN",
     )
 
 
@@ -111,6 +112,7 @@ def _servfail_error(host: str) -> DnsError:
         f"the DNS server failed to resolve {host} (SERVFAIL); the name's own nameservers may "
         f"be broken, try again later",
         details=f"server failure (SERVFAIL) for: {host}",
+        rcode="SERVFAIL",
     )
 
 
@@ -119,6 +121,7 @@ def _refused_error(host: str) -> DnsError:
         f"the DNS server refused to resolve {host} (REFUSED); check that the configured "
         f"nameserver answers recursive queries from this proxy",
         details=f"query refused (REFUSED) for: {host}",
+        rcode="REFUSED",
     )
 
 
@@ -126,6 +129,7 @@ def _rcode_error(host: str, rcode: str) -> DnsError:
     return DnsError(
         f"the DNS server could not resolve {host} (it answered {rcode})",
         details=f"{rcode} for: {host}",
+        rcode=rcode,
     )
 
 
