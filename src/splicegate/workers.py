@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import gevent
 from gevent import socket
-from gevent.subprocess import DEVNULL, Popen
+from gevent.subprocess import DEVNULL, Popen, TimeoutExpired
 
 from splicegate.admin import AdminServer
 from splicegate.config import Config
@@ -298,11 +298,19 @@ class Supervisor:
                 continue
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # gevent's TimeoutExpired
+            except TimeoutExpired:
                 log.error("worker %d (pid %d) did not stop; killing it", worker.slot + 1, proc.pid)
                 proc.kill()
-                proc.wait(timeout=5)
                 clean = False
+                try:
+                    proc.wait(timeout=5)
+                except TimeoutExpired:  # SIGKILL waits for a task in uninterruptible sleep
+                    log.error(
+                        "worker %d (pid %d) outlived SIGKILL for 5 s; leaving it",
+                        worker.slot + 1,
+                        proc.pid,
+                    )
+                    continue
             if proc.returncode not in (0, None):
                 clean = False
             self._forget(proc.pid)
