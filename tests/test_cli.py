@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,43 @@ def test_a_failed_import_is_reported_with_its_reason(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "engine: python" in out.stdout
     assert "native engine unavailable: _engine.so: cannot open shared object file" in out.stdout
+
+
+def test_log_lines_dropped_while_stderr_is_stuck_are_counted_at_stop() -> None:
+    """The hub never waits for stderr: while it is stuck, lines past the queue's 10,000
+    are dropped, and the stop says how many, once the rest is written."""
+    script = textwrap.dedent(
+        """
+        import logging, os, sys, threading
+        from splicegate.cli import setup_logging
+        read_end, write_end = os.pipe()
+        sys.stderr = os.fdopen(write_end, "w")  # nobody reads it yet: it fills and blocks
+        stop = setup_logging(logging.INFO)
+        log = logging.getLogger("splicegate")
+        for n in range(12_000):
+            log.info("line %d %s", n, "x" * 100)
+        chunks = []
+
+        def drain():
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        stop()
+        sys.stderr.close()
+        reader.join(10)
+        text = b"".join(chunks).decode()
+        print(text.count(" line "), text.splitlines()[-1])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    written, last = done.stdout.split(" ", 1)
+    dropped = 12_000 - int(written)
+    assert dropped > 0  # the pipe (64 KiB) and the queue held the rest
+    assert last.strip().endswith(
+        f"WARNING {dropped} log lines were dropped while stderr did not keep up"
+    )

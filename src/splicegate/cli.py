@@ -86,28 +86,64 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
     """Never blocks the hub: a full queue (stderr stuck) drops the line and counts it."""
 
-    dropped = 0
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
             self.queue.put_nowait(record)
         except queue.Full:
-            type(self).dropped += 1
+            self.dropped += 1
 
 
-def setup_logging(level: int, *, with_pid: bool = False) -> logging.handlers.QueueListener:
+class _PatientQueueListener(logging.handlers.QueueListener):
+    """QueueListener's stop() puts its sentinel with put_nowait, which raises queue.Full
+    when stderr fell behind; this one waits for room, for a while (its thread is a daemon:
+    given up on, it does not hold the exit)."""
+
+    stop_timeout = 5.0
+
+    def enqueue_sentinel(self) -> None:
+        self.queue.put(self._sentinel, timeout=self.stop_timeout)  # type: ignore[attr-defined]
+
+
+def setup_logging(level: int, *, with_pid: bool = False) -> Callable[[], None]:
     """Log lines go through a queue to a native thread that writes them to stderr. With
-    ``with_pid`` (--workers) each line says which process wrote it: splicegate[PID]."""
+    ``with_pid`` (--workers) each line says which process wrote it: splicegate[PID].
+    Returns what stops it: the queue is written out, then the count of lines dropped
+    while stderr did not keep up, if any, so that a gap in the log is never silent."""
     lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
     writer = logging.StreamHandler(sys.stderr)
     name = "splicegate[%(process)d]" if with_pid else "splicegate"
     writer.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
-    listener = logging.handlers.QueueListener(lines, writer)
+    listener = _PatientQueueListener(lines, writer)
     listener.start()
-    log.addHandler(_DroppingQueueHandler(lines))
+    handler = _DroppingQueueHandler(lines)
+    log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
-    return listener
+
+    def stop() -> None:
+        log.removeHandler(handler)
+        try:
+            listener.stop()
+        except queue.Full:  # stderr stuck for good: nothing more can be written to it
+            return
+        if handler.dropped:
+            writer.handle(
+                log.makeRecord(
+                    log.name,
+                    logging.WARNING,
+                    __file__,
+                    0,
+                    "%d log lines were dropped while stderr did not keep up",
+                    (handler.dropped,),
+                    None,
+                )
+            )
+
+    return stop
 
 
 def print_version(config: Config) -> int:
@@ -139,13 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(parser, args)
     if args.version:
         return print_version(config)
-    listener = setup_logging(config.log_level_number, with_pid=config.workers > 1)
+    stop_logging = setup_logging(config.log_level_number, with_pid=config.workers > 1)
     try:
         return run(
             config, lambda: configfile.load(args.config, flag_values(args)), argv, args.config
         )
     finally:
-        listener.stop()
+        stop_logging()
 
 
 def run(
