@@ -395,16 +395,33 @@ cdef void unqueue(Worker* w, Tunnel* t) noexcept nogil:
 
 cdef void finish(Worker* w, Tunnel* t, int reason, int closer, int err, bint abort_client,
                  bint abort_origin, double now) noexcept nogil:
-    """Close both sockets exactly once and queue the record for the hub."""
+    """Close both sockets exactly once and queue the record for the hub.
+
+    The records count bytes delivered, so what a socket has not even sent when its stream
+    ends abortively is taken back off the direction that wrote it: an abort (SO_LINGER 0)
+    throws it away, and so did the peer's reset on the socket a reset came from. Bytes
+    sent and not yet acknowledged stay counted: they travel ahead of the reset, and the
+    peer may read them (or has, and its ACK was delayed). A clean FIN close still
+    delivers its queue, which stays counted."""
     cdef linger abort
     cdef int side
+    cdef bint aborted
+    cdef int64_t lost
     cdef Dir* d
     abort.l_onoff = 1
     abort.l_linger = 0
     for side in range(2):
         # Out of epoll before close: a later fd with the same number must never inherit it.
         epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[side], NULL)
-        if (side == CLIENT and abort_client) or (side == ORIGIN and abort_origin):
+        aborted = abort_client if side == CLIENT else abort_origin
+        if aborted or reason == R_RESET:
+            d = &t.dir[1 - side]  # the direction writing to this side (CLIENT: DOWN)
+            # Unsent bytes are the stream's end, and may reach back past what the engine
+            # wrote (to the control plane's 200): never below nothing delivered.
+            lost = min(sg_unsent(t.fd[side]), d.delivered)
+            d.delivered -= lost
+            sg_add(&w.core.bytes_down if side == CLIENT else &w.core.bytes_up, -lost)
+        if aborted:
             setsockopt(t.fd[side], SOL_SOCKET, SO_LINGER, &abort, sizeof(abort))
         close(t.fd[side])
         t.fd[side] = -1

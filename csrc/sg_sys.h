@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <sys/ioctl.h>
 #include <time.h>
 
 /* Seconds on the monotonic clock: the same clock as Python's time.monotonic(). */
@@ -28,6 +29,18 @@ static inline int64_t sg_load(int64_t *counter) {
 
 /* errno as a function, so Cython code reads it right after the failing call. */
 static inline int sg_errno(void) { return errno; }
+
+#ifndef SIOCOUTQNSD
+#define SIOCOUTQNSD 0x894B /* <linux/sockios.h>'s; not every libc's headers carry it */
+#endif
+
+/* The bytes a TCP socket holds that it has not sent yet; 0 where it cannot tell. What it
+   did send travels ahead of any reset that follows, and the peer may still read it. One
+   ioctl: for the rare moments that need it, never for each transfer. */
+static inline int64_t sg_unsent(int fd) {
+    int n = 0;
+    return ioctl(fd, SIOCOUTQNSD, &n) < 0 ? 0 : n;
+}
 
 #ifndef SCHED_BATCH
 #define SCHED_BATCH 3 /* Linux's value; glibc only names it with _GNU_SOURCE */

@@ -111,4 +111,5 @@ cdef extern from "sg_sys.h" nogil:
     int64_t sg_add(int64_t* counter, int64_t n)
     int64_t sg_load(int64_t* counter)
     int sg_errno()
+    int64_t sg_unsent(int fd)
     int sg_batch_thread(pthread_t thread)

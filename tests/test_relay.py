@@ -493,6 +493,56 @@ def test_lifetime_ends_a_busy_tunnel(make_rig: Any) -> None:
     assert record.duration_s >= 0.45
 
 
+@pytest.mark.parametrize("cut", ["lifetime", "shutdown", "origin reset"])
+def test_an_abortive_end_counts_only_what_the_reader_could_read(make_rig: Any, cut: str) -> None:
+    """A tunnel cut while an origin pushes to a client that reads slowly ends with an abort
+    to the client, and that throws away what its socket had not sent yet: bytes_down
+    counts what the client could read, exactly. (Linux lets a receiver read everything
+    that reached it before the reset; with autotuned buffers MiBs are still queued at the
+    cut, unsent for the client's closed window.)"""
+    lifetime = 1.0 if cut == "lifetime" else 0
+    rig = make_rig(RelayTimeouts(idle=0, half_closed=0, lifetime=lifetime))
+    t = rig.open()
+    data = memoryview(randbytes(8 * MiB, 50))
+    if cut == "shutdown":
+        stopper = gevent.spawn(rig.engine.shutdown, time.monotonic() + 1.0)
+    elif cut == "origin reset":
+        stopper = gevent.spawn_later(1.0, abort, t.origin)
+
+    def push() -> None:
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += t.origin.send(data[sent : sent + 256 * 1024])
+            except OSError:  # cut off (or, for the reset, closed by the stopper)
+                return
+
+    def read_slowly() -> int:
+        # Reads 0.6 s apart, the cut at 1 s: nothing moves towards the client when it comes.
+        # Once it has come, the rest is read at once, up to the reset.
+        got = 0
+        for _ in range(int(WAIT / 0.6) + 10_000):
+            try:
+                chunk = t.client.recv(64 * 1024)
+            except ConnectionResetError:  # after everything that reached it
+                return got
+            if not chunk:
+                return got
+            got += len(chunk)
+            if not t.done.ready():
+                gevent.sleep(0.6)
+        raise AssertionError("the client never saw the tunnel end")
+
+    _, received = together((push,), (read_slowly,))
+    if cut != "lifetime":
+        stopper.get(timeout=WAIT)
+    record = t.record()
+    expected = "reset" if cut == "origin reset" else cut
+    assert (record.reason, record.bytes_up) == (expected, 0)
+    assert 0 < record.bytes_down < len(data)
+    assert record.bytes_down == received
+
+
 # --- backpressure ----------------------------------------------------------------------------
 
 

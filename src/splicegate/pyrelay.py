@@ -18,6 +18,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -52,6 +53,9 @@ _WRITE = 2
 # reset was already reported, and as ENOTCONN on shutdown() of a connection the reset tore down.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+# <linux/sockios.h>'s ioctl for the bytes a TCP socket holds and has not sent yet; the socket
+# module does not name it.
+_SIOCOUTQNSD = 0x894B
 # A send to a reset peer must fail with EPIPE, not kill the process, even when the
 # embedding application has restored the default SIGPIPE action.
 _SEND_FLAGS = socket.MSG_NOSIGNAL
@@ -62,6 +66,15 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL
 # time.monotonic, os.get_blocking/set_blocking/strerror/register_at_fork (gevent's patched
 # os.fork still calls the original fork, which runs the at-fork hooks).
 _new_epoll = get_original("select", "epoll")
+
+
+def _unsent(sock: _socket.socket) -> int:
+    """Bytes ``sock`` holds and has not sent yet; 0 where it cannot tell. A system call: for
+    the rare moments that need it, never for each transfer."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4)))[0]
+    except OSError:
+        return 0
 
 
 def _ends_its_tunnel_on_a_bug(callback: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -443,10 +456,26 @@ class _Tunnel:
         abort_client: bool,
         abort_origin: bool,
     ) -> None:
+        """Close both sockets and report the record.
+
+        The record counts bytes delivered, so what a socket has not even sent when its
+        stream ends abortively is taken back off the direction that wrote it: an abort
+        (SO_LINGER 0) throws it away, and so did the peer's reset on the socket a reset came
+        from. Bytes sent and not yet acknowledged stay counted: they travel ahead of the
+        reset, and the peer may read them (or has, and its ACK was delayed). A clean FIN
+        close still delivers its queue, which stays counted.
+        """
         # Watchers go before their fds: libev must never watch a closed (maybe reused) fd,
         # nor the engine's epoll of errors.
         self._unwatch()
-        for sock, abort in ((self.client, abort_client), (self.origin, abort_origin)):
+        for sock, abort, towards in (
+            (self.client, abort_client, self.down),
+            (self.origin, abort_origin, self.up),
+        ):
+            if abort or reason == "reset":
+                # Unsent bytes are the stream's end, and may reach back past what the engine
+                # wrote (to the control plane's 200): never below nothing delivered.
+                towards.delivered -= min(_unsent(sock), towards.delivered)
             # close() releases the fd even when it reports an error, so errors here change
             # nothing for the tunnel's outcome; they must not stop the other close.
             if abort:
