@@ -94,6 +94,8 @@ cdef struct Tunnel:
     double first_eof    # 0 until one side sends FIN
     double ended
     double timer_at     # the heap key: no deadline can come before it
+    double probe_at     # the end of a send-queue probe (see peer_reads); 0 before one
+    int64_t outq[2]     # CLIENT, ORIGIN: their send queues when the probe began
     Py_ssize_t heap_index
     int first_closer    # -1 until known
     int reason
@@ -107,6 +109,7 @@ cdef struct Tunnel:
 
 cdef struct Core:
     double idle
+    double idle_probe
     double half_closed
     double lifetime
     size_t pipe_size
@@ -310,6 +313,8 @@ cdef double next_deadline(Core* c, Tunnel* t, int* reason) noexcept nogil:
     cdef double at
     if c.idle > 0:
         best = t.last_activity + c.idle
+        if t.probe_at > best:  # a probe of the send queues runs past it (peer_reads)
+            best = t.probe_at
         reason[0] = R_IDLE
     if c.half_closed > 0 and t.first_eof > 0:
         at = t.first_eof + c.half_closed
@@ -627,6 +632,31 @@ cdef void run_ready(Worker* w, double now) noexcept nogil:
         t = nxt
 
 
+cdef bint peer_reads(Core* c, Tunnel* t, double now) noexcept nogil:
+    """At the idle deadline: whether a peer still reads what the engine wrote before it.
+
+    A peer draining a large send buffer slowly gives the engine no room to write for
+    seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
+    on either socket the close waits for a probe (Core.idle_probe); a queue that changed
+    by its end means a peer reads, and the idle time starts again. Nothing queued, or no
+    change, is idle. Two ioctls per idle deadline, none while bytes move."""
+    cdef int64_t client = sg_unacked(t.fd[CLIENT])
+    cdef int64_t origin = sg_unacked(t.fd[ORIGIN])
+    # A probe whose start an engine transfer since has overtaken no longer counts.
+    if t.probe_at > t.last_activity + c.idle:
+        t.probe_at = 0
+        if client == t.outq[CLIENT] and origin == t.outq[ORIGIN]:
+            return False
+        t.last_activity = now
+        return True
+    if client == 0 and origin == 0:
+        return False
+    t.outq[CLIENT] = client
+    t.outq[ORIGIN] = origin
+    t.probe_at = now + c.idle_probe
+    return True
+
+
 cdef void run_timers(Worker* w, double now) noexcept nogil:
     """Deadlines are checked lazily: traffic only stamps last_activity, and a timer that
     fires early is pushed to the tunnel's real deadline. Idle tunnels cost nothing."""
@@ -636,6 +666,8 @@ cdef void run_timers(Worker* w, double now) noexcept nogil:
     while w.heap_len > 0 and w.heap[0].timer_at <= now:
         t = w.heap[0]
         at = next_deadline(w.core, t, &reason)
+        if at <= now and reason == R_IDLE and peer_reads(w.core, t, now):
+            at = next_deadline(w.core, t, &reason)  # the probe's end, or idle anew
         if at <= now:
             expire(w, t, reason, now)
         else:
@@ -789,6 +821,7 @@ cdef class NativeEngine:
             raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}")
         self.batch = scheduling == "batch"
         self.core.idle = timeouts.idle
+        self.core.idle_probe = timeouts.idle_probe
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
         self.core.pipe_size = usable_pipe_size(pipe_size)

@@ -42,6 +42,17 @@ static inline int64_t sg_unsent(int fd) {
     return ioctl(fd, SIOCOUTQNSD, &n) < 0 ? 0 : n;
 }
 
+#ifndef SIOCOUTQ
+#define SIOCOUTQ TIOCOUTQ /* <linux/sockios.h>'s name; not every libc's headers carry it */
+#endif
+
+/* The bytes a TCP socket holds that its peer has not acknowledged, sent or not; 0 where it
+   cannot tell. It shrinks while the peer reads. One ioctl, as for sg_unsent. */
+static inline int64_t sg_unacked(int fd) {
+    int n = 0;
+    return ioctl(fd, SIOCOUTQ, &n) < 0 ? 0 : n;
+}
+
 #ifndef SCHED_BATCH
 #define SCHED_BATCH 3 /* Linux's value; glibc only names it with _GNU_SOURCE */
 #endif

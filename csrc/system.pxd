@@ -112,4 +112,5 @@ cdef extern from "sg_sys.h" nogil:
     int64_t sg_load(int64_t* counter)
     int sg_errno()
     int64_t sg_unsent(int fd)
+    int64_t sg_unacked(int fd)
     int sg_batch_thread(pthread_t thread)

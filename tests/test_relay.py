@@ -418,6 +418,58 @@ def test_bytes_either_way_defer_the_idle_timeout(make_rig: Any) -> None:
     assert (record.reason, record.first_closer) == ("idle", "proxy")
 
 
+def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: Any) -> None:
+    """A client reads 128 KiB every 0.25 s out of a send buffer that loopback autotunes to
+    MiBs: the engine then finds no room to write for seconds at a time, yet bytes move
+    all along, and idle means no byte either way. Cut at the idle timeout, the client would
+    read less than everything, or meet a reset."""
+    rig = make_rig(RelayTimeouts(idle=1.0, half_closed=0, lifetime=0))
+    t = rig.open()
+    data = randbytes(4 * MiB, 60)
+
+    def read_slowly() -> tuple[int, str]:
+        got = bytearray()
+        for _ in range(2 * len(data) // (128 * 1024) + 100):  # bounded
+            chunk = recv_exactly(t.client, min(128 * 1024, len(data) - len(got)))
+            got += chunk
+            if len(got) == len(data):
+                break
+            gevent.sleep(0.25)
+        return len(got), sha(got)
+
+    _, received = together((pump, t.origin, data), (read_slowly,))
+    assert received == (len(data), sha(data))
+    assert not t.done.ready()
+    t.client.shutdown(socket.SHUT_WR)
+    assert drain(t.client) == (0, EMPTY_SHA)
+    record = t.record()
+    assert (record.reason, record.bytes_down) == ("eof", len(data))
+
+
+def test_a_peer_that_reads_nothing_is_idle_with_bytes_queued_for_it(make_rig: Any) -> None:
+    """The send-queue probe defers the idle close only while a queue moves: bytes queued
+    for a client that reads none of them end the tunnel at the idle timeout plus one probe."""
+    idle = 1.0
+    timeouts = RelayTimeouts(idle=idle, half_closed=0, lifetime=0)
+    rig = make_rig(timeouts)
+    t = rig.open()
+    t.origin.setblocking(False)
+    chunk, stalled_since = b"q" * 65536, None
+    deadline = time.monotonic() + WAIT
+    while stalled_since is None or time.monotonic() - stalled_since < 0.3:  # bounded
+        assert time.monotonic() < deadline, "the origin never filled up"
+        try:
+            t.origin.send(chunk)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            gevent.sleep(0.02)
+    record = t.record()
+    # The engine's last write came before the origin stalled; 0.5 s of slack for the loop.
+    assert time.monotonic() - stalled_since < idle + timeouts.idle_probe + 0.5
+    assert (record.reason, record.first_closer) == ("idle", "proxy")
+
+
 def test_an_eof_is_no_activity(make_rig: Any) -> None:
     """Idle means no byte either way: a half-close does not defer the idle timeout."""
     idle = 2.0

@@ -53,8 +53,9 @@ _WRITE = 2
 # reset was already reported, and as ENOTCONN on shutdown() of a connection the reset tore down.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)
-# <linux/sockios.h>'s ioctl for the bytes a TCP socket holds and has not sent yet; the socket
-# module does not name it.
+# <linux/sockios.h>'s ioctls for the bytes a TCP socket holds: not acknowledged by its peer
+# (sent or not; TIOCOUTQ's number), and not sent yet. The socket module names neither.
+_SIOCOUTQ = 0x5411
 _SIOCOUTQNSD = 0x894B
 # A send to a reset peer must fail with EPIPE, not kill the process, even when the
 # embedding application has restored the default SIGPIPE action.
@@ -68,11 +69,11 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL
 _new_epoll = get_original("select", "epoll")
 
 
-def _unsent(sock: _socket.socket) -> int:
-    """Bytes ``sock`` holds and has not sent yet; 0 where it cannot tell. A system call: for
-    the rare moments that need it, never for each transfer."""
+def _queued(sock: _socket.socket, request: int) -> int:
+    """Bytes ``sock`` holds, as the ioctl ``request`` counts them; 0 where it cannot tell.
+    A system call: for the rare moments that need it, never for each transfer."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4)))[0]
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, bytes(4)))[0]
     except OSError:
         return 0
 
@@ -318,6 +319,8 @@ class _Tunnel:
         "last_activity",
         "on_done",
         "origin",
+        "probe_at",
+        "queued",
         "started",
         "timer",
         "timer_at",
@@ -343,6 +346,8 @@ class _Tunnel:
         self.first_closer: Closer | None = None
         self.timer: Any = None
         self.timer_at = float("inf")
+        self.probe_at = 0.0  # the end of a send-queue probe (see _peer_reads); 0 before one
+        self.queued = (0, 0)  # client's and origin's send queues when the probe began
 
     def start(self, early_up: bytes) -> None:
         self.up.start(early_up)
@@ -353,7 +358,9 @@ class _Tunnel:
         timeouts = self.engine.timeouts
         deadlines: list[tuple[float, Reason]] = []
         if timeouts.idle:
-            deadlines.append((self.last_activity + timeouts.idle, "idle"))
+            # A probe of the send queues may run past the idle deadline (_peer_reads).
+            idle_at = max(self.last_activity + timeouts.idle, self.probe_at)
+            deadlines.append((idle_at, "idle"))
         if timeouts.half_closed and self.first_eof is not None:
             deadlines.append((self.first_eof + timeouts.half_closed, "half_closed_timeout"))
         if timeouts.lifetime:
@@ -380,10 +387,35 @@ class _Tunnel:
     def _on_timer(self) -> None:
         deadline = self._next_deadline()
         assert deadline is not None  # the timer is only armed when a deadline exists
-        if time.monotonic() >= deadline[0]:
+        now = time.monotonic()
+        if now >= deadline[0] and not (deadline[1] == "idle" and self._peer_reads(now)):
             self.expire(deadline[1])
         else:
             self._arm()
+
+    def _peer_reads(self, now: float) -> bool:
+        """At the idle deadline: whether a peer still reads what the engine wrote before it.
+
+        A peer draining a large send buffer slowly gives the engine no room to write for
+        seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
+        on either socket the close waits for a probe (``RelayTimeouts.idle_probe``); a queue
+        that changed by its end means a peer reads, and the idle time starts again. Nothing
+        queued, or no change, is idle. Two ioctls per idle deadline, none while bytes move.
+        """
+        timeouts = self.engine.timeouts
+        queued = (_queued(self.client, _SIOCOUTQ), _queued(self.origin, _SIOCOUTQ))
+        # A probe whose start a transfer since has overtaken no longer counts.
+        if self.probe_at > self.last_activity + timeouts.idle:
+            self.probe_at = 0.0
+            if queued == self.queued:
+                return False
+            self.last_activity = now
+            return True
+        if not any(queued):
+            return False
+        self.queued = queued
+        self.probe_at = now + timeouts.idle_probe
+        return True
 
     def saw_eof(self, side: Closer) -> None:
         if self.first_closer is None:
@@ -475,7 +507,7 @@ class _Tunnel:
             if abort or reason == "reset":
                 # Unsent bytes are the stream's end, and may reach back past what the engine
                 # wrote (to the control plane's 200): never below nothing delivered.
-                towards.delivered -= min(_unsent(sock), towards.delivered)
+                towards.delivered -= min(_queued(sock, _SIOCOUTQNSD), towards.delivered)
             # close() releases the fd even when it reports an error, so errors here change
             # nothing for the tunnel's outcome; they must not stop the other close.
             if abort:

@@ -45,6 +45,13 @@ class RelayTimeouts:
     half_closed: float = 60.0  # after the first EOF
     lifetime: float = 0.0  # since submit
 
+    @property
+    def idle_probe(self) -> float:
+        """How long an engine watches the send queues at the idle deadline: a peer reading
+        slowly out of a large send buffer gives the engine no room to write for seconds,
+        yet moves bytes all the while; a queue that shrinks meanwhile counts as a byte."""
+        return min(1.0, self.idle)
+
 
 OnDone = Callable[[TunnelRecord], None]
 
