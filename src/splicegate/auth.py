@@ -47,10 +47,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from splicegate.errors import AuthOverloaded, AuthRequired
 from splicegate.request import Request
+
+if TYPE_CHECKING:  # gevent is imported where used: `splicegate passwd` runs without it
+    from gevent.threadpool import ThreadPool
 
 log = logging.getLogger("splicegate")
 
@@ -199,10 +202,10 @@ def _file_identity(path: str) -> tuple[int, int, int, int]:
 # --- the hashing pool -----------------------------------------------------------------------
 
 _pool_lock = threading.Lock()
-_pool: tuple[int, object] | None = None  # (pid, gevent ThreadPool)
+_pool: tuple[int, ThreadPool] | None = None  # (pid, its pool)
 
 
-def _hash_pool() -> object:
+def _hash_pool() -> ThreadPool:
     """The process's scrypt pool, made on first use (so after any fork into workers): as
     many threads as CPUs, at most 4, which bounds both the CPU and the memory (16 MiB per
     hash at the defaults) that a flood of wrong passwords can take."""
@@ -241,7 +244,7 @@ class Authenticator:
         self._cache: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
         self._identity: tuple[int, int, int, int] | None = None
         self._users: dict[str, Record] = {}
-        self._dummy = Record(DEFAULT_PARAMS, b"\0" * SALT_BYTES, b"\0" * KEY_BYTES, "")
+        self._dummy: Record  # set by the first reload(), which always reads the file
         self.reload()
 
     @property

@@ -165,10 +165,6 @@ class DnsCache:
         assert flight.result is not None
         return Resolution(list(flight.result.addresses), flight.result.ttl, flight.result.partial)
 
-    def clear(self) -> None:
-        """Forget every cached answer and failure (lookups in flight go on)."""
-        self._entries.clear()
-
     def close(self) -> None:
         """Stop every lookup in flight; their waiters get a DnsTimeout at once."""
         flights = [f.greenlet for f in self._flights.values() if f.greenlet is not None]

@@ -172,7 +172,8 @@ class Acceptor:
     they last and is reset by the next successful accept; the first of a run is a warning,
     the rest debug lines, so the log stays readable just when the proxy is busiest. The
     listener's queue holds new clients meanwhile; nothing spins, and nothing dies. A client
-    that gave up inside the queue (ECONNABORTED, EPROTO) is skipped.
+    that gave up inside the queue (ECONNABORTED, EPROTO), or one a firewall rule refused at
+    accept (EPERM), is skipped.
     """
 
     #: connections accepted per wake-up at most (gevent's StreamServer takes 100)
