@@ -129,6 +129,9 @@ def test_config_object_takes_cli_style_values() -> None:
         Config(header_timeout=float("nan"))
     with pytest.raises(ValueError, match=r"^workers: inf is not a finite number"):
         Config(workers=float("inf"))  # int() of it overflowed: not a ValueError
+    # Where 0 does something else than turn a setting off, the message says what.
+    with pytest.raises(ValueError, match=r"^dns-max-ttl: -1 is too small; .* \(0 keeps no answ"):
+        Config(dns_max_ttl=-1)
     with pytest.raises(ValueError, match=r"^header-timeout: True is not a number"):
         Config(header_timeout=True)  # float() would take it for 1 second
     # One (host, port) pair, as the socket API writes an address, is one address.

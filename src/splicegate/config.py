@@ -422,19 +422,19 @@ class Config:
     )
     dns_cache_size: int = setting(
         10_000,
-        _number(int, 0, zero_ok=True),
+        _number(int, 0, zero_ok="keeps none"),
         "names the DNS cache holds, least recently used evicted first (0 keeps none)",
         metavar="N",
     )
     dns_min_ttl: float = setting(
         5.0,
-        _number(float, 0.0, zero_ok=True),
+        _number(float, 0.0, zero_ok="sets no minimum"),
         "keep a DNS answer at least this many seconds, whatever its TTL",
         metavar="S",
     )
     dns_max_ttl: float = setting(
         300.0,
-        _number(float, 0.0, zero_ok=True),
+        _number(float, 0.0, zero_ok="keeps no answer"),
         "keep a DNS answer at most this many seconds, whatever its TTL",
         metavar="S",
     )
@@ -474,7 +474,7 @@ class Config:
     )
     drain_timeout: float = setting(
         30.0,
-        _number(float, 0.0, zero_ok=True),
+        _number(float, 0.0, zero_ok="closes them at once"),
         "on SIGTERM or SIGINT, seconds open tunnels get to finish",
         metavar="S",
     )
