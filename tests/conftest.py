@@ -5,9 +5,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+import gevent
 import pytest
 
 from splicegate.relay import Engine, RelayTimeouts, create_engine, native_engine_error
+
+# --- the hub's clock -----------------------------------------------------------------------
+# libev reads the clock once per loop iteration, and gevent's timeouts count from that
+# reading. A test that blocks the main thread for seconds without running the hub
+# (subprocess.run, time.sleep, a ProxyProcess started and stopped) leaves it stale, and the
+# next test's timeouts would count from seconds ago: a joinall(timeout=5) returned at once.
+
+
+@pytest.fixture(autouse=True)
+def fresh_hub_clock() -> None:
+    gevent.get_hub().loop.update_now()
+
 
 # --- relay engines ------------------------------------------------------------------------
 # Every relay test runs against each engine that loads here: "python" always, "native" once
