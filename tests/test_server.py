@@ -270,7 +270,7 @@ def test_half_closed_timeout_and_lifetime() -> None:
                 assert reply.status == 200
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_until_eof(sock) == b""
-            proc.wait_for_log(r"closed: half_closed_timeout by proxy")
+            proc.wait_for_log(r"closed: half_closed_timeout by client")
             sock, reply = open_tunnel(proc.address, f"127.0.0.1:{server.port}")
             with sock:
                 assert reply.status == 200
