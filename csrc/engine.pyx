@@ -638,8 +638,9 @@ cdef bint peer_reads(Core* c, Tunnel* t, double now) noexcept nogil:
     A peer draining a large send buffer slowly gives the engine no room to write for
     seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
     on either socket the close waits for a probe (Core.idle_probe); a queue that changed
-    by its end means a peer reads, and the idle time starts again. Nothing queued, or no
-    change, is idle. Two ioctls per idle deadline, none while bytes move."""
+    by its end means a peer reads, and the idle time starts again, as it does when a queue
+    seen at the last look has drained since. Nothing queued at this look and the last, or
+    no change, is idle. Two ioctls per idle deadline, none while bytes move."""
     cdef int64_t client = sg_unacked(t.fd[CLIENT])
     cdef int64_t origin = sg_unacked(t.fd[ORIGIN])
     # A probe whose start an engine transfer since has overtaken no longer counts.
@@ -647,10 +648,18 @@ cdef bint peer_reads(Core* c, Tunnel* t, double now) noexcept nogil:
         t.probe_at = 0
         if client == t.outq[CLIENT] and origin == t.outq[ORIGIN]:
             return False
+        t.outq[CLIENT] = client
+        t.outq[ORIGIN] = origin
         t.last_activity = now
         return True
     if client == 0 and origin == 0:
-        return False
+        if t.outq[CLIENT] == 0 and t.outq[ORIGIN] == 0:
+            return False
+        # Queued at the last look, drained now: the peer read the last of it since, and
+        # the idle time counts from then (no earlier than now, so never cut short).
+        t.outq[CLIENT] = t.outq[ORIGIN] = 0
+        t.last_activity = now
+        return True
     t.outq[CLIENT] = client
     t.outq[ORIGIN] = origin
     t.probe_at = now + c.idle_probe

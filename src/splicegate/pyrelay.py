@@ -399,8 +399,10 @@ class _Tunnel:
         A peer draining a large send buffer slowly gives the engine no room to write for
         seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
         on either socket the close waits for a probe (``RelayTimeouts.idle_probe``); a queue
-        that changed by its end means a peer reads, and the idle time starts again. Nothing
-        queued, or no change, is idle. Two ioctls per idle deadline, none while bytes move.
+        that changed by its end means a peer reads, and the idle time starts again, as it
+        does when a queue seen at the last look has drained since. Nothing queued at this
+        look and the last, or no change, is idle. Two ioctls per idle deadline, none while
+        bytes move.
         """
         timeouts = self.engine.timeouts
         queued = (_queued(self.client, _SIOCOUTQ), _queued(self.origin, _SIOCOUTQ))
@@ -409,10 +411,17 @@ class _Tunnel:
             self.probe_at = 0.0
             if queued == self.queued:
                 return False
+            self.queued = queued
             self.last_activity = now
             return True
         if not any(queued):
-            return False
+            if not any(self.queued):
+                return False
+            # Queued at the last look, drained now: the peer read the last of it since,
+            # and the idle time counts from then (no earlier than now, so never cut short).
+            self.queued = queued
+            self.last_activity = now
+            return True
         self.queued = queued
         self.probe_at = now + timeouts.idle_probe
         return True
