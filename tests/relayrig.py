@@ -24,6 +24,7 @@ import gevent
 from gevent import socket
 from gevent.event import AsyncResult
 
+from proxyproc import sha256
 from splicegate.relay import Engine, RelayTimeouts, TunnelRecord
 
 WAIT = 20.0  # bound on any single wait; only reached when something is broken
@@ -31,10 +32,6 @@ MiB = 1024 * 1024
 NO_TIMEOUTS = RelayTimeouts(idle=0, half_closed=0, lifetime=0)
 LINGER_ABORT = struct.pack("ii", 1, 0)
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
-
-
-def sha(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def randbytes(n: int, seed: int) -> bytes:
@@ -83,15 +80,6 @@ def drain(sock: socket.socket) -> tuple[int, str]:
             return count, digest.hexdigest()
         digest.update(view[:n])
         count += n
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
 
 
 def wait_until(
@@ -160,8 +148,8 @@ def exchange(t: Tunnel, up: bytes | memoryview, down: bytes | memoryview) -> Non
     _, _, at_origin, at_client = together(
         (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
     )
-    assert at_origin == (len(up), sha(up))
-    assert at_client == (len(down), sha(down))
+    assert at_origin == (len(up), sha256(up))
+    assert at_client == (len(down), sha256(down))
 
 
 def exchange_many(
@@ -180,8 +168,8 @@ def exchange_many(
         ]
     results = together(*calls, timeout=timeout)
     for i, (t, (up, down)) in enumerate(zip(tunnels, payloads, strict=True)):
-        assert results[4 * i + 2] == (len(up), sha(up)), f"tunnel {i} up"
-        assert results[4 * i + 3] == (len(down), sha(down)), f"tunnel {i} down"
+        assert results[4 * i + 2] == (len(up), sha256(up)), f"tunnel {i} up"
+        assert results[4 * i + 3] == (len(down), sha256(down)), f"tunnel {i} down"
         record = t.record()
         assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up), len(down))
 

@@ -40,6 +40,7 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
+from proxyproc import recv_exactly, sha256
 from relayrig import (
     EMPTY_SHA,
     NO_TIMEOUTS,
@@ -55,8 +56,6 @@ from relayrig import (
     pump,
     randbytes,
     read_fd,
-    recv_exactly,
-    sha,
     together,
     wait_until,
 )
@@ -496,10 +495,10 @@ def test_a_tunnel_that_started_on_the_pipe_goes_on_copying(rigs: Any) -> None:
     assert peak.value == 1
     assert engine.stats()["pipes_in_use"] == 1  # still the second tunnel's
     assert received == part1
-    assert at_origin == (len(part2), sha(part2))
+    assert at_origin == (len(part2), sha256(part2))
 
     # 4. The second tunnel's bytes, held in the pipe meanwhile, arrive whole too.
-    assert drain_after(stalled, second) == (len(other), sha(other))
+    assert drain_after(stalled, second) == (len(other), sha256(other))
     first.origin.shutdown(socket.SHUT_WR)
     assert drain(first.client) == (0, EMPTY_SHA)
     second.origin.shutdown(socket.SHUT_WR)
@@ -532,7 +531,8 @@ SIGPIPE_CHILD = r"""
 import json, signal, sys, time
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 from gevent import socket
-from relayrig import NO_TIMEOUTS, MiB, Rig, abort, recv_exactly, together
+from proxyproc import recv_exactly
+from relayrig import NO_TIMEOUTS, MiB, Rig, abort, together
 from splicegate.relay import create_engine
 
 engine = create_engine(sys.argv[1], NO_TIMEOUTS)
@@ -675,7 +675,7 @@ def test_pipe_quota_as_an_unprivileged_user(max_pipes: int | None) -> None:
             for i, ((up, down), (at_origin, at_client)) in enumerate(
                 zip(data, received, strict=True)
             )
-            if at_origin != (each, sha(up)) or at_client != (each, sha(down))
+            if at_origin != (each, sha256(up)) or at_client != (each, sha256(down))
         ]
         reasons = Counter(t.record().reason for t in tunnels)
         rig.close()
@@ -742,7 +742,7 @@ def test_fork_child_relays_and_does_not_hold_the_parents_tunnels(
         sent, at_origin = together(
             (push, to_reset.client, more), (recv_n, to_reset.origin, 2 * MiB)
         )
-        assert (sent, at_origin) == (len(more), sha(more))
+        assert (sent, at_origin) == (len(more), sha256(more))
         # ... and when the parent's engine closes them, the peers see it at once: had the
         # child kept copies of the engine's fds, no reset and no FIN would go out.
         for t in (to_reset, to_shut):
@@ -793,7 +793,7 @@ def test_a_shutdown_waiting_at_a_fork_ends_in_the_child(rigs: Any, engine_kind: 
 
 def recv_n(sock: socket.socket, n: int) -> str:
     """Read exactly ``n`` bytes; their sha256."""
-    return sha(recv_exactly(sock, n))
+    return sha256(recv_exactly(sock, n))
 
 
 def test_shutdown_with_busy_tunnels_leaves_no_thread_fd_or_pipe_behind(rigs: Any) -> None:

@@ -25,7 +25,7 @@ import pytest
 from gevent import socket
 from gevent.event import AsyncResult
 
-from proxyproc import ipv6_loopback
+from proxyproc import ipv6_loopback, recv_exactly, sha256
 from relayrig import (
     EMPTY_SHA,
     NO_TIMEOUTS,
@@ -42,8 +42,6 @@ from relayrig import (
     pump,
     randbytes,
     read_fd,
-    recv_exactly,
-    sha,
     together,
     wait_until,
 )
@@ -111,8 +109,8 @@ def test_many_small_messages(make_rig: Any) -> None:
         (burst, t.client, ups), (burst, t.origin, downs), (drain, t.origin), (drain, t.client)
     )
     up, down = b"".join(ups), b"".join(downs)
-    assert at_origin == (len(up), sha(up))
-    assert at_client == (len(down), sha(down))
+    assert at_origin == (len(up), sha256(up))
+    assert at_client == (len(down), sha256(down))
     record = t.record()
     assert record.reason == "eof"
     assert record.bytes_up == round_trip_bytes + len(up)
@@ -146,8 +144,8 @@ def test_ipv6_loopback(make_rig: Any) -> None:
     _, _, at_origin, at_client = together(
         (pump, t.client, up), (pump, t.origin, down), (drain, t.origin), (drain, t.client)
     )
-    assert at_origin == (len(up) + 6, sha(b"hello " + up))
-    assert at_client == (len(down), sha(down))
+    assert at_origin == (len(up) + 6, sha256(b"hello " + up))
+    assert at_client == (len(down), sha256(down))
     record = t.record()
     assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", len(up) + 6, len(down))
 
@@ -237,9 +235,9 @@ def test_half_close_keeps_the_other_direction_open(make_rig: Any, first: str) ->
         closer.shutdown(socket.SHUT_WR)
 
     _, at_other, at_closer = together((closer_side,), (other_side,), (drain, closer))
-    assert at_other == (len(last_words), sha(last_words))
+    assert at_other == (len(last_words), sha256(last_words))
     rest = b"".join(pieces)
-    assert at_closer == (len(rest), sha(rest))
+    assert at_closer == (len(rest), sha256(rest))
     record = t.record()
     assert (record.reason, record.first_closer, record.errno) == ("eof", first, 0)
     sent_up, sent_down = (last_words, rest) if first == "client" else (rest, last_words)
@@ -435,10 +433,10 @@ def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: An
             if len(got) == len(data):
                 break
             gevent.sleep(0.25)
-        return len(got), sha(got)
+        return len(got), sha256(got)
 
     _, received = together((pump, t.origin, data), (read_slowly,))
-    assert received == (len(data), sha(data))
+    assert received == (len(data), sha256(data))
     assert not t.done.ready()
     t.client.shutdown(socket.SHUT_WR)
     assert drain(t.client) == (0, EMPTY_SHA)
@@ -621,7 +619,7 @@ def test_a_slow_reader_stalls_its_writer(make_rig: Any, direction: str) -> None:
     # Once the reader reads, every byte arrives.
     writer.settimeout(WAIT)
     _, received = together((pump, writer, view[sent:]), (drain, reader))
-    assert received == (len(data), sha(data))
+    assert received == (len(data), sha256(data))
     reader.shutdown(socket.SHUT_WR)
     record = t.record()
     assert getattr(record, f"bytes_{direction}") == len(data)
@@ -651,8 +649,8 @@ def test_no_fd_leak_whichever_way_tunnels_end(make_rig: Any) -> None:
 
     def exchange(t: Tunnel) -> None:
         together((pump, t.client, b"up"), (pump, t.origin, b"down"))
-        assert drain(t.client) == (4, sha(b"down"))
-        assert drain(t.origin) == (2, sha(b"up"))
+        assert drain(t.client) == (4, sha256(b"down"))
+        assert drain(t.origin) == (2, sha256(b"up"))
 
     def client_aborts(t: Tunnel) -> None:
         abort(t.client)
@@ -950,5 +948,5 @@ def test_an_on_done_exception_is_logged_not_raised(
     _, _, at_origin = together(
         (pump, t2.client, b"again"), (pump, t2.origin, b""), (drain, t2.origin)
     )
-    assert at_origin == (5, sha(b"again"))
+    assert at_origin == (5, sha256(b"again"))
     assert t2.record().reason == "eof"
