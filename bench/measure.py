@@ -5,6 +5,7 @@ command-line options that set them. Each report keeps its own labels and notes."
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -253,3 +254,15 @@ def record_rate(
         if result.per_second > 0:  # the proxy's CPU for one tunnel: steadier than the rate
             samples["rate_cpu_tunnel", key].append(proxy_cpu / 100 / result.per_second * 1e6)
     return text
+
+
+# --- the reports' numbers -------------------------------------------------------------------
+
+
+def fmt(value: float | None, decimals: int) -> str:
+    """A figure for a Markdown table: thousands separated, ``-`` for none measured."""
+    return "-" if value is None else f"{value:,.{decimals}f}"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

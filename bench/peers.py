@@ -51,7 +51,6 @@ import shlex
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ from typing import IO, Protocol
 import loadgen
 import measure
 from loadgen import ESTABLISHED_ENV, PAYLOAD
-from measure import IDLE_SETTLE_S
+from measure import IDLE_SETTLE_S, fmt, median
 from origin import Origin
 from procs import (
     describe_machine,
@@ -1175,14 +1174,6 @@ class ErrorSuite:
 def cell(text: str) -> str:
     """Text fit for a Markdown table cell: one line, no bare pipe."""
     return " ".join(text.split()).replace("|", "\\|")
-
-
-def fmt(value: float | None, decimals: int) -> str:
-    return "-" if value is None else f"{value:,.{decimals}f}"
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def figures_table(bench: Bench, args: argparse.Namespace) -> list[str]:

@@ -27,7 +27,6 @@ when it started them.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import traceback
@@ -41,7 +40,9 @@ from measure import (
     IDLE_SETTLE_S,
     add_measure_arguments,
     check_measure_arguments,
+    fmt,
     hold_idle,
+    median,
     rate,
     transfer,
 )
@@ -242,16 +243,6 @@ class Bench:
 
 
 # --- the report ---------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, decimals: int) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.{decimals}f}"
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def figures_table(

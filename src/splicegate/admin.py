@@ -62,8 +62,7 @@ class AdminServer:
                 exc.errno, f"cannot serve --admin on {host}:{port}: {exc.strerror}"
             ) from None
         self.address = self._server.socket.getsockname()[:2]
-        shown = f"[{self.address[0]}]" if ":" in self.address[0] else self.address[0]
-        log.info("admin on http://%s:%d (/metrics, /healthz)", shown, self.address[1])
+        log.info("admin on http://%s (/metrics, /healthz)", show_address(self.address))
 
     def stop(self) -> None:
         self._server.stop(timeout=1)
