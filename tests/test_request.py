@@ -323,6 +323,16 @@ def test_a_refusal_never_repeats_credentials(head: bytes, secret: bytes) -> None
         assert secret.decode() not in (text if isinstance(text, str) else text.decode())
 
 
+@pytest.mark.parametrize(
+    ("line", "details"),
+    [(b"NoColon", "no colon"), (b": 1", "no name"), (b"X(A): 1", "X"), (b"Host : a", "Host")],
+)
+def test_a_malformed_field_is_named_by_what_is_wrong(line: bytes, details: str) -> None:
+    err = parse_all_ways(b"CONNECT a.example:443 HTTP/1.1\r\n" + line + b"\r\n\r\n")
+    assert isinstance(err, errors.BadRequest)
+    assert err.details == f"malformed field: {details}"
+
+
 def test_head_over_limit_is_431() -> None:
     head = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
     err = parse_all_ways(head, max_head_bytes=1024)

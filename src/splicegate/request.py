@@ -288,17 +288,19 @@ def _malformed_field(line: bytes) -> BadRequest:
     message is logged and sent back, and a value is no one's to see there (a
     'Proxy-Authorization Basic ...' with its colon missing carries a password). A line
     without a colon has no name to show."""
+    token = _TOKEN_CHARS.match(line)  # stops before any space, colon or control
+    assert token is not None  # "*": it matches, if only nothing
+    name = line[: min(token.end(), 60)].decode("latin-1")
     if b":" not in line:
-        name, where = "", "a line without a colon"
+        where, details = "a line without a colon", "no colon"
+    elif not name:
+        where, details = "a line with no name before its colon", "no name"
     else:
-        token = _TOKEN_CHARS.match(line)  # stops before any space, colon or control
-        assert token is not None  # "*": it matches, if only nothing
-        name = line[: min(token.end(), 60)].decode("latin-1")
-        where = f"{name!a}"
+        where, details = f"{name!a}", name
     return BadRequest(
         f"malformed header field ({where}): a field is 'Name: value', no space before the "
         "colon, no control characters in the value",
-        details=f"malformed field: {name or 'no colon'}",
+        details=f"malformed field: {details}",
     )
 
 
