@@ -421,6 +421,19 @@ def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str
         assert metric(refused, "splicegate_connections_total") == 2
         # a refusal has no 200: the time to it is observed for tunnels only
         assert metric(refused, "splicegate_time_to_established_seconds_count") == 1
+        # the name was asked of the nameserver once; the port refusal asked nothing
+        assert metric(refused, "splicegate_dns_lookups_total", answer="resolver") == 1
+        assert metric(refused, "splicegate_dns_lookups_total", answer="cache") == 0
+        with origin(echo) as srv:
+            for _ in range(2):  # the name again: from the cache
+                sock, reply = open_tunnel(proc.address, f"origin.test:{srv.port}")
+                assert reply.status == 200
+                sock.close()
+        cached = scrape(admin)
+        assert metric(cached, "splicegate_dns_lookups_total", answer="resolver") == 1
+        assert metric(cached, "splicegate_dns_lookups_total", answer="cache") == 2
+        assert metric(cached, "splicegate_dns_cache_entries") == 1
+        assert dns.count("origin.test", "A") == 1
     finally:
         assert proc.stop() == 0
 

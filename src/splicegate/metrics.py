@@ -24,7 +24,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splicegate.dnscache import DnsCache
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -117,6 +120,19 @@ class Metrics:
             "Access-log lines lost: the writer was too far behind, or write(2) failed",
             registry=reg,
         )
+        self.dns_lookups = Counter(
+            "splicegate_dns_lookups",
+            "Name lookups by how they were answered: from the cache, merged into a lookup "
+            "of the same name already asking, or asked of the resolver",
+            ["answer"],
+            registry=reg,
+        )
+        self.dns_cache_entries = Gauge(
+            "splicegate_dns_cache_entries", "Names the DNS cache holds (answers, failures)", **live
+        )
+        self._dns_answers = [self.dns_lookups.labels(a) for a in ("cache", "merged", "resolver")]
+        self._dns_cache: object = None
+        self._dns_seen = (0, 0, 0)
         #: tunnels_total's children by (status, error): labels() costs more than inc()
         self._finished: dict[tuple[int, str], Any] = {}
         self._up = self.bytes.labels("up")
@@ -143,6 +159,17 @@ class Metrics:
         if down > self._seen_down:
             self._down.inc(down - self._seen_down)
         self._seen_up, self._seen_down = up, down
+
+    def observe_dns(self, cache: DnsCache) -> None:
+        """Bring the DNS cache's counts in, as the increase since the last look; a new
+        cache (a reload with new DNS settings) counts from nothing."""
+        counts = (cache.hits, cache.merged, cache.misses)
+        seen = self._dns_seen if cache is self._dns_cache else (0, 0, 0)
+        for child, now, before in zip(self._dns_answers, counts, seen, strict=True):
+            if now > before:
+                child.inc(now - before)
+        self._dns_cache, self._dns_seen = cache, counts
+        self.dns_cache_entries.set(len(cache))
 
     def render(self) -> bytes:
         """This process's metrics in the Prometheus text format; in multiprocess mode (an

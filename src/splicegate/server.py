@@ -196,6 +196,8 @@ class ProxyServer:
         apply_users()
         self.authenticator = authenticator
         if resolver is not None:
+            if self._dns_settings is not None:  # the old cache's last counts, before it goes
+                self.metrics.observe_dns(self.resolver)
             self.resolver, self._dns_settings = resolver, dns_settings
         self.connections.set_caps(config.max_connections, config.max_connections_per_client)
         if self.access_log is not access_log:
@@ -251,7 +253,7 @@ class ProxyServer:
                 engine.shutdown(time.monotonic())
             raise
         if self.metrics.multiprocess:  # a supervisor answers the scrapes: keep files fresh
-            self._observer = gevent.spawn(self._observe_engine_forever)
+            self._observer = gevent.spawn(self._observe_forever)
         log.info(
             "relay engine: %s (%s)",
             self.engine.name,
@@ -291,7 +293,7 @@ class ProxyServer:
         if self._observer is not None:
             self._observer.kill()
             assert self.engine is not None
-            self.metrics.observe_engine(self.engine.stats())  # the last second's bytes too
+            self._observe()  # the last second's bytes too
         if self.admin is not None:
             self.admin.stop()
         if self.access_log is not None:
@@ -594,13 +596,18 @@ class ProxyServer:
             self.metrics.established.observe(attempt.established_s)
 
     def _scrape(self) -> bytes:
-        if self.engine is not None:
-            self.metrics.observe_engine(self.engine.stats())
+        self._observe()
         return self.metrics.render()
 
-    def _observe_engine_forever(self, every: float = 1.0) -> None:
-        while self.engine is not None:
+    def _observe(self) -> None:
+        """The figures counted elsewhere (the engine's, the DNS cache's), into the metrics."""
+        if self.engine is not None:
             self.metrics.observe_engine(self.engine.stats())
+        self.metrics.observe_dns(self.resolver)
+
+    def _observe_forever(self, every: float = 1.0) -> None:
+        while self.engine is not None:
+            self._observe()
             gevent.sleep(every)
 
     def reload(self, config: Config) -> list[str]:
