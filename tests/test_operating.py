@@ -361,6 +361,23 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
+def test_bytes_relayed_never_count_a_byte_twice() -> None:
+    """An engine's totals fall back when a tunnel ends abortively with bytes unsent (they
+    count bytes delivered); the counter, which cannot fall, counts on only past the most
+    it has seen, or the bytes moved after would be counted over again."""
+    from splicegate.metrics import Metrics
+
+    m = Metrics()
+    for up in (4000, 1000, 3000, 5000):  # 3000 unsent at a cut, then 4000 moved
+        m.observe_engine({"bytes_up": up})
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(m.render().decode())
+        for s in family.samples
+    }
+    assert metric(samples, "splicegate_bytes_total", direction="up") == 5000
+
+
 def test_metrics_move_as_tunnels_open_and_close(dns: DnsServer, engine_kind: str) -> None:
     proc = ProxyProcess(
         *LOOPBACK, "--allow-port", "1024-65535", "--admin", "127.0.0.1:0",

@@ -149,16 +149,20 @@ class Metrics:
         child.inc()
 
     def observe_engine(self, stats: Mapping[str, int]) -> None:
-        """Bring the engine's figures in: gauges as they are, bytes as the increase."""
+        """Bring the engine's figures in: gauges as they are, bytes as the increase past the
+        most seen. An engine's totals count bytes delivered, so they fall back when a tunnel
+        ends abortively with bytes it wrote still unsent; those were counted already, and
+        bytes moved after count again only once the total passes its old height."""
         self.tunnels_active.set(stats.get("active", 0))
         self.pipes.set(stats.get("pipes_in_use", 0))
         self.threads.set(stats.get("threads", 0))
         up, down = stats.get("bytes_up", 0), stats.get("bytes_down", 0)
         if up > self._seen_up:
             self._up.inc(up - self._seen_up)
+            self._seen_up = up
         if down > self._seen_down:
             self._down.inc(down - self._seen_down)
-        self._seen_up, self._seen_down = up, down
+            self._seen_down = down
 
     def observe_dns(self, cache: DnsCache) -> None:
         """Bring the DNS cache's counts in, as the increase since the last look; a new
