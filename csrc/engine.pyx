@@ -94,8 +94,8 @@ cdef struct Tunnel:
     double first_eof    # 0 until one side sends FIN
     double ended
     double timer_at     # the heap key: no deadline can come before it
-    double probe_at     # the end of a send-queue probe (see peer_reads); 0 before one
-    int64_t outq[2]     # CLIENT, ORIGIN: their send queues when the probe began
+    double looked_at    # when the send queues were last looked at (see peer_reads)
+    int64_t outq[2]     # CLIENT, ORIGIN: their send queues then
     Py_ssize_t heap_index
     int first_closer    # -1 until known
     int reason
@@ -109,7 +109,7 @@ cdef struct Tunnel:
 
 cdef struct Core:
     double idle
-    double idle_probe
+    double idle_look
     double half_closed
     double lifetime
     size_t pipe_size
@@ -312,9 +312,11 @@ cdef double next_deadline(Core* c, Tunnel* t, int* reason) noexcept nogil:
     cdef double best = INFINITY
     cdef double at
     if c.idle > 0:
-        best = t.last_activity + c.idle
-        if t.probe_at > best:  # a probe of the send queues runs past it (peer_reads)
-            best = t.probe_at
+        # Halfway, a look at the send queues, which the deadline compares with (peer_reads).
+        if t.looked_at > t.last_activity:
+            best = t.last_activity + c.idle
+        else:
+            best = t.last_activity + c.idle_look
         reason[0] = R_IDLE
     if c.half_closed > 0 and t.first_eof > 0:
         at = t.first_eof + c.half_closed
@@ -633,36 +635,24 @@ cdef void run_ready(Worker* w, double now) noexcept nogil:
 
 
 cdef bint peer_reads(Core* c, Tunnel* t, double now) noexcept nogil:
-    """At the idle deadline: whether a peer still reads what the engine wrote before it.
+    """At an idle time's halfway point and at its deadline: False when the tunnel is idle.
 
     A peer draining a large send buffer slowly gives the engine no room to write for
-    seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
-    on either socket the close waits for a probe (Core.idle_probe); a queue that changed
-    by its end means a peer reads, and the idle time starts again, as it does when a queue
-    seen at the last look has drained since. Nothing queued at this look and the last, or
-    no change, is idle. Two ioctls per idle deadline, none while bytes move."""
+    seconds, so the engine moves no byte, yet the tunnel is not idle. Halfway through the
+    idle time the engine notes both send queues; at the deadline, a queue that changed
+    since means a peer reads, and the idle time starts again. The look is taken anew in
+    each idle time, after the last byte the engine moved, so an old one never counts.
+    Two ioctls per look, none while bytes move (RelayTimeouts.idle_look)."""
     cdef int64_t client = sg_unacked(t.fd[CLIENT])
     cdef int64_t origin = sg_unacked(t.fd[ORIGIN])
-    # A probe whose start an engine transfer since has overtaken no longer counts.
-    if t.probe_at > t.last_activity + c.idle:
-        t.probe_at = 0
-        if client == t.outq[CLIENT] and origin == t.outq[ORIGIN]:
-            return False
+    if t.looked_at <= t.last_activity:  # halfway: the look the deadline compares with
         t.outq[CLIENT] = client
         t.outq[ORIGIN] = origin
-        t.last_activity = now
+        t.looked_at = now
         return True
-    if client == 0 and origin == 0:
-        if t.outq[CLIENT] == 0 and t.outq[ORIGIN] == 0:
-            return False
-        # Queued at the last look, drained now: the peer read the last of it since, and
-        # the idle time counts from then (no earlier than now, so never cut short).
-        t.outq[CLIENT] = t.outq[ORIGIN] = 0
-        t.last_activity = now
-        return True
-    t.outq[CLIENT] = client
-    t.outq[ORIGIN] = origin
-    t.probe_at = now + c.idle_probe
+    if client == t.outq[CLIENT] and origin == t.outq[ORIGIN]:
+        return False
+    t.last_activity = now
     return True
 
 
@@ -830,7 +820,7 @@ cdef class NativeEngine:
             raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}")
         self.batch = scheduling == "batch"
         self.core.idle = timeouts.idle
-        self.core.idle_probe = timeouts.idle_probe
+        self.core.idle_look = timeouts.idle_look
         self.core.half_closed = timeouts.half_closed
         self.core.lifetime = timeouts.lifetime
         self.core.pipe_size = usable_pipe_size(pipe_size)

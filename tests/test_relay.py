@@ -423,6 +423,10 @@ def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: An
     read less than everything, or meet a reset."""
     rig = make_rig(RelayTimeouts(idle=1.0, half_closed=0, lifetime=0))
     t = rig.open()
+    # What the client has not read stays in the engine's send queue, not in the client's
+    # own buffer (which would let that queue empty, and the tunnel rightly go idle, while
+    # the client still has seconds of reading to do).
+    t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     data = randbytes(4 * MiB, 60)
 
     def read_slowly() -> tuple[int, str]:
@@ -445,8 +449,8 @@ def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: An
 
 
 def test_a_peer_that_reads_nothing_is_idle_with_bytes_queued_for_it(make_rig: Any) -> None:
-    """The send-queue probe defers the idle close only while a queue moves: bytes queued
-    for a client that reads none of them end the tunnel at the idle timeout plus one probe."""
+    """The send-queue look defers the idle close only while a queue moves: bytes queued
+    for a client that reads none of them end the tunnel at the idle timeout."""
     idle = 1.0
     timeouts = RelayTimeouts(idle=idle, half_closed=0, lifetime=0)
     rig = make_rig(timeouts)
@@ -464,8 +468,34 @@ def test_a_peer_that_reads_nothing_is_idle_with_bytes_queued_for_it(make_rig: An
             gevent.sleep(0.02)
     record = t.record()
     # The engine's last write came before the origin stalled; 0.5 s of slack for the loop.
-    assert time.monotonic() - stalled_since < idle + timeouts.idle_probe + 0.5
+    assert time.monotonic() - stalled_since < idle + 0.5
     assert (record.reason, record.first_closer) == ("idle", "proxy")
+
+
+def test_a_look_at_the_queues_from_before_the_last_byte_never_counts(make_rig: Any) -> None:
+    """A slow reader's queues were looked at; once it has read everything, one byte goes
+    up and nothing more moves: idle counts from that byte, not an idle time later."""
+    idle = 1.0
+    rig = make_rig(RelayTimeouts(idle=idle, half_closed=0, lifetime=0))
+    t = rig.open()
+    data = randbytes(2 * MiB, 61)
+
+    def read_slowly() -> int:
+        got = 0
+        for _ in range(2 * len(data) // (128 * 1024) + 100):  # bounded
+            got += len(recv_exactly(t.client, min(128 * 1024, len(data) - got)))
+            if got == len(data):
+                break
+            gevent.sleep(0.25)
+        return got
+
+    assert together((pump, t.origin, data), (read_slowly,))[1] == len(data)
+    t.client.sendall(b"!")
+    last_byte = time.monotonic()
+    assert recv_exactly(t.origin, 1) == b"!"
+    record = t.record()
+    assert record.reason == "idle"
+    assert time.monotonic() - last_byte < idle + 0.5  # not two idle times
 
 
 def test_an_eof_is_no_activity(make_rig: Any) -> None:

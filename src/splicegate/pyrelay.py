@@ -25,6 +25,7 @@ import os
 import select
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 # <linux/sockios.h>'s ioctls for the bytes a TCP socket holds: not acknowledged by its peer
 # (sent or not; TIOCOUTQ's number), and not sent yet. The socket module names neither.
-_SIOCOUTQ = 0x5411
+_SIOCOUTQ = termios.TIOCOUTQ
 _SIOCOUTQNSD = 0x894B
 # A send to a reset peer must fail with EPIPE, not kill the process, even when the
 # embedding application has restored the default SIGPIPE action.
@@ -317,9 +318,9 @@ class _Tunnel:
         "first_closer",
         "first_eof",
         "last_activity",
+        "looked_at",
         "on_done",
         "origin",
-        "probe_at",
         "queued",
         "started",
         "timer",
@@ -346,8 +347,8 @@ class _Tunnel:
         self.first_closer: Closer | None = None
         self.timer: Any = None
         self.timer_at = float("inf")
-        self.probe_at = 0.0  # the end of a send-queue probe (see _peer_reads); 0 before one
-        self.queued = (0, 0)  # client's and origin's send queues when the probe began
+        self.looked_at = 0.0  # when the send queues were last looked at (see _peer_reads)
+        self.queued = (0, 0)  # client's and origin's send queues then
 
     def start(self, early_up: bytes) -> None:
         self.up.start(early_up)
@@ -358,9 +359,9 @@ class _Tunnel:
         timeouts = self.engine.timeouts
         deadlines: list[tuple[float, Reason]] = []
         if timeouts.idle:
-            # A probe of the send queues may run past the idle deadline (_peer_reads).
-            idle_at = max(self.last_activity + timeouts.idle, self.probe_at)
-            deadlines.append((idle_at, "idle"))
+            # Halfway, a look at the send queues, which the deadline compares with.
+            wait = timeouts.idle if self.looked_at > self.last_activity else timeouts.idle_look
+            deadlines.append((self.last_activity + wait, "idle"))
         if timeouts.half_closed and self.first_eof is not None:
             deadlines.append((self.first_eof + timeouts.half_closed, "half_closed_timeout"))
         if timeouts.lifetime:
@@ -394,36 +395,23 @@ class _Tunnel:
             self._arm()
 
     def _peer_reads(self, now: float) -> bool:
-        """At the idle deadline: whether a peer still reads what the engine wrote before it.
+        """At an idle time's halfway point and at its deadline: False when it is idle.
 
         A peer draining a large send buffer slowly gives the engine no room to write for
-        seconds, so the engine moves no byte, yet the tunnel is not idle. With bytes queued
-        on either socket the close waits for a probe (``RelayTimeouts.idle_probe``); a queue
-        that changed by its end means a peer reads, and the idle time starts again, as it
-        does when a queue seen at the last look has drained since. Nothing queued at this
-        look and the last, or no change, is idle. Two ioctls per idle deadline, none while
-        bytes move.
+        seconds, so the engine moves no byte, yet the tunnel is not idle. Halfway through
+        the idle time the engine notes both send queues; at the deadline, a queue that
+        changed since means a peer reads, and the idle time starts again. The look is taken
+        anew in each idle time, after the last byte the engine moved, so an old one never
+        counts. Two ioctls per look, none while bytes move (``RelayTimeouts.idle_look``).
         """
-        timeouts = self.engine.timeouts
         queued = (_queued(self.client, _SIOCOUTQ), _queued(self.origin, _SIOCOUTQ))
-        # A probe whose start a transfer since has overtaken no longer counts.
-        if self.probe_at > self.last_activity + timeouts.idle:
-            self.probe_at = 0.0
-            if queued == self.queued:
-                return False
+        if self.looked_at <= self.last_activity:  # halfway: what the deadline compares with
             self.queued = queued
-            self.last_activity = now
+            self.looked_at = now
             return True
-        if not any(queued):
-            if not any(self.queued):
-                return False
-            # Queued at the last look, drained now: the peer read the last of it since,
-            # and the idle time counts from then (no earlier than now, so never cut short).
-            self.queued = queued
-            self.last_activity = now
-            return True
-        self.queued = queued
-        self.probe_at = now + timeouts.idle_probe
+        if queued == self.queued:
+            return False
+        self.last_activity = now
         return True
 
     def saw_eof(self, side: Closer) -> None:

@@ -46,11 +46,13 @@ class RelayTimeouts:
     lifetime: float = 0.0  # since submit
 
     @property
-    def idle_probe(self) -> float:
-        """How long an engine watches the send queues at the idle deadline: a peer reading
-        slowly out of a large send buffer gives the engine no room to write for seconds,
-        yet moves bytes all the while; a queue that shrinks meanwhile counts as a byte."""
-        return min(1.0, self.idle)
+    def idle_look(self) -> float:
+        """When, after the last byte an engine moved, it looks at the tunnel's send queues:
+        halfway through the idle time. At the idle deadline it looks again, and a queue that
+        changed between counts as a byte: a peer reading slowly out of a large send buffer
+        gives the engine no room to write for seconds, yet reads all the while. So a peer
+        that reads at least once in every half of the idle time keeps its tunnel open."""
+        return self.idle / 2
 
 
 OnDone = Callable[[TunnelRecord], None]
