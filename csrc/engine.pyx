@@ -464,9 +464,10 @@ cdef void fail(Worker* w, Tunnel* t, int side, int err, double now) noexcept nog
 cdef void expire(Worker* w, Tunnel* t, int reason, double now) noexcept nogil:
     """The proxy ends the tunnel: a clean FIN to each side, except a side still owed bytes
     the proxy holds, which gets an abort so that a cut stream never looks complete. The
-    half-closed timeout names the side whose FIN came first, as a reset after a half-close
-    does: its reason already says that the proxy ended it."""
-    finish(w, t, reason, t.first_closer if reason == R_HALF_CLOSED else PROXY, 0,
+    first closer is the side whose FIN came first, if one did, as after a reset: the
+    reason already says that the proxy ended it. Only a tunnel neither side closed names
+    the proxy."""
+    finish(w, t, reason, t.first_closer if t.first_closer >= 0 else PROXY, 0,
            pending(&t.dir[DOWN]), pending(&t.dir[UP]), now)
 
 

@@ -461,16 +461,13 @@ class _Tunnel:
         present a truncated stream as complete (the kernel does the same when a socket is
         closed with unread data).
 
-        The half-closed timeout names the side whose FIN came first, as a reset after a
-        half-close does: its reason already says that the proxy ended it.
+        The first closer is the side whose FIN came first, if one did, as after a reset:
+        the reason already says that the proxy ended it. Only a tunnel neither side closed
+        names the proxy.
         """
-        closer: Closer = "proxy"
-        if reason == "half_closed_timeout":
-            assert self.first_closer is not None  # set by the EOF that armed this deadline
-            closer = self.first_closer
         self.end(
             reason,
-            closer,
+            self.first_closer or "proxy",
             0,
             abort_client=self.down.buf is not None,
             abort_origin=self.up.buf is not None,
