@@ -323,3 +323,29 @@ def test_log_lines_dropped_while_stderr_is_stuck_are_counted_at_stop() -> None:
     assert last.strip().endswith(
         f"WARNING {dropped} log lines were dropped while stderr did not keep up"
     )
+
+
+def test_the_log_stop_gives_up_on_a_stderr_stuck_for_good() -> None:
+    """Nobody ever reads stderr: the stop waits a while for the writer, then returns. (The
+    script leaves with os._exit: Python's own flush of a stuck stderr at exit would wait.)"""
+    script = textwrap.dedent(
+        """
+        import logging, os, sys, time
+        from splicegate import cli
+        cli._PatientQueueListener.stop_timeout = 0.5
+        read_end, write_end = os.pipe()
+        sys.stderr = os.fdopen(write_end, "w")  # never read: stuck for good
+        stop = cli.setup_logging(logging.INFO)
+        for n in range(2000):  # fills the pipe, far below the queue's 10,000
+            logging.getLogger("splicegate").info("line %d %s", n, "x" * 100)
+        started = time.monotonic()
+        stop()
+        print(round(time.monotonic() - started, 1), file=sys.__stdout__, flush=True)
+        os._exit(0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 3.0

@@ -99,13 +99,25 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
 
 class _PatientQueueListener(logging.handlers.QueueListener):
     """QueueListener's stop() puts its sentinel with put_nowait, which raises queue.Full
-    when stderr fell behind; this one waits for room, for a while (its thread is a daemon:
-    given up on, it does not hold the exit)."""
+    when stderr fell behind, and then joins its thread for as long as stderr stays stuck.
+    This one waits for room and for the thread, for a while each, then gives up on them
+    (the thread is a daemon), so that the stop returns; what Python itself flushes to
+    stderr at exit may still wait on it. Returns whether the queue was written out."""
 
     stop_timeout = 5.0
 
-    def enqueue_sentinel(self) -> None:
-        self.queue.put(self._sentinel, timeout=self.stop_timeout)  # type: ignore[attr-defined]
+    def stop(self) -> bool:  # type: ignore[override]
+        try:
+            self.queue.put(self._sentinel, timeout=self.stop_timeout)  # type: ignore[attr-defined]
+        except queue.Full:
+            return False
+        thread = self._thread  # type: ignore[attr-defined]
+        if thread is not None:
+            thread.join(self.stop_timeout)
+            if thread.is_alive():
+                return False
+        self._thread = None
+        return True
 
 
 def setup_logging(level: int, *, with_pid: bool = False) -> Callable[[], None]:
@@ -126,9 +138,7 @@ def setup_logging(level: int, *, with_pid: bool = False) -> Callable[[], None]:
 
     def stop() -> None:
         log.removeHandler(handler)
-        try:
-            listener.stop()
-        except queue.Full:  # stderr stuck for good: nothing more can be written to it
+        if not listener.stop():  # stderr stuck for good: nothing more can be written to it
             return
         if handler.dropped:
             writer.handle(
