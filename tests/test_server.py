@@ -605,8 +605,8 @@ def test_aaaa_answered_and_a_lost_tunnels_over_ipv6(dns: DnsServer, dns_timeout:
     try:
         with origin(host="::1") as server:
             started = time.monotonic()
-            tunnel_echoes(proc, f"a-lost.test:{server.port}")
-            assert time.monotonic() - started < min(float(dns_timeout), 2.0)
+            tunnel_echoes(proc, f"a-lost.test:{server.port}")  # a 200, not a 504
+            assert time.monotonic() - started < 2.0  # long: about 1.05 s, not 5 s
     finally:
         assert proc.stop() == 0
 
