@@ -434,7 +434,7 @@ class Config:
     )
     dns_max_ttl: float = setting(
         300.0,
-        _number(float, 0.0, zero_ok="keeps no answer"),
+        _number(float, 0.0, zero_ok="keeps no answer, with --dns-min-ttl 0"),
         "keep a DNS answer at most this many seconds, whatever its TTL",
         metavar="S",
     )

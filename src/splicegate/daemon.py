@@ -116,9 +116,10 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         def load() -> Config:
             return dataclasses.replace(read(), admin=None)
 
-    own = [parse_address(os.environ[ADMIN_ENV])] if worker and os.environ.get(ADMIN_ENV) else []
     signals = Signals()  # before start: a signal during start-up waits for the loop
     try:
+        admin = os.environ.get(ADMIN_ENV) if worker else None
+        own = [parse_address(admin)] if admin else []
         server = ProxyServer(config, own_addresses=own)
         server.start()
     except (OSError, RuntimeError, ValueError) as exc:
