@@ -574,6 +574,44 @@ def test_a_pipe_size_past_the_limit_is_warned_of_once_not_per_worker() -> None:
         assert proc.stop() == 0
 
 
+def test_readiness_counts_only_from_a_workers_own_pid() -> None:
+    """A datagram naming a worker's pid, from another process, marks nothing ready; the
+    worker's own does."""
+    from splicegate.config import Config
+    from splicegate.workers import Supervisor
+
+    config = Config(workers=2, listen=[f"127.0.0.1:{free_port()}"])
+    supervisor = Supervisor(config, [], lambda: config)
+    supervisor._prepare()
+    send = (
+        "import socket, sys; sys.stdin.readline(); "
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', chr(0) + sys.argv[1])"
+    )
+    stand_ins = [
+        subprocess.Popen(
+            [sys.executable, "-c", send, supervisor._notify_name],
+            stdin=subprocess.PIPE,
+        )
+        for _ in supervisor.workers
+    ]
+    try:
+        for worker, proc in zip(supervisor.workers, stand_ins, strict=True):
+            worker.proc = proc  # type: ignore[assignment]  # only its pid is read
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+            forged = f"READY=1\nWORKER_PID={stand_ins[0].pid}".encode()
+            stranger.sendto(forged, "\0" + supervisor._notify_name)
+        supervisor._readiness(0.3)
+        assert [w.ready for w in supervisor.workers] == [False, False]
+        stand_ins[0].communicate(b"go\n", timeout=WAIT)
+        supervisor._readiness(1.0)
+        assert [w.ready for w in supervisor.workers] == [True, False]
+    finally:
+        for proc in stand_ins:
+            proc.kill()
+            proc.wait(WAIT)
+        supervisor._cleanup()
+
+
 def test_the_supervisor_takes_readiness_only_from_its_workers() -> None:
     """Its readiness socket is abstract, so any local process can send to it: a datagram
     that is no worker's (here one claiming a worker's pid in a field, with a bad one
