@@ -35,6 +35,7 @@ from proxyproc import (
     connect_head,
     echo,
     free_port,
+    ipv6_loopback,
     open_tunnel,
     origin,
     read_reply,
@@ -359,6 +360,21 @@ def dns() -> Iterator[DnsServer]:
     with DnsServer() as server:
         server.add("origin.test", a=["127.0.0.1"])
         yield server
+
+
+def test_the_admin_log_names_an_ipv4_client_of_a_dual_stack_listener_as_ipv4() -> None:
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    proc = ProxyProcess("--admin", "[::]:0")
+    try:
+        port = int(proc.wait_for_log(r"admin on http://\[::\]:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as garbage:
+            garbage.sendall(b"GARBAGE\r\n\r\n")
+            assert garbage.recv(4096).startswith(b"HTTP/1.1 400 ")
+        proc.wait_for_log(r"INFO admin: refused a request from 127\.0\.0\.1:\d+: ")
+        assert "::ffff:" not in proc.log()
+    finally:
+        assert proc.stop() == 0
 
 
 def test_bytes_relayed_never_count_a_byte_twice() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from splicegate.limits import unmapped
 from splicegate.request import show_address
 
 log = logging.getLogger("splicegate")
@@ -28,7 +29,8 @@ class _Handler(WSGIHandler):
 
     def log_error(self, msg: str, *args: Any) -> None:
         client = self.client_address
-        who = show_address(client) if isinstance(client, tuple) else str(client)
+        # An IPv4 client of a dual-stack admin listener as itself, as the proxy logs it.
+        who = show_address(unmapped(client)) if isinstance(client, tuple) else str(client)
         text = msg % args if args else msg
         # pywsgi names the client as "(from ('127.0.0.1', 5678))": once, in our form, is enough.
         text = text.replace(f"(from {client}) ", "").replace(f" (from {client})", "")
