@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import time
@@ -154,6 +155,17 @@ def test_what_a_custom_dialer_returns_gets_tcp_nodelay(origin: StreamServer) -> 
         dup.close()
     finally:
         proxy.stop(timeout=1)
+
+
+def test_dial_bound_with_partial_is_not_wrapped_again() -> None:
+    """dial sets TCP_NODELAY itself: an application's functools.partial of it needs no
+    second setsockopt per CONNECT; any other dialer gets the wrapper."""
+    from splicegate.dial import with_nodelay
+
+    bound = functools.partial(dial)
+    assert with_nodelay(bound) is bound
+    other = functools.partial(socket.create_connection)
+    assert with_nodelay(other) is not other  # type: ignore[arg-type]
 
 
 def test_on_tunnel_closed_gets_the_entry_and_survives_a_failing_hook(

@@ -179,7 +179,10 @@ def _has_peer(sock: socket.socket) -> bool:
 
 def with_nodelay(dialer: Dialer) -> Dialer:
     """An application's dialer whose sockets get TCP_NODELAY, as :func:`dial`'s do
-    (DESIGN.md: on both sockets); decided once, when the server is built."""
+    (DESIGN.md: on both sockets); decided once, when the server is built. :func:`dial`
+    itself, bound to some arguments with functools.partial, sets it already."""
+    if isinstance(dialer, functools.partial) and dialer.func is dial:
+        return dialer
 
     def dial_with_nodelay(
         addresses: Sequence[IPAddress], port: int, deadline: float
