@@ -67,6 +67,19 @@ def loopback_config(**extra: Any) -> Config:
     return Config(listen=["127.0.0.1:0"], allow_port=["any"], allow_dest=["127.0.0.0/8"], **extra)
 
 
+def test_own_addresses_are_refused_as_a_loop(origin) -> None:
+    """What else the application serves from this host is no tunnel's target."""
+    port = origin.server_port
+    proxy = ProxyServer(loopback_config(), own_addresses=[("127.0.0.1", port)])
+    proxy.start()
+    try:
+        refused = tunnel(proxy, f"127.0.0.1:{port}")
+        assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        assert b"error=proxy_loop_detected" in refused
+    finally:
+        proxy.stop(timeout=1)
+
+
 def test_embedded_server_tunnels_and_stops(origin) -> None:
     proxy = ProxyServer(loopback_config())
     proxy.start()
