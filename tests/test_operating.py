@@ -590,6 +590,32 @@ def test_a_pipe_size_past_the_limit_is_warned_of_once_not_per_worker() -> None:
         assert proc.stop() == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["reload", "reopen"])
+def test_a_signal_for_a_worker_still_starting_waits_until_it_is_up(signum: int) -> None:
+    """A worker just restarted has no handlers yet: a reload or reopen passed on at once
+    would kill it (the default action). The supervisor holds it until the worker is up."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--workers", "2",
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        first = int(proc.wait_for_log(r"worker 1 started \(pid (\d+)\)").group(1))
+        os.kill(first, signal.SIGKILL)
+        again = proc.wait_for_log(r"worker 1 started \(pid (\d+)\)\n(?:.|\n)*worker 1 started")
+        restarted = int(re.findall(r"worker 1 started \(pid (\d+)\)", proc.log())[-1])
+        assert again and restarted != first
+        proc.proc.send_signal(signum)  # while it starts: imports alone take longer
+        time.sleep(2.0)
+        log = proc.log()
+        assert f"exited with signal {signal.Signals(signum).name}" not in log, log
+        os.kill(restarted, 0)  # alive
+        with origin(echo) as srv:
+            for _ in range(4):  # whichever worker the kernel picks
+                sock = open_echo_tunnel(proc, srv)
+                sock.close()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_readiness_counts_only_from_a_workers_own_pid() -> None:
     """A datagram naming a worker's pid, from another process, marks nothing ready; the
     worker's own does."""

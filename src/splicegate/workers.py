@@ -67,6 +67,10 @@ class Worker:
     proc: Popen | None = None
     started: float = 0.0
     ready: bool = False
+    #: READY=1 came since it was started: its signal handlers are in place
+    up: bool = False
+    #: SIGHUP or SIGUSR1 that came while it was starting, passed on once it is up
+    held: list[int] = dataclasses.field(default_factory=list)
     #: seconds to wait before the next restart; doubles while the worker keeps dying young
     backoff: float = 0.0
     restart_at: float = 0.0
@@ -193,7 +197,8 @@ class Supervisor:
             process_group=0,
         )
         worker.started = time.monotonic()
-        worker.ready = False
+        worker.ready = worker.up = False
+        worker.held.clear()  # it reads the settings, and opens its log, as it starts
         log.info("worker %d started (pid %d)", worker.slot + 1, worker.proc.pid)
 
     def _readiness(self, timeout: float) -> None:
@@ -214,6 +219,11 @@ class Supervisor:
                 for worker in self.workers:
                     if worker.proc is not None and worker.proc.pid == pid:
                         worker.ready = ready
+                        if ready and not worker.up:
+                            worker.up = True
+                            for signum in worker.held:
+                                self._send(worker, signum)
+                            worker.held.clear()
 
     def _wait_ready(self, deadline: float, signals: Signals) -> bool:
         while time.monotonic() < deadline:
@@ -283,10 +293,21 @@ class Supervisor:
     # --- stopping -------------------------------------------------------------------------
 
     def _signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every worker. A reload or reopen for a worker still starting
+        is held until it is up: before its handlers are in place either would kill it (the
+        default action), and the settings it read or the log it opened may be older."""
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(signum)
+            if signum in (signal.SIGHUP, signal.SIGUSR1) and not worker.up:
+                if signum not in worker.held:
+                    worker.held.append(signum)
+            else:
+                self._send(worker, signum)
+
+    @staticmethod
+    def _send(worker: Worker, signum: int) -> None:
+        if worker.proc is not None and worker.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signum)
 
     def _stop_workers(self, signum: int, deadline: float) -> bool:
         """Signal every worker, wait until ``deadline``, then kill what is left."""
