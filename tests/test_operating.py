@@ -679,6 +679,25 @@ def test_the_supervisor_takes_readiness_only_from_its_workers() -> None:
         assert proc.stop() == 0
 
 
+def test_a_worker_killed_during_the_drain_is_named_in_the_log() -> None:
+    """The daemon's exit status says the stop was not clean; the log says which worker."""
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--drain-timeout", "3600", "--workers", "2",
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        first = int(proc.wait_for_log(r"worker 1 started \(pid (\d+)\)").group(1))
+        with origin(echo) as srv:
+            sock = open_echo_tunnel(proc, srv)  # some worker drains it for an hour
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.wait_for_log("the workers stop accepting")
+            os.kill(first, signal.SIGKILL)
+            sock.close()  # the other worker, if it held the tunnel, ends its drain
+            assert proc.proc.wait(timeout=WAIT) == 1
+        assert f"worker 1 (pid {first}) ended its stop with signal SIGKILL" in proc.log()
+    finally:
+        proc.stop()
+
+
 def test_sigquit_reaches_the_workers_as_sigquit() -> None:
     """Under --workers each worker closes its tunnels at once too, and none announces a
     drain it will not run."""

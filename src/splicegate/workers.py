@@ -317,12 +317,13 @@ class Supervisor:
             proc = worker.proc
             if proc is None:
                 continue
+            killed = False
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutExpired:
                 log.error("worker %d (pid %d) did not stop; killing it", worker.slot + 1, proc.pid)
                 proc.kill()
-                clean = False
+                killed = True
                 try:
                     proc.wait(timeout=5)
                 except TimeoutExpired:  # SIGKILL waits for a task in uninterruptible sleep
@@ -334,6 +335,13 @@ class Supervisor:
                     continue
             if proc.returncode not in (0, None):
                 clean = False
+                if not killed:  # else said above
+                    log.error(
+                        "worker %d (pid %d) ended its stop with %s",
+                        worker.slot + 1,
+                        proc.pid,
+                        _exit_text(proc.returncode),
+                    )
             self._forget(proc.pid)
         return clean
 
