@@ -44,6 +44,11 @@ class ProxyError(Exception):
         """Fields this kind of refusal adds to the response."""
         return []
 
+    def status_parameters(self) -> list[tuple[str, str]]:
+        """Proxy-Status parameters this kind of refusal adds beside ``error`` and
+        ``details`` (RFC 9209 §2.3 defines some per error type), as (name, string value)."""
+        return []
+
 
 class BadRequest(ProxyError):
     """Malformed request, target, port or Host."""
@@ -181,6 +186,9 @@ class DnsError(ProxyError):
         super().__init__(message, details=details)
         self.rcode = rcode
 
+    def status_parameters(self) -> list[tuple[str, str]]:
+        return [("rcode", self.rcode)] if self.rcode else []
+
 
 class ConnectionRefused(ProxyError):
     """Every address dialled refused the connection."""
@@ -249,8 +257,8 @@ def proxy_status(err: ProxyError) -> str:
     """The Proxy-Status field value for a refusal."""
     if err.proxy_status_error is None:
         return PROXY_NAME
-    rcode = f"; rcode={_sf_string(err.rcode)}" if isinstance(err, DnsError) and err.rcode else ""
-    return f"{PROXY_NAME}; error={err.proxy_status_error}{rcode}; details={_sf_string(err.details)}"
+    extra = "".join(f"; {name}={_sf_string(value)}" for name, value in err.status_parameters())
+    return f"{PROXY_NAME}; error={err.proxy_status_error}{extra}; details={_sf_string(err.details)}"
 
 
 def render(err: ProxyError) -> bytes:
