@@ -27,6 +27,7 @@ from splicegate.errors import (
     ProxyLoop,
     raise_if_short,
 )
+from splicegate.request import show_address
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -356,7 +357,7 @@ class Policy:
                 and (mine.version == 6 or addr.version == 4)
                 and _is_local_address(addr)
             ):
-                shown = f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+                shown = show_address((str(addr), port))
                 raise ProxyLoop(
                     f"{shown} is this proxy itself; a CONNECT there would loop",
                     details=f"{shown} is this proxy",
