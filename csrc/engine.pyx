@@ -667,7 +667,7 @@ cdef void run_timers(Worker* w, double now) noexcept nogil:
         t = w.heap[0]
         at = next_deadline(w.core, t, &reason)
         if at <= now and reason == R_IDLE and peer_reads(w.core, t, now):
-            at = next_deadline(w.core, t, &reason)  # the probe's end, or idle anew
+            at = next_deadline(w.core, t, &reason)  # the deadline after a look, or idle anew
         if at <= now:
             expire(w, t, reason, now)
         else:
