@@ -416,6 +416,23 @@ def test_bytes_either_way_defer_the_idle_timeout(make_rig: Any) -> None:
     assert (record.reason, record.first_closer) == ("idle", "proxy")
 
 
+def read_slowly(sock: socket.socket, size: int) -> bytes:
+    """Read 128 KiB every 0.25 s, out of a receive buffer pinned small first: what the
+    reader has not read then stays in the engine's send queue, where the engine sees it
+    move. In the reader's own buffer (loopback autotunes it to MiBs) that queue would
+    empty, and the tunnel rightly go idle while the reader still has seconds of reading.
+    Run it before the writer (``together`` starts greenlets in order), so the buffer is
+    pinned before the first byte comes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    got = bytearray()
+    for _ in range(2 * size // (128 * 1024) + 100):  # bounded
+        got += recv_exactly(sock, min(128 * 1024, size - len(got)))
+        if len(got) == size:
+            break
+        gevent.sleep(0.25)
+    return bytes(got)
+
+
 def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: Any) -> None:
     """A client reads 128 KiB every 0.25 s out of a send buffer that loopback autotunes to
     MiBs: the engine then finds no room to write for seconds at a time, yet bytes move
@@ -423,24 +440,9 @@ def test_a_peer_reading_slowly_out_of_a_full_send_queue_is_not_idle(make_rig: An
     read less than everything, or meet a reset."""
     rig = make_rig(RelayTimeouts(idle=1.0, half_closed=0, lifetime=0))
     t = rig.open()
-    # What the client has not read stays in the engine's send queue, not in the client's
-    # own buffer (which would let that queue empty, and the tunnel rightly go idle, while
-    # the client still has seconds of reading to do).
-    t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     data = randbytes(4 * MiB, 60)
-
-    def read_slowly() -> tuple[int, str]:
-        got = bytearray()
-        for _ in range(2 * len(data) // (128 * 1024) + 100):  # bounded
-            chunk = recv_exactly(t.client, min(128 * 1024, len(data) - len(got)))
-            got += chunk
-            if len(got) == len(data):
-                break
-            gevent.sleep(0.25)
-        return len(got), sha256(got)
-
-    _, received = together((pump, t.origin, data), (read_slowly,))
-    assert received == (len(data), sha256(data))
+    received, _ = together((read_slowly, t.client, len(data)), (pump, t.origin, data))
+    assert (len(received), sha256(received)) == (len(data), sha256(data))
     assert not t.done.ready()
     t.client.shutdown(socket.SHUT_WR)
     assert drain(t.client) == (0, EMPTY_SHA)
@@ -479,17 +481,7 @@ def test_a_look_at_the_queues_from_before_the_last_byte_never_counts(make_rig: A
     rig = make_rig(RelayTimeouts(idle=idle, half_closed=0, lifetime=0))
     t = rig.open()
     data = randbytes(2 * MiB, 61)
-
-    def read_slowly() -> int:
-        got = 0
-        for _ in range(2 * len(data) // (128 * 1024) + 100):  # bounded
-            got += len(recv_exactly(t.client, min(128 * 1024, len(data) - got)))
-            if got == len(data):
-                break
-            gevent.sleep(0.25)
-        return got
-
-    assert together((pump, t.origin, data), (read_slowly,))[1] == len(data)
+    assert together((read_slowly, t.client, len(data)), (pump, t.origin, data))[0] == data
     t.client.sendall(b"!")
     last_byte = time.monotonic()
     assert recv_exactly(t.origin, 1) == b"!"
