@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -623,7 +624,7 @@ def test_readiness_counts_only_from_a_workers_own_pid() -> None:
     from splicegate.workers import Supervisor
 
     config = Config(workers=2, listen=[f"127.0.0.1:{free_port()}"])
-    supervisor = Supervisor(config, [], lambda: config)
+    supervisor = Supervisor(config, lambda: config)
     supervisor._prepare()
     send = (
         "import socket, sys; sys.stdin.readline(); "
@@ -857,6 +858,10 @@ def worker_pids(proc: ProxyProcess) -> list[int]:
     return [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", proc.log())]
 
 
+def proc_args(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
 def served_by(proc: ProxyProcess) -> set[int]:
     """The pids whose debug line says they closed a tunnel."""
     return {int(pid) for pid in re.findall(r"splicegate\[(\d+)\] DEBUG tunnel ", proc.log())}
@@ -1079,9 +1084,22 @@ def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
+def kill_a_worker(proc: ProxyProcess) -> int:
+    """SIGKILL worker 1 (our child's child: started by this test); the pid of the worker
+    started in its place, once it listens."""
+    pids = worker_pids(proc)
+    os.kill(pids[0], signal.SIGKILL)
+    proc.wait_for_log(rf"worker 1 \(pid {pids[0]}\) exited with signal SIGKILL")
+    proc.wait_for_log(r"worker 1 started \(pid \d+\)(.|\n)*worker 1 started")
+    new = worker_pids(proc)[-1]
+    proc.wait_for_log(rf"splicegate\[{new}\] INFO listening on ")
+    return new
+
+
 def test_workers_reload_reports_a_listen_change_once(tmp_path: Path) -> None:
-    """--listen is the supervisor's (it needs a restart): its log says so once, not once
-    more per worker. The rest of a reload is the supervisor's to go by too: the drain it
+    """--listen needs a restart: the supervisor's log says so once, not once more per
+    worker, and a worker restarted since still listens where the others do, not where the
+    file now says. The rest of a reload is the supervisor's to go by too: the drain it
     waits for at stop is the new --drain-timeout."""
     port, other = free_port(), free_port()
     config = tmp_path / "splicegate.toml"
@@ -1093,11 +1111,50 @@ def test_workers_reload_reports_a_listen_change_once(tmp_path: Path) -> None:
         proc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
         assert proc.log().count("--listen changed, which needs a restart") == 1
+        new = kill_a_worker(proc)
+        assert re.search(
+            rf"splicegate\[{new}\] INFO listening on 127\.0\.0\.1:{port}\b", proc.log()
+        )
+        assert f":{other}" not in proc.log().split("reloaded")[-1]
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(WAIT) == 0
         assert "the workers stop accepting; open tunnels get 7 s" in proc.log()
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("bad", ["not-toml", "log-nowhere"])
+def test_a_worker_restarted_after_a_refused_reload_runs_the_running_settings(
+    tmp_path: Path, bad: str
+) -> None:
+    """Workers are started on the supervisor's copy of the settings it last accepted, not
+    on the file as it is on disk: a worker that dies after a refused reload comes back and
+    serves, where it would exit on the bad file at every restart, for ever. The supervisor
+    refuses, once, an access log that no worker could open, as each worker would."""
+    config = tmp_path / "splicegate.toml"
+    with origin(echo) as srv:
+        config.write_text(f'allow_port = ["{srv.port}"]\n')
+        proc = ProxyProcess(*LOOPBACK, "--workers", "2", "--config", str(config),
+                            listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+        try:
+            proc.wait_for_log("all 2 workers ready")
+            settings = Path(proc_args(worker_pids(proc)[0])[-1])
+            assert settings != config and stat.S_IMODE(settings.parent.stat().st_mode) == 0o700
+            if bad == "not-toml":
+                config.write_text("allow_port = [\n")
+            else:
+                missing = tmp_path / "missing" / "access.log"
+                config.write_text(f'allow_port = ["{srv.port}"]\naccess_log = "{missing}"\n')
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log("reload refused, the running settings stay: ")
+            kill_a_worker(proc)
+            for _ in range(10):
+                assert one_tunnel(proc, srv.port) or one_tunnel(proc, srv.port)
+            assert proc.log().count("reload refused") == 1  # the supervisor's, for all
+            assert "exited with code" not in proc.log()
+        finally:
+            assert proc.stop() == 0
+    assert not settings.parent.exists()
 
 
 def test_signals_that_come_together_are_stops_counted_and_reloads_once() -> None:

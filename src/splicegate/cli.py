@@ -187,21 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_version(config)
     stop_logging = setup_logging(config.log_level_number, with_pid=config.workers > 1)
     try:
-        return run(
-            config, lambda: configfile.load(args.config, flag_values(args)), argv, args.config
-        )
+        return run(config, lambda: configfile.load(args.config, flag_values(args)), args.config)
     finally:
         stop_logging()
 
 
-def run(
-    config: Config,
-    load: Callable[[], Config] | None = None,
-    argv: Sequence[str] = (),
-    source: str | None = None,
-) -> int:
+def run(config: Config, load: Callable[[], Config] | None = None, source: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT (daemon.py), or supervise ``--workers`` processes that
-    do, each started with ``argv``. ``load`` reads the settings anew on SIGHUP."""
+    do. ``load`` reads the settings anew on SIGHUP."""
     worker = bool(os.environ.get(daemon.WORKER_ENV))
     if not worker and config.workers == 1:
         # One process keeps its metrics in memory: an inherited PROMETHEUS_MULTIPROC_DIR
@@ -214,5 +207,5 @@ def run(
     if config.workers > 1 and not worker:
         from splicegate.workers import Supervisor
 
-        return Supervisor(config, argv, load).run()
+        return Supervisor(config, load).run()
     return daemon.serve(config, load, source or "")

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import gevent
 from gevent.event import Event
@@ -30,8 +30,6 @@ WORKER_ENV = "SPLICEGATE_WORKER"
 #: set in a worker's environment by the supervisor when it serves --admin: that endpoint's
 #: address (HOST:PORT), which the worker refuses to tunnel to, as its own listeners
 ADMIN_ENV = "SPLICEGATE_SUPERVISOR_ADMIN"
-#: restart-only settings that a supervisor reports on reload, once, rather than each worker
-SUPERVISOR_SETTINGS = ("listen", "workers", "admin")
 
 
 class Signals:
@@ -111,6 +109,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # The supervisor serves --admin for all workers.
         config = dataclasses.replace(config, admin=None)
+        source = "the supervisor's settings"  # its copy of the file it accepted, not the file
         read = load
 
         def load() -> Config:
@@ -132,7 +131,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
             log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
             break
         if signals.take("reload"):
-            reload(server, load, source, worker)
+            reload(server, load, source)
         if signals.take("reopen") and server.access_log is not None:
             server.access_log.reopen()
     notify("STOPPING=1")
@@ -146,7 +145,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
     return 0
 
 
-def reload(server: ProxyServer, load: Callable[[], Config], source: str, worker: bool) -> None:
+def reload(server: ProxyServer, load: Callable[[], Config], source: str) -> None:
     """SIGHUP: the new settings, or the old ones kept and the reason logged."""
     reloading()
     try:
@@ -156,11 +155,16 @@ def reload(server: ProxyServer, load: Callable[[], Config], source: str, worker:
         log.error("reload refused, the running settings stay: %s", exc)
     else:
         log.setLevel(server.config.log_level_number)
-        for name in ignored:
-            if not (worker and name in SUPERVISOR_SETTINGS):  # the supervisor's to say
-                log.warning(
-                    "reload: --%s changed, which needs a restart; ignored until then",
-                    name.replace("_", "-"),
-                )
+        warn_needs_restart(ignored)
         log.info("reloaded%s", f" {source}" if source else "")
     notify("READY=1")
+
+
+def warn_needs_restart(names: Sequence[str]) -> None:
+    """Said by whichever process judges a reload: a single process, or a supervisor for
+    all its workers (which are never handed such a change)."""
+    for name in names:
+        log.warning(
+            "reload: --%s changed, which needs a restart; ignored until then",
+            name.replace("_", "-"),
+        )

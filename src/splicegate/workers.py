@@ -1,11 +1,16 @@
 """``--workers N``: N proxy processes on the same ports, under a supervisor.
 
-Each worker is the supervisor's splicegate (``_WORKER``) with the supervisor's arguments,
-started fresh (fork and exec, not a bare fork): it imports, builds its engine and binds its
+Each worker is the supervisor's splicegate (``_WORKER``) started fresh (fork and exec, not a
+bare fork) on the supervisor's settings: it imports, builds its engine and binds its
 listeners itself, with SO_REUSEPORT, so the kernel spreads new connections over the workers and a
 dead worker's share goes to the others at once. A fresh process carries no copy of the
 supervisor's greenlets or admin socket, and prometheus_client sees
 ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported.
+
+The settings a worker gets are the supervisor's running ones, never the config file as it is
+on disk now: the supervisor writes them to a private file (``--config`` for every worker it
+starts) when it starts and on each reload it accepts. So a worker restarted after a refused
+reload, or after a change that needs a restart (``--listen``), runs what the others run.
 
 The supervisor serves ``--admin`` for the whole daemon (the workers' metrics added up from
 that directory), restarts a worker that dies (waiting longer each time one dies young),
@@ -30,7 +35,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -39,11 +44,13 @@ from gevent.subprocess import DEVNULL, Popen, TimeoutExpired
 
 from splicegate.admin import AdminServer
 from splicegate.config import Config
-from splicegate.daemon import ADMIN_ENV, SUPERVISOR_SETTINGS, WORKER_ENV, Signals
+from splicegate.configfile import render, restart_only_changes
+from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 from splicegate.relay import native_engine_error, usable_pipe_size
 from splicegate.request import show_address
+from splicegate.server import check_files
 
 log = logging.getLogger("splicegate")
 
@@ -89,10 +96,12 @@ class Supervisor:
     #: how often the loop looks at the workers when no signal wakes it
     tick = 0.2
 
-    def __init__(self, config: Config, argv: Sequence[str], load: Callable[[], Config]) -> None:
+    def __init__(self, config: Config, load: Callable[[], Config]) -> None:
         self.config = config
-        self.argv = list(argv)
         self.load = load
+        #: settings the workers get other than the running ones (a granted --pipe-size)
+        self._pinned: dict[str, object] = {}
+        self._settings_dir: str | None = None
         self.workers = [Worker(slot) for slot in range(config.workers)]
         self.admin: AdminServer | None = None
         self.draining = False
@@ -175,7 +184,9 @@ class Supervisor:
         if self.config.engine != "python" and native_engine_error() is None:
             size = usable_pipe_size(self.config.pipe_size)
             if size != self.config.pipe_size:
-                self.argv += ["--pipe-size", str(size)]
+                self._pinned["pipe_size"] = size
+        self._settings_dir = tempfile.mkdtemp(prefix="splicegate-settings-")
+        self._write_settings(self.config)
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify_sock.bind("\0" + self._notify_name)
@@ -189,7 +200,7 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         worker.proc = Popen(
-            [sys.executable, "-P", "-c", _WORKER, _HOME, *self.argv],
+            [sys.executable, "-P", "-c", _WORKER, _HOME, "--config", self._settings_path()],
             env=self._worker_env,
             stdin=DEVNULL,
             # Their own process group: a Ctrl-C at the terminal reaches the supervisor
@@ -265,21 +276,24 @@ class Supervisor:
 
     def _reload(self, signals: Signals) -> None:
         """Check the new settings here once, so a bad file is reported once, not by every
-        worker; pass SIGHUP on when they are good, and wait (bounded) for the workers."""
+        worker; when they are good, pass them on (settings that need a restart keep their
+        running values) and wait, bounded, for the workers to take them."""
         reloading()
         try:
             config = self.load()
-        except ValueError as exc:
+            check_files(config)
+            ignored = restart_only_changes(self.config, config)
+            config = dataclasses.replace(
+                config, **{name: getattr(self.config, name) for name in ignored}
+            )
+            self._write_settings(config)
+        except (ValueError, OSError) as exc:
             log.error("reload refused, the running settings stay: %s", exc)
         else:
-            for name in SUPERVISOR_SETTINGS:
-                if getattr(config, name) != getattr(self.config, name):
-                    log.warning("reload: --%s changed, which needs a restart; ignored", name)
-            # The rest is the workers' to apply, and the supervisor's to go by: how long it
-            # waits for them to drain, above all.
-            self.config = dataclasses.replace(
-                config, **{name: getattr(self.config, name) for name in SUPERVISOR_SETTINGS}
-            )
+            warn_needs_restart(ignored)
+            # The supervisor goes by them too: how long it waits for a drain, above all.
+            self.config = config
+            log.setLevel(config.log_level_number)
             for worker in self.workers:
                 worker.ready = False
             self._signal_all(signal.SIGHUP)
@@ -289,6 +303,19 @@ class Supervisor:
                     break
                 self._readiness(self.tick)
         notify("READY=1")
+
+    def _settings_path(self) -> str:
+        assert self._settings_dir is not None
+        return os.path.join(self._settings_dir, "settings.toml")
+
+    def _write_settings(self, config: Config) -> None:
+        """The workers' settings file, replaced whole: a worker starting meanwhile reads
+        the old one or the new one. It is private (the directory is 0700): it holds what
+        the operator's file held."""
+        path = self._settings_path()
+        with open(path + ".new", "w", encoding="utf-8") as f:
+            f.write(render(dataclasses.replace(config, **self._pinned)))
+        os.replace(path + ".new", path)
 
     # --- stopping -------------------------------------------------------------------------
 
@@ -358,6 +385,8 @@ class Supervisor:
             self._notify_sock.close()
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if self._settings_dir is not None:
+            shutil.rmtree(self._settings_dir, ignore_errors=True)
 
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
