@@ -3,6 +3,7 @@ over the file, and refusals that name the file, the key, the value and what is a
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxyproc import WAIT, ProxyProcess
+from proxyproc import WAIT, ProxyProcess, free_port
 from splicegate.config import Config, cli_fields
 from splicegate.configfile import ConfigError, load, render, restart_only_changes
 
@@ -232,6 +233,38 @@ def test_check_config_refuses_what_start_would(
         assert out.stdout == "" and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("what", ["access-log", "auth-file"])
+def test_check_config_refuses_files_the_daemon_could_not_open(tmp_path: Path, what: str) -> None:
+    """Once "all valid" for an access log in a directory that is not there, or a password
+    file that is not, on which the daemon then would not start."""
+    missing = tmp_path / "missing" / "file"
+    path = write(tmp_path, f'{what.replace("-", "_")} = "{missing}"\n')
+    out = run_cli("check-config", path)
+    assert out.returncode == 2, out.stderr
+    assert str(missing) in out.stderr and "No such file or directory" in out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    daemon = run_cli("--config", path, "--listen", f"127.0.0.1:{free_port()}")
+    assert daemon.returncode != 0 and str(missing) in daemon.stderr
+
+
+def test_check_config_creates_no_access_log(tmp_path: Path) -> None:
+    """Run as root for a daemon that runs as its own user, a check that created the file
+    would leave one the daemon cannot open: a missing file is judged by its directory."""
+    log = tmp_path / "access.log"
+    out = run_cli("check-config", write(tmp_path, f'access_log = "{log}"\n'))
+    assert out.returncode == 0, out.stderr
+    assert not log.exists()
+
+
+def test_check_config_does_not_hang_on_a_fifo_with_no_reader(tmp_path: Path) -> None:
+    """Opening it for writing would wait for a reader: the daemon would hang at start."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    out = run_cli("check-config", write(tmp_path, f'access_log = "{fifo}"\n'))
+    assert out.returncode == 2
+    assert f"cannot open the access log {fifo}: No such device or address" in out.stderr
+
+
 def test_daemon_refuses_a_bad_file_at_start(tmp_path: Path) -> None:
     out = run_cli("--config", write(tmp_path, "bogus = 1\n"))
     assert out.returncode == 2
@@ -279,8 +312,9 @@ def test_reload_refuses_a_non_finite_value_or_a_file_not_in_utf8(tmp_path: Path)
         assert proc.stop() == 0
 
 
-def test_the_contrib_example_is_valid() -> None:
+def test_the_contrib_example_is_valid(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parent.parent / "contrib" / "splicegate.toml"
-    out = run_cli("check-config", str(example))
+    # Its access log's directory is the package's to make, and not on this machine.
+    out = run_cli("check-config", str(example), "--access-log", str(tmp_path / "access.log"))
     assert out.returncode == 0, out.stderr
     assert "workers = 2\n" in out.stdout and 'log_format = "json"\n' in out.stdout

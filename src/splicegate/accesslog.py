@@ -13,6 +13,7 @@ moved the file away; the writer opens the path anew and closes the old descripto
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -138,9 +139,7 @@ class AccessLog:
                 self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
             )
         except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot open the access log {self.destination}: {exc.strerror}"
-            ) from None
+            raise _cannot_open(self.destination, exc.errno) from None
 
     def matches(self, destination: str, format: str) -> bool:
         return (self.destination, self.format) == (destination, format)
@@ -245,6 +244,29 @@ class AccessLog:
         os.close(self._fd)
         self._fd = fd
         log.info("access log %s reopened", self.destination)
+
+
+def check_can_open(destination: str) -> None:
+    """Raise the OSError that opening ``destination`` would, and create nothing: a check
+    run as another user (root, for a daemon that runs as its own) must not leave a file
+    behind that the daemon then cannot open. A missing file is judged by its directory."""
+    if destination in ("", "-"):
+        return
+    try:
+        # O_NONBLOCK: a FIFO with no reader is refused (ENXIO), where opening would hang.
+        os.close(os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC))
+    except FileNotFoundError:
+        directory = os.path.dirname(destination) or "."
+        if not os.path.isdir(directory):
+            raise _cannot_open(destination, errno.ENOENT) from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise _cannot_open(destination, errno.EACCES) from None
+    except OSError as exc:
+        raise _cannot_open(destination, exc.errno) from None
+
+
+def _cannot_open(destination: str, error: int) -> OSError:
+    return OSError(error, f"cannot open the access log {destination}: {os.strerror(error)}")
 
 
 def reuse_or_open(

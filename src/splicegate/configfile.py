@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import Field
 from typing import Any
 
+from splicegate import accesslog, auth
 from splicegate.config import Config, cli_fields
 from splicegate.request import show_address
 
@@ -101,6 +102,18 @@ def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def check_files(config: Config) -> None:
+    """Raise ConfigError when the settings name a password file that cannot be read or an
+    access log that cannot be opened, as starting or reloading on them would: what
+    ``check-config`` says, and what a supervisor judges a reload by, once for all its
+    workers (each would refuse it, and one restarted later could not start)."""
+    try:
+        auth.configure(None, config.auth_file, config.auth_realm)
+        accesslog.check_can_open(config.access_log)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """Settings that differ but that a running proxy cannot change (``restart=True``)."""
     return [
@@ -148,8 +161,8 @@ def render(config: Config) -> str:
 
 def check_config_main(argv: list[str]) -> int:
     """``splicegate check-config FILE [FLAGS]``: check the file (under any flags given, as
-    the daemon would read them) and print the effective settings as TOML; exit 0 when they
-    are good, 2 with the reason when not."""
+    the daemon would read them), and the password file and access log it names, and print
+    the effective settings as TOML; exit 0 when they are good, 2 with the reason when not."""
     from splicegate.cli import build_parser, flag_values
 
     parser = build_parser()
@@ -159,6 +172,7 @@ def check_config_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         config = load(args.file, flag_values(args))
+        check_files(config)
     except ConfigError as exc:
         print(f"splicegate check-config: {exc}", file=sys.stderr)
         return 2

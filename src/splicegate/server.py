@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gevent
@@ -161,6 +161,11 @@ class ProxyServer:
         start-up and a reload can never derive them differently. Everything is built before
         anything is put in force, so settings that fail (a broken password file, a log path
         that cannot be opened) leave the running ones whole."""
+        # The same file and realm keep their authenticator; a changed file is read here and
+        # its users put in force with the rest, below.
+        authenticator, apply_users = auth.configure(
+            self.authenticator, config.auth_file, config.auth_realm
+        )
         cache = {
             "size": config.dns_cache_size,
             "min_ttl": config.dns_min_ttl,
@@ -183,9 +188,8 @@ class ProxyServer:
             allow_domain=config.allow_domain,
             deny_domain=config.deny_domain,
         )
-        # Last: an access log is a thread, which nothing after it may fail and leave behind.
-        authenticator, apply_users, access_log = _read_files(
-            config, self.authenticator, self.access_log, self.metrics.log_lines_lost.inc
+        access_log = accesslog.reuse_or_open(
+            self.access_log, config.access_log, config.log_format, self.metrics.log_lines_lost.inc
         )
         # Nothing below raises: the new settings go in force together.
         self.policy = policy
@@ -629,31 +633,6 @@ class ProxyServer:
         self._configure(config)
         self.config = config
         return ignored
-
-
-def _read_files(
-    config: Config,
-    authenticator: auth.Authenticator | None = None,
-    access_log: accesslog.AccessLog | None = None,
-    on_lost: Callable[[int], None] | None = None,
-) -> tuple[auth.Authenticator | None, Callable[[], None], accesslog.AccessLog | None]:
-    """The files the settings name, read and opened: the password file (its users put in
-    force by the callable returned) and the access log. The authenticator and access log
-    given are kept when the settings still name theirs; a changed password file is read
-    anew. Raises ValueError or OSError naming the file."""
-    authenticator, apply_users = auth.configure(authenticator, config.auth_file, config.auth_realm)
-    access_log = accesslog.reuse_or_open(access_log, config.access_log, config.log_format, on_lost)
-    return authenticator, apply_users, access_log
-
-
-def check_files(config: Config) -> None:
-    """Raise as a reload would when the settings name a password file that cannot be read
-    or an access log that cannot be opened. A supervisor checks here, once, the settings
-    it hands its workers: each would refuse them, and a worker restarted later could not
-    start on them."""
-    _, _, access_log = _read_files(config)
-    if access_log is not None:
-        access_log.close(wait=False)
 
 
 def _show_client(attempt: Attempt) -> str:

@@ -44,13 +44,12 @@ from gevent.subprocess import DEVNULL, Popen, TimeoutExpired
 
 from splicegate.admin import AdminServer
 from splicegate.config import Config
-from splicegate.configfile import render, restart_only_changes
+from splicegate.configfile import check_files, render, restart_only_changes
 from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 from splicegate.relay import native_engine_error, usable_pipe_size
 from splicegate.request import show_address
-from splicegate.server import check_files
 
 log = logging.getLogger("splicegate")
 
