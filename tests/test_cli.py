@@ -179,6 +179,34 @@ def test_config_refuses_what_start_would(settings: dict[str, Any], message: str)
     assert str(caught.value).startswith(message), str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin", "collide"),
+    [
+        (["127.0.0.1:3128"], "127.0.0.1:3128", True),
+        (["127.0.0.1:3128"], "127.0.0.1:9128", False),
+        (["127.0.0.1:3128"], "127.0.0.2:3128", False),
+        (["0.0.0.0:3128"], "127.0.0.2:3128", True),
+        (["127.0.0.1:3128"], "0.0.0.0:3128", True),
+        (["[::1]:3128"], "127.0.0.1:3128", False),
+        (["[::]:3128"], "[::1]:3128", True),
+        (["[::]:3128"], "127.0.0.1:3128", True),  # dual-stack: it holds IPv4 too
+        (["[::]:3128", "127.0.0.5:3128"], "127.0.0.1:3128", False),  # then IPv6-only
+        (["127.0.0.1:3128"], "[::]:3128", True),  # the admin endpoint's is dual-stack
+        (["localhost:3128"], "localhost:3128", True),
+        (["127.0.0.1:0"], "127.0.0.1:0", False),  # each gets a port of its own
+    ],
+)
+def test_the_admin_endpoint_cannot_take_a_listeners_port(
+    listen: list[str], admin: str, collide: bool
+) -> None:
+    """As Linux judges two binds to one port with SO_REUSEADDR: the start would fail."""
+    if not collide:
+        assert Config(listen=listen, admin=admin).admin is not None
+        return
+    with pytest.raises(ValueError, match=r"^admin: .* would take the port --listen .* listens"):
+        Config(listen=listen, admin=admin)
+
+
 def test_config_takes_the_values_at_the_bounds() -> None:
     config = Config(
         listen=[("127.0.0.1", 0), ("::1", 65535), ("[::1]", "3128")],

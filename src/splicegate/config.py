@@ -90,6 +90,31 @@ def parse_address(value: Any, default_port: int | None = None, *, least_port: in
     return host, int(port_text)
 
 
+def _ip_version(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None  # a name
+
+
+def _binds_collide(admin: str, listen: str, *, listen_dual_stack: bool) -> bool:
+    """Whether sockets bound to these hosts on one port collide (Linux, SO_REUSEADDR set):
+    the same address, or a wildcard and an address it covers. The admin endpoint's IPv6
+    wildcard is dual-stack."""
+    try:
+        a, b = ipaddress.ip_address(admin), ipaddress.ip_address(listen)
+    except ValueError:
+        return admin == listen  # a name: only the same name is known to collide
+    if a == b:
+        return True
+    for wildcard, other, dual_stack in ((a, b, True), (b, a, listen_dual_stack)):
+        if wildcard.is_unspecified and (
+            wildcard.version == other.version or (dual_stack and wildcard.version == 6)
+        ):
+            return True
+    return False
+
+
 def parse_nameserver(value: Any) -> Address:
     """``IP[:PORT]``, port 53 by default: the resolver sends its queries to that address, so
     it is an IP address (a name would need a resolver first) and the port is not 0."""
@@ -589,12 +614,29 @@ class Config:
             raise ValueError(
                 f"dns-min-ttl: {self.dns_min_ttl:g} is above --dns-max-ttl {self.dns_max_ttl:g}"
             )
+        if self.admin is not None:
+            self._check_admin_port(self.admin)
         picked = [f"{host}:{port}" for host, port in self.listen if port == 0]
         if self.workers > 1 and picked:
             raise ValueError(
                 f"workers: {self.workers} processes share each listener's port, so it must be "
                 f"fixed; port 0 in --listen {picked[0]} would give each its own"
             )
+
+    def _check_admin_port(self, admin: Address) -> None:
+        """The admin endpoint cannot bind where a listener does: the start would fail on
+        it, after check-config had called the settings valid. An IPv6 wildcard listener
+        holds the port for IPv4 too, unless an IPv4 listener shares its port (the server
+        then binds it IPv6-only)."""
+        ipv4_ports = {port for host, port in self.listen if _ip_version(host) == 4}
+        for address in self.listen:
+            if admin[1] == address[1] != 0 and _binds_collide(
+                admin[0], address[0], listen_dual_stack=address[1] not in ipv4_ports
+            ):
+                raise ValueError(
+                    f"admin: {_address_text(admin)} would take the port --listen "
+                    f"{_address_text(address)} listens on; give it a port of its own"
+                )
 
     @property
     def relay_timeouts(self) -> RelayTimeouts:
