@@ -124,6 +124,38 @@ def test_file_comments_blank_lines_and_errors_with_line_numbers() -> None:
             auth.parse_users(text, "users.txt")
 
 
+def test_every_character_splitlines_splits_at_is_refused_in_a_name() -> None:
+    """The file is read line by line: a name holding any of them would end its line."""
+    breaks = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) > 1]
+    assert "\u2028" in breaks and "\x85" in breaks
+    for char in breaks:
+        with pytest.raises(ValueError, match=f"U\\+{ord(char):04X}"):
+            auth.check_user_name(f"al{char}ice")
+
+
+#: Line breaks (except "\n", which ends a line in the file too) and invisible characters of
+#: categories Cc, Cf and Zs.
+HIDDEN = ["\r", "\x0b", "\x1e", "\x85", "\u2028", "\u2029", "\xa0", "\u3000", "\u200b"]
+HIDDEN += ["\u200e", "\u2066", "\ufeff"]
+
+
+@pytest.mark.parametrize("char", HIDDEN, ids=lambda c: f"U+{ord(c):04X}")
+def test_a_file_with_such_a_name_is_refused_at_its_line(char: str) -> None:
+    """Not "line 1: a line is user:scrypt..." for the halves str.splitlines made of it."""
+    good = auth.hash_password("pw", CHEAP)
+    with pytest.raises(
+        ValueError,
+        match=rf"users, line 2: 'al.*ice' is not a user name \(it holds U\+{ord(char):04X}",
+    ):
+        auth.parse_users(f"bob:{good}\nal{char}ice:{good}\ncarol:{good}\n", "users")
+
+
+def test_names_may_be_any_other_utf8() -> None:
+    good = auth.hash_password("pw", CHEAP)
+    names = ["ålice", "Zoë", "用户", "a.b-c_d@example", "🦊"]
+    assert list(auth.parse_users("".join(f"{n}:{good}\r\n" for n in names))) == names
+
+
 def test_config_checks_the_file_and_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text("alice:nothing-hashed\n")
@@ -159,6 +191,7 @@ MALFORMED = {
     "empty user": basic("", "wonderland"),
     "not UTF-8": basic(b"\xff\xfe", "wonderland"),
     "control in user": basic("ali\x01ce", "wonderland"),
+    "line separator in user": basic("ali\u2028ce", "wonderland"),
     "bearer": "Bearer " + base64.b64encode(b"alice:wonderland").decode(),
     "digest": 'Digest username="alice", realm="test realm", nonce="x", response="y"',
     "token too long": "Basic " + "A" * 8000,
@@ -430,6 +463,10 @@ def test_passwd_adds_and_changes_users_from_stdin(tmp_path: Path) -> None:
         (["alice"], "\n", "the password is empty"),
         (["al:ice"], "pw\n", "is not a user name"),
         (["al ice"], "pw\n", "is not a user name"),
+        (["al\u2028ice"], "pw\n", "(it holds U+2028 LINE SEPARATOR)"),
+        (["al\x85ice"], "pw\n", "(it holds U+0085)"),
+        (["al\xa0ice"], "pw\n", "(it holds U+00A0 NO-BREAK SPACE)"),
+        (["al\u200bice"], "pw\n", "(it holds U+200B ZERO WIDTH SPACE)"),
     ],
 )
 def test_passwd_refuses_clearly(tmp_path: Path, args: list[str], stdin: str, message: str) -> None:

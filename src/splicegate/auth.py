@@ -7,8 +7,9 @@ The file (``--auth-file``) holds one user per line, ``#`` comments and blank lin
 
 ``scrypt$N$r$p$salt$hash``: the scrypt cost (N, a power of two), block size (r) and
 parallelism (p), then the salt and the derived key in standard base64 with padding. The user
-name is UTF-8 without ``:``, whitespace or control characters. ``splicegate passwd FILE USER``
-adds or changes a line; nothing else needs to write the file, and it never holds a password.
+name is UTF-8 without ``:``, spaces, line breaks (U+2028 and U+0085 too), control or other
+invisible characters (see ``_NOT_IN_NAMES``). ``splicegate passwd FILE USER`` adds or changes
+a line; nothing else needs to write the file, and it never holds a password.
 
 Why it is built this way:
 
@@ -41,10 +42,12 @@ import logging
 import os
 import re
 import stat
+import string
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
@@ -69,7 +72,11 @@ KEY_BYTES = 32
 MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
 
 _SCHEME = "scrypt"
-_USER = re.compile(r"[^\x00-\x20\x7f:]+")
+#: Unicode categories no user name may hold: controls (C0 and C1), format characters (zero
+#: width space, BOM, bidi marks), surrogates (undecodable bytes in argv), and every space and
+#: line or paragraph separator. They cannot be told apart from their neighbours on screen,
+#: and the line breaks among them would split the name's line in two when the file is read.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Zs"})
 _B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
@@ -154,20 +161,44 @@ def parse_record(text: str) -> Record:
     return Record(params, salt, key, text)
 
 
+def _bad_in_name(name: str) -> str | None:
+    """Why ``name`` is not a user name, or None when it is one: the one rule for names, on
+    every line of the file, for ``passwd`` and for the user a client sends."""
+    if not name:
+        return "it is empty"
+    if ":" in name:
+        return "it holds ':'"
+    for char in name:
+        if unicodedata.category(char) in _NOT_IN_NAMES:
+            return f"it holds U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
+    return None
+
+
 def check_user_name(name: str) -> str:
-    if not _USER.fullmatch(name):
+    why = _bad_in_name(name)
+    if why is not None:
         raise ValueError(
-            f"{name!r} is not a user name: it must be non-empty, without ':', spaces or "
-            "control characters"
+            f"{name!r} is not a user name ({why}): it must be non-empty, without ':', spaces, "
+            "line breaks, control or other invisible characters"
         )
     return name
+
+
+def _file_lines(text: str) -> list[str]:
+    """The lines of a password file, split at "\n" (or "\r\n") only, as an editor shows
+    them: str.splitlines would also split at U+2028, U+0085 and the like inside a line, and
+    the error would then name a line that is not there."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()  # the end of the last line, not a line
+    return lines
 
 
 def parse_users(text: str, source: str = "the password file") -> dict[str, Record]:
     """Every user of a password file's text; ValueError names the line at fault."""
     users: dict[str, Record] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    for number, raw in enumerate(_file_lines(text), 1):
+        line = raw.strip(string.whitespace)  # ASCII only: a U+00A0 at the edge is refused
         if not line or line.startswith("#"):
             continue
         name, sep, record = line.partition(":")
@@ -356,7 +387,7 @@ class Authenticator:
             user = user_text.decode("utf-8")
         except (binascii.Error, ValueError):
             return None
-        if not sep or not _USER.fullmatch(user):
+        if not sep or _bad_in_name(user) is not None:
             return None
         return user, password
 
@@ -429,7 +460,7 @@ def set_password(path: str, user: str, password: str, params: Params = DEFAULT_P
     target = os.path.realpath(path)
     try:
         with open(target, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = _file_lines(f.read())
             old: os.stat_result | None = os.fstat(f.fileno())
     except FileNotFoundError:
         lines, old = [], None
