@@ -156,6 +156,22 @@ def test_names_may_be_any_other_utf8() -> None:
     assert list(auth.parse_users("".join(f"{n}:{good}\r\n" for n in names))) == names
 
 
+def test_a_byte_order_mark_first_is_not_part_of_the_first_name(users: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM: alice must still be alice, to the proxy and
+    to passwd, which changes her line (no duplicate) and keeps the BOM where it was."""
+    users.write_bytes(b"\xef\xbb\xbf" + users.read_bytes())
+    authenticator = auth.Authenticator(str(users))
+    assert authenticator.users == {"alice", "bob"}
+    assert authenticator.check(with_auth(basic("alice", "wonderland"))) == "alice"
+    assert auth.set_password(str(users), "alice", "changed", CHEAP) is False
+    text = users.read_bytes().decode()
+    assert text.startswith("\ufeffalice:") and text.count("alice:") == 1
+    assert sorted(auth.read_users(str(users))) == ["alice", "bob"]
+    users.write_bytes(b"\xef\xbb\xbf")
+    assert auth.set_password(str(users), "carol", "pw", CHEAP) is True
+    assert users.read_bytes().decode().startswith("\ufeffcarol:")
+
+
 def test_config_checks_the_file_and_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text("alice:nothing-hashed\n")

@@ -217,7 +217,8 @@ def parse_users(text: str, source: str = "the password file") -> dict[str, Recor
 def read_users(path: str) -> dict[str, Record]:
     """Read and check a password file; ValueError (with the path) for any problem."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # -sig: a BOM that an editor put first is not part of the first user's name
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
@@ -460,10 +461,13 @@ def set_password(path: str, user: str, password: str, params: Params = DEFAULT_P
     target = os.path.realpath(path)
     try:
         with open(target, encoding="utf-8") as f:
-            lines = _file_lines(f.read())
+            text = f.read()
             old: os.stat_result | None = os.fstat(f.fileno())
     except FileNotFoundError:
-        lines, old = [], None
+        text, old = "", None
+    # A BOM an editor put first stays first, and stays out of the first user's name.
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    lines = _file_lines(text.removeprefix(bom))
     mode = 0o600 if old is None else stat.S_IMODE(old.st_mode)
     parse_users("\n".join(lines), path)  # refuse to rewrite a file that is already broken
     entry = f"{user}:{hash_password(password, params)}"
@@ -481,7 +485,7 @@ def set_password(path: str, user: str, password: str, params: Params = DEFAULT_P
             _keep_owner(fd, old, path)
         os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(bom + "\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
