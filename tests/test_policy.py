@@ -143,6 +143,23 @@ def test_self_loop() -> None:
         policy.check_not_self(ip_address("::1"), 8080)
 
 
+def test_an_unspecified_target_is_every_listener_of_its_family() -> None:
+    """Connecting to 0.0.0.0 or :: reaches this host (Linux sends it to loopback), so it
+    is a loop on any listener of its family and port, wherever that listener is bound; an
+    IPv4-mapped target is judged as IPv4. Reachable only once --allow-dest lets 0.0.0.0/8
+    or ::/128 through, which must not open a way back into the proxy."""
+    policy = Policy(listeners=[Listener(ip_address("127.0.0.1"), 3128),
+                               Listener(ip_address("::1"), 8080),
+                               Listener(ip_address("192.0.2.7"), 9090)])  # fmt: skip
+    for target, port in [("0.0.0.0", 3128), ("::ffff:0.0.0.0", 3128), ("::", 8080),
+                         ("0.0.0.0", 9090)]:  # fmt: skip
+        with pytest.raises(errors.ProxyLoop, match=rf"{port} is this proxy itself"):
+            policy.check_not_self(ip_address(target), port)
+    policy.check_not_self(ip_address("0.0.0.0"), 3129)  # no listener on that port
+    policy.check_not_self(ip_address("0.0.0.0"), 8080)  # an IPv6 listener only
+    policy.check_not_self(ip_address("::"), 3128)  # an IPv4 listener only
+
+
 def test_an_ipv4_wildcard_listener_is_not_reached_over_ipv6() -> None:
     policy = Policy(listeners=[Listener(ip_address("0.0.0.0"), 8080)])
     policy.check_not_self(ip_address("::1"), 8080)

@@ -345,17 +345,23 @@ class Policy:
         """Refuse a CONNECT to one of our own listeners, which would loop forever (or
         reach the admin endpoint). Only an IPv4-mapped address reaches an IPv4 listener:
         a NAT64 or 6to4 one goes out through a gateway, unlike the destination rules'
-        look-through. 0.0.0.0 takes IPv4 alone; :: may take both (whether it is IPv6-only
-        is the socket's business, and refusing is the safe side)."""
+        look-through. A listener on 0.0.0.0 takes IPv4 alone; one on :: may take both
+        (whether it is IPv6-only is the socket's business, and refusing is the safe side).
+        A target of 0.0.0.0 or :: is this host too (Linux connects it to loopback), so it
+        is every listener of its family on that port."""
         addr = _unmapped(addr)
         for listener in self.listeners:
             if listener.port != port:
                 continue
             mine = _unmapped(listener.address)
-            if mine == addr or (
-                mine.is_unspecified
-                and (mine.version == 6 or addr.version == 4)
-                and _is_local_address(addr)
+            if (
+                mine == addr
+                or (addr.is_unspecified and addr.version == mine.version)
+                or (
+                    mine.is_unspecified
+                    and (mine.version == 6 or addr.version == 4)
+                    and _is_local_address(addr)
+                )
             ):
                 shown = show_address((str(addr), port))
                 raise ProxyLoop(
