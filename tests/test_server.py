@@ -295,6 +295,22 @@ def test_400_malformed(proxy: ProxyProcess) -> None:
     assert_refused(reply, 400, "http_request_error", body_has="Host")
 
 
+def test_400_for_userinfo_in_the_target_shows_no_password() -> None:
+    """A password may hold "/": in a CONNECT target (authority form, no path) everything up
+    to the last "@" is userinfo, hidden from the answer, the log and the access log."""
+    proc = ProxyProcess(*LOOPBACK_OK, "--access-log", "-")
+    try:
+        head = b"CONNECT bob:SEKRET/PWi@127.0.0.1:18443 HTTP/1.1\r\nHost: a\r\n\r\n"
+        reply = request(proc.address, head)
+        assert_refused(reply, 400, "http_request_error", body_has="***@127.0.0.1:18443")
+        assert "SEKRET" not in reply.raw_head.decode() + reply.body.decode()
+        proc.wait_for_log(r"refused 127\.0\.0\.1:\d+ \*\*\*@127\.0\.0\.1:18443: 400")
+        proc.wait_for_log(r"target=\*\*\*@127\.0\.0\.1:18443 .*status=400")  # access log
+        assert "SEKRET" not in proc.log() and "PWi" not in proc.log()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_400_for_a_tls_handshake_comes_at_once(proxy: ProxyProcess) -> None:
     """A client given an https:// proxy URL sends a ClientHello, never a newline: it is told
     at once, not after --header-timeout (10 s)."""

@@ -61,6 +61,8 @@ _END_OF_HEAD = re.compile(rb"\n\r?\n")
 _BARE_CR = re.compile(rb"\r[^\n]")
 # Content-Length: 0, or a list of zeros ("0, 0"): no content (RFC 9110 §8.6)
 _ZEROS = re.compile(rb"0+(?:[ \t]*,[ \t]*0+)*")
+#: where a URL's authority starts: after "scheme://", or "//" (a network-path reference)
+_URL_AUTHORITY = re.compile(rb"(?:[A-Za-z][-A-Za-z0-9+.]*:)?//")
 
 
 class _Sentinel(Enum):
@@ -118,11 +120,20 @@ def show_target(target: bytes) -> str:
 
 def _hide_userinfo(target: bytes) -> bytes:
     """``user:password@`` in a target's authority as ``***@``: a client that put its
-    credentials there gets a 400, and neither the log nor the answer may keep them."""
-    start = target.find(b"//")
-    start = 0 if start < 0 else start + 2
-    end = target.find(b"/", start)
-    at = target.rfind(b"@", start, len(target) if end < 0 else end)
+    credentials there gets a 400, and neither the log nor the answer may keep them.
+
+    In a URL the authority ends at the first "/" after "//". A target in authority form
+    (host:port, as CONNECT and Host take it) has no path, so everything up to its last
+    "@" is userinfo, a "/" in the password included. A path (origin form) has none."""
+    url = _URL_AUTHORITY.match(target)
+    if url:
+        start = url.end()
+        end = target.find(b"/", start)
+        at = target.rfind(b"@", start, len(target) if end < 0 else end)
+    elif target.startswith(b"/"):
+        return target
+    else:
+        start, at = 0, target.rfind(b"@")
     return target if at < 0 else target[:start] + b"***" + target[at:]
 
 
