@@ -308,6 +308,8 @@ def test_a_refused_head_keeps_its_request_line_for_the_log(head: bytes, line: tu
         (b"CONNECT alice:S3/cret@a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n", b"S3/cret"),
         (b"CONNECT alice:S3//cret@a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n", b"S3"),
         (b"CONNECT a.example:443 HTTP/1.1\r\nHost: alice:S3/cret@a\r\n\r\n", b"S3/cret"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: alice:S3cret" + b"x" * 100 + b"@a\r\n\r\n",
+         b"S3cret"),  # the @ beyond the part of the field a message shows
         (b"CONNECT http://alice:S3cret@a.example/ HTTP/1.1\r\nHost: a\r\n\r\n", b"S3cret"),
         (b"CONNECT a.example:443 HTTP/1.1\r\nHost: alice:S3cret@a\r\n\r\n", b"S3cret"),
     ],

@@ -328,7 +328,7 @@ def _check_host(version: tuple[int, int], fields: tuple[tuple[bytes, bytes], ...
             )
         return
     if not _HOST_FIELD.fullmatch(hosts[0]):
-        shown = _hide_userinfo(hosts[0][:100]).decode("latin-1")
+        shown = _hide_userinfo(hosts[0])[:100].decode("latin-1")  # cut after: the @ may be far
         raise BadRequest(f"the Host field {shown!a} is not valid", details="bad Host")
 
 
