@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -26,7 +27,7 @@ from proxyproc import (
     ipv6_loopback,
     no_descriptors_left,
 )
-from splicegate.dial import _Failure, _failure_error, dial, interleave
+from splicegate.dial import _Failure, _failure_error, dial, interleave, with_deadline
 from splicegate.errors import (
     ConnectionRefused,
     ConnectTimeout,
@@ -418,3 +419,44 @@ def test_works_with_descriptors_above_1023(listener: socket.socket) -> None:
         with sock:
             assert sock.fileno() > 1023
             assert sock.getpeername() == listener.getsockname()
+
+
+# --- an application's dialer ----------------------------------------------------------------
+
+
+def ignores_its_deadline(addresses: list, port: int, deadline: float) -> socket.socket:
+    """An application's dialer stuck past any deadline, as one chained through an upstream
+    that never answers would be."""
+    gevent.sleep(30)
+    raise AssertionError("not cut off")
+
+
+def test_a_dialer_that_ignores_its_deadline_is_cut_off_with_dials_error() -> None:
+    deadline = soon(SHORT)
+    with pytest.raises(ConnectTimeout) as caught:
+        with_deadline(ignores_its_deadline, grace=0.2)([ip("127.0.0.1")], 9, deadline)
+    assert deadline + 0.2 <= time.monotonic() < deadline + LATE
+    assert caught.value.status == 504
+    assert caught.value.details == f"connect timeout after {SHORT:.1f} s: 127.0.0.1 port 9"
+
+
+def test_a_dialer_keeping_its_deadline_gives_its_own_error_within_the_grace() -> None:
+    def late_but_honest(addresses: list, port: int, deadline: float) -> socket.socket:
+        gevent.sleep(max(0.0, deadline - time.monotonic()) + 0.1)
+        raise ConnectionRefused("the upstream refused", details="upstream refused")
+
+    with pytest.raises(ConnectionRefused, match="upstream refused"):
+        with_deadline(late_but_honest, grace=1.0)([ip("127.0.0.1")], 9, soon(SHORT))
+
+
+def test_a_callers_own_timeout_passes_through_the_cut() -> None:
+    """A Timeout the caller set (a stop's, a test's) is the caller's, not a 504."""
+    mine = gevent.Timeout(SHORT)
+    with pytest.raises(gevent.Timeout) as caught, mine:
+        with_deadline(ignores_its_deadline)([ip("127.0.0.1")], 9, soon())
+    assert caught.value is mine
+
+
+def test_dial_itself_keeps_its_deadline_and_is_not_wrapped() -> None:
+    bound = functools.partial(dial, attempt_delay=0.1)
+    assert with_deadline(bound) is bound

@@ -19,7 +19,7 @@ from gevent.server import StreamServer
 from dnsserver import DnsServer
 from splicegate import Config, ProxyServer
 from splicegate.accesslog import Entry
-from splicegate.dial import dial
+from splicegate.dial import DIALER_GRACE, dial
 from splicegate.errors import AuthRequired, DomainDenied, PortDenied
 from splicegate.request import Request
 
@@ -134,6 +134,60 @@ def test_dial_hook_wraps_the_dialer(origin: StreamServer) -> None:
         assert started < deadline <= time.monotonic() + 3
     finally:
         proxy.stop(timeout=1)
+
+
+def test_a_dialer_that_ignores_its_deadline_gets_the_client_its_504_in_time() -> None:
+    """The server bounds an application's dialer by the connect deadline (and a grace), as
+    the built-in dial bounds itself: the client gets the 504 at once, not when it gives up,
+    and the handler ends then too, not at stop()."""
+    cut: list[float] = []
+
+    def stuck(addresses: list, port: int, deadline: float) -> socket.socket:
+        try:
+            gevent.sleep(30)
+        finally:
+            cut.append(time.monotonic())
+        raise AssertionError("not cut off")
+
+    proxy = ProxyServer(Config(**LOOPBACK_OK, dialer=stuck, connect_timeout=1))
+    proxy.start()
+    try:
+        started = time.monotonic()
+        reply = exchange(proxy, "127.0.0.1:9")  # its socket gives up after 5 s
+        assert reply.startswith(b"HTTP/1.1 504 ") and b"error=connection_timeout" in reply
+        assert b"timed out after 1.0 s" in reply
+        assert len(cut) == 1 and cut[0] - started < 1 + DIALER_GRACE + 1
+    finally:
+        proxy.stop(timeout=1)
+
+
+def test_a_resolver_that_ignores_its_deadline_is_bounded_by_the_dns_cache() -> None:
+    """The resolver hook needs no bound of its own: the DNS cache runs it in a flight of
+    its own and each request stops waiting at its --dns-timeout, with the 504 the built-in
+    resolver gives; stop() ends the flight."""
+    asked: list[str] = []
+    cut: list[str] = []
+
+    class Stuck:
+        def resolve(self, host: str, deadline: float) -> list:
+            asked.append(host)
+            try:
+                gevent.sleep(30)
+            finally:
+                cut.append(host)
+            raise AssertionError("not cut off")
+
+    proxy = ProxyServer(Config(**LOOPBACK_OK, resolver=Stuck(), dns_timeout=1))
+    proxy.start()
+    try:
+        started = time.monotonic()
+        reply = exchange(proxy, "stuck.test:443")
+        assert reply.startswith(b"HTTP/1.1 504 ") and b"error=dns_timeout" in reply
+        assert time.monotonic() - started < 3
+        assert asked == ["stuck.test"]
+    finally:
+        proxy.stop(timeout=1)
+    assert cut == ["stuck.test"]
 
 
 def test_what_a_custom_dialer_returns_gets_tcp_nodelay(origin: StreamServer) -> None:

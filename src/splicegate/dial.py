@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import gevent
+
 from splicegate.errors import (
     SHORTAGES,
     ConnectionRefused,
@@ -55,6 +57,10 @@ __all__ = ["ATTEMPT_DELAY", "Dialer", "dial", "interleave"]
 #: RFC 8305 §5 "Connection Attempt Delay": the recommended 250 ms (the RFC allows 100 ms to
 #: 2 s; Chrome and curl use 250 ms, Apple's stack adapts it to the measured RTT).
 ATTEMPT_DELAY = 0.25
+
+#: How long past its deadline an application's dialer may run before it is cut off: time
+#: for one that keeps its deadline to raise its own error, which may say more than ours.
+DIALER_GRACE = 0.5
 
 #: At most this many addresses are named in a message; the rest are counted.
 _NAMED = 4
@@ -177,11 +183,16 @@ def _has_peer(sock: socket.socket) -> bool:
     return True
 
 
+def _is_dial(dialer: Dialer) -> bool:
+    """:func:`dial` bound to some arguments with functools.partial: it sets TCP_NODELAY and
+    keeps its deadline itself, so it needs neither wrapper below."""
+    return isinstance(dialer, functools.partial) and dialer.func is dial
+
+
 def with_nodelay(dialer: Dialer) -> Dialer:
     """An application's dialer whose sockets get TCP_NODELAY, as :func:`dial`'s do
-    (DESIGN.md: on both sockets); decided once, when the server is built. :func:`dial`
-    itself, bound to some arguments with functools.partial, sets it already."""
-    if isinstance(dialer, functools.partial) and dialer.func is dial:
+    (DESIGN.md: on both sockets); decided once, when the server is built."""
+    if _is_dial(dialer):
         return dialer
 
     def dial_with_nodelay(
@@ -193,6 +204,35 @@ def with_nodelay(dialer: Dialer) -> Dialer:
         return sock
 
     return dial_with_nodelay
+
+
+def with_deadline(dialer: Dialer, grace: float = DIALER_GRACE) -> Dialer:
+    """An application's dialer cut off ``grace`` seconds after its deadline, with the
+    ConnectTimeout (504) :func:`dial` raises when the deadline passes.
+
+    The deadline is only passed to the dialer: one that ignores it (a chain through an
+    upstream that never answers) would hold the client until the client gave up, and its
+    handler until stop(). The cut is a gevent.Timeout raised where the dialer waits, as a
+    stop()'s GreenletExit is: what it opened, it closes on the way out."""
+    if _is_dial(dialer):
+        return dialer
+
+    def dial_by_deadline(
+        addresses: Sequence[IPAddress], port: int, deadline: float
+    ) -> socket.socket:
+        budget = deadline - time.monotonic()
+        timer = gevent.Timeout(max(budget, 0.0) + grace)
+        timer.start()
+        try:
+            return dialer(addresses, port, deadline)
+        except gevent.Timeout as exc:
+            if exc is not timer:  # a caller's own Timeout: theirs to handle
+                raise
+            raise _timeout_error(addresses, port, budget, ()) from None
+        finally:
+            timer.close()
+
+    return dial_by_deadline
 
 
 def _connected(sock: socket.socket) -> socket.socket:

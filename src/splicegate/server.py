@@ -106,7 +106,9 @@ class ProxyServer:
 
     ``config.resolver`` and ``config.dialer`` replace how names are looked up and targets
     are reached (a resolver with its own records; a dialer that chains through another
-    proxy). The DNS cache sits in front of whichever resolver it is.
+    proxy). The DNS cache sits in front of whichever resolver it is, and bounds its wait for
+    it by --dns-timeout; an application's dialer is cut off shortly after its deadline
+    (:func:`splicegate.dial.with_deadline`).
     """
 
     #: bytes read per recv while the head comes in
@@ -133,9 +135,9 @@ class ProxyServer:
         self.own_addresses = tuple(own_addresses)
         self.resolver: DnsCache
         self._dns_settings: tuple | None = None  # what self.resolver was built from
-        self.dialer: dial_module.Dialer = (
-            dial_module.with_nodelay(self.config.dialer) if self.config.dialer else dial_module.dial
-        )
+        self.dialer: dial_module.Dialer = dial_module.dial
+        if self.config.dialer:  # the built-in dial keeps its deadline; an application's may not
+            self.dialer = dial_module.with_deadline(dial_module.with_nodelay(self.config.dialer))
         #: where the proxy listens (with the real ports once started), and as policy sees it
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[Listener] = []
