@@ -168,6 +168,22 @@ def test_render_loads_back_to_the_same_settings(tmp_path: Path) -> None:
     assert load(write(tmp_path, render(Config()))) == Config()
 
 
+@pytest.mark.parametrize(
+    "text", ["a \U0001f600 b", "del \x7f", 'quote " back \\', "tab\t nl\n sep\u2028", "é"]
+)
+def test_render_writes_any_text_toml_can_hold(tmp_path: Path, text: str) -> None:
+    """Characters past U+FFFF once went in as JSON's surrogate pairs, DEL raw: TOML
+    refuses both, and under --workers no worker could start."""
+    config = Config(access_log=f"/var/log/{text}")
+    assert load(write(tmp_path, render(config))) == config
+
+
+def test_render_refuses_text_that_is_not_utf8_naming_the_key() -> None:
+    """An argument that was not UTF-8 arrives with lone surrogates: no TOML can hold it."""
+    with pytest.raises(ConfigError, match=r"^access_log: '/var/log/\\udcff' is not UTF-8"):
+        render(Config(access_log="/var/log/\udcff"))
+
+
 def test_restart_only_changes() -> None:
     old = Config(listen=["127.0.0.1:3128"])
     new = Config(listen=["127.0.0.1:3129"], allow_port=["any"], workers=2, engine="python")
@@ -198,6 +214,7 @@ def test_check_config_refuses_a_bad_file(tmp_path: Path) -> None:
         (b"header_timeout = nan\n", "header_timeout = nan: nan is not a finite number"),
         (b"max_connections = 1e400\n", "max_connections = inf: inf is not a finite number"),
         (b"\xff\xfe", "not valid TOML: a TOML file is UTF-8, and byte 0xff at offset 0"),
+        (b"x = " + b"[" * 100_000, "not valid TOML: nested too deeply"),
     ],
 )
 def test_check_config_and_the_daemon_refuse_what_once_was_a_traceback(
@@ -296,6 +313,7 @@ def test_reload_refuses_a_non_finite_value_or_a_file_not_in_utf8(tmp_path: Path)
             (b"max_connections = inf\n", "max_connections = inf: inf is not a finite number"),
             (b"header_timeout = nan\n", "header_timeout = nan: nan is not a finite number"),
             (b"\xff\xfe", "not valid TOML: a TOML file is UTF-8, and byte 0xff at offset 0"),
+            (b"x = " + b"[" * 100_000, "not valid TOML: nested too deeply"),
         ]
         for count, (content, message) in enumerate(bad, 1):
             Path(path).write_bytes(content)

@@ -39,6 +39,8 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables by recursion
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     except UnicodeDecodeError as exc:
         # tomllib decodes the whole file before parsing any of it, so this is not a
         # TOMLDecodeError, and its own text does not say which file.
@@ -139,19 +141,33 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    return _toml_string(str(value))
 
 
-def render(config: Config) -> str:
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, but TOML wants the characters past
+    U+FFFF as themselves (JSON's surrogate pairs are refused), and DEL escaped. A lone
+    surrogate (a command-line argument that was not UTF-8) has no TOML form at all."""
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ValueError(f"{text!r} is not UTF-8, and a TOML file holds only UTF-8")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def render(config: Config, replaced: Mapping[str, Any] | None = None) -> str:
     """The settings as a TOML file that loads back to the same settings, every key written,
-    defaults described in a comment where the value alone does not say (an empty list)."""
+    defaults described in a comment where the value alone does not say (an empty list).
+    ``replaced``: values written instead of the config's (a supervisor's for its workers:
+    a file that is not there yet, as a Config would read it)."""
     lines = []
     for f in cli_fields():
-        value = getattr(config, f.name)
-        if f.metadata["multiple"]:
-            text = _toml([_show(v) for v in value])
-        else:
-            text = _toml("" if value is None else _show(value))
+        value = (replaced or {}).get(f.name, getattr(config, f.name))
+        try:
+            if f.metadata["multiple"]:
+                text = _toml([_show(v) for v in value])
+            else:
+                text = _toml("" if value is None else _show(value))
+        except ValueError as exc:
+            raise ConfigError(f"{f.name}: {exc}") from None
         described = f.metadata["shown_default"]
         if described and (value in ((), None, "") or text in ("0", "0.0")):
             text += f"  # {described}"
