@@ -53,8 +53,9 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)
+        log = self.log()  # before stop(), which removes the file
         self.stop()
-        raise RuntimeError(f"splicegate did not start: {self.log()}")
+        raise RuntimeError(f"splicegate did not start: {log}")
 
     @property
     def pid(self) -> int:

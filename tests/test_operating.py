@@ -4,6 +4,7 @@ SIGHUP, log reopening on SIGUSR1, systemd readiness and ``--workers``. Each test
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -45,10 +46,14 @@ from proxyproc import (
     request,
 )
 from relayrig import wait_until
+from splicegate.auth import Params, set_password
+from splicegate.configfile import ConfigError
 from splicegate.daemon import Signals
 
 LOOPBACK = ("--allow-dest", "127.0.0.0/8")
 ANY_PORT = ("--allow-port", "any")
+#: scrypt as cheap as it goes: these tests are about the files, not the hashing
+CHEAP = Params(16, 1, 1)
 
 KEYS = [
     "ts", "client", "client_port", "user", "method", "target", "dialled", "status", "error",
@@ -655,6 +660,17 @@ def test_readiness_counts_only_from_a_workers_own_pid() -> None:
         supervisor._cleanup()
 
 
+def test_a_supervisor_refuses_objects_it_cannot_hand_to_a_worker() -> None:
+    """An application's resolver or hooks cannot go into a settings file: its workers
+    would silently run without them."""
+    from splicegate.config import Config
+    from splicegate.workers import Supervisor
+
+    config = Config(workers=2, listen=[f"127.0.0.1:{free_port()}"], authorize=lambda r, c: None)
+    with pytest.raises(ConfigError, match=r"^workers: .* objects in authorize; run a ProxyServer"):
+        Supervisor(config, lambda: config)
+
+
 def test_the_supervisor_takes_readiness_only_from_its_workers() -> None:
     """Its readiness socket is abstract, so any local process can send to it: a datagram
     that is no worker's (here one claiming a worker's pid in a field, with a bad one
@@ -1087,11 +1103,12 @@ def test_workers_reload_and_reopen_pass_on(tmp_path: Path) -> None:
 def kill_a_worker(proc: ProxyProcess) -> int:
     """SIGKILL worker 1 (our child's child: started by this test); the pid of the worker
     started in its place, once it listens."""
-    pids = worker_pids(proc)
-    os.kill(pids[0], signal.SIGKILL)
-    proc.wait_for_log(rf"worker 1 \(pid {pids[0]}\) exited with signal SIGKILL")
-    proc.wait_for_log(r"worker 1 started \(pid \d+\)(.|\n)*worker 1 started")
-    new = worker_pids(proc)[-1]
+    started = re.compile(r"worker 1 started \(pid (\d+)\)")
+    pids = started.findall(proc.log())
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    proc.wait_for_log(rf"worker 1 \(pid {pids[-1]}\) exited with signal SIGKILL")
+    wait_until(lambda: len(started.findall(proc.log())) > len(pids), "worker 1 restarted")
+    new = int(started.findall(proc.log())[-1])
     proc.wait_for_log(rf"splicegate\[{new}\] INFO listening on ")
     return new
 
@@ -1157,6 +1174,91 @@ def test_a_worker_restarted_after_a_refused_reload_runs_the_running_settings(
     assert not settings.parent.exists()
 
 
+def statuses(proc: ProxyProcess, port: int, user: str, password: str, tries: int) -> set[int]:
+    """The answers to ``tries`` CONNECTs with these credentials: over enough of them,
+    SO_REUSEPORT hands some to each worker."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    extra = f"Proxy-Authorization: Basic {token}\r\n"
+    found = set()
+    for _ in range(tries):
+        sock, reply = open_tunnel(proc.address, f"127.0.0.1:{port}", extra=extra)
+        sock.close()
+        found.add(reply.status)
+    return found
+
+
+def test_workers_run_on_the_password_file_the_supervisor_accepted(tmp_path: Path) -> None:
+    """A worker reads the password file as the last accepted reload found it, from the
+    supervisor's copy: one restarted after an edit not reloaded yet does not know users
+    the others do not, and one restarted after a refused reload does not exit on the
+    broken file, for ever."""
+    users = tmp_path / "users"
+    set_password(str(users), "alice", "a", CHEAP)
+    with origin(echo) as srv:
+        proc = ProxyProcess(*LOOPBACK, "--workers", "2", "--auth-file", str(users),
+                            "--allow-port", str(srv.port),
+                            listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+        try:
+            proc.wait_for_log("all 2 workers ready")
+            set_password(str(users), "bob", "b", CHEAP)  # not reloaded
+            kill_a_worker(proc)
+            assert statuses(proc, srv.port, "bob", "b", 12) == {407}
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
+            assert statuses(proc, srv.port, "bob", "b", 12) == {200}
+            users.write_text(users.read_text() + "broken line\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            proc.wait_for_log(rf"reload refused, the running settings stay: .*{users}, line 3")
+            kill_a_worker(proc)
+            assert statuses(proc, srv.port, "alice", "a", 12) == {200}
+            assert statuses(proc, srv.port, "bob", "b", 12) == {200}
+            assert "exited with code" not in proc.log()
+        finally:
+            assert proc.stop() == 0
+
+
+def test_workers_settings_come_back_when_a_tmp_cleaner_removed_them(tmp_path: Path) -> None:
+    """systemd-tmpfiles ages /tmp out (PrivateTmp too): the supervisor writes what it
+    accepted again, at the same path, for a reload and for a worker it restarts."""
+    config = tmp_path / "splicegate.toml"
+    with origin(echo) as srv:
+        config.write_text('allow_port = ["443"]\n')
+        proc = ProxyProcess(*LOOPBACK, "--workers", "2", "--config", str(config),
+                            listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+        try:
+            proc.wait_for_log("all 2 workers ready")
+            directory = Path(proc_args(worker_pids(proc)[0])[-1]).parent
+            shutil.rmtree(directory)  # the supervisor is this test's child: its own files
+            kill_a_worker(proc)
+            config.write_text(f'allow_port = ["{srv.port}"]\n')
+            shutil.rmtree(directory)
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: proc.log().count("reloaded") == 2, "both workers reloaded")
+            for _ in range(6):
+                assert one_tunnel(proc, srv.port)
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            assert "exited with code" not in proc.log() and "ERROR" not in proc.log()
+        finally:
+            assert proc.stop() == 0
+
+
+def test_workers_take_any_path_a_single_process_takes(tmp_path: Path) -> None:
+    """The settings reach the workers as TOML: a character past U+FFFF once went in as a
+    JSON surrogate pair, which TOML refuses, and no worker started."""
+    directory = tmp_path / "logs \U0001f600\u2028\x7f"
+    directory.mkdir()
+    log = directory / "access.log"
+    proc = ProxyProcess(*LOOPBACK, *ANY_PORT, "--workers", "2", "--access-log", str(log),
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        proc.wait_for_log("all 2 workers ready")
+        with origin(echo) as srv:
+            assert one_tunnel(proc, srv.port)
+        wait_until(lambda: log.exists() and log.read_text().count("\n") == 1, "a line logged")
+    finally:
+        assert proc.stop() == 0
+
+
 def test_signals_that_come_together_are_stops_counted_and_reloads_once() -> None:
     """Two SIGHUPs before the main loop looks are one reload, not one now and one left for
     whatever signal comes next (a logrotate SIGUSR1 hours later, say); two SIGTERMs are a
@@ -1192,7 +1294,10 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_workers_stop_when_the_supervisor_is_killed() -> None:
+def test_workers_stop_when_the_supervisor_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where a killed supervisor leaves its files
     proc = ProxyProcess(*LOOPBACK, "--workers", "2", listen=[f"127.0.0.1:{free_port()}"])
     try:
         proc.wait_for_log("all 2 workers ready")

@@ -26,25 +26,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import secrets
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 from gevent import socket
 from gevent.subprocess import DEVNULL, Popen, TimeoutExpired
 
+from splicegate import auth
 from splicegate.admin import AdminServer
 from splicegate.config import Config
-from splicegate.configfile import check_files, render, restart_only_changes
+from splicegate.configfile import ConfigError, check_files, render, restart_only_changes
 from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
@@ -96,11 +100,21 @@ class Supervisor:
     tick = 0.2
 
     def __init__(self, config: Config, load: Callable[[], Config]) -> None:
+        """Raises ConfigError for settings with objects only an application gives (hooks, a
+        resolver): a worker is a fresh process, and its settings are a file."""
+        hooks = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if not f.metadata.get("cli", True) and getattr(config, f.name) is not None
+        ]
+        if hooks:
+            raise ConfigError(
+                f"workers: a worker is a fresh process, which cannot be handed the objects "
+                f"in {', '.join(hooks)}; run a ProxyServer in each process instead"
+            )
         self.config = config
         self.load = load
-        #: settings the workers get other than the running ones (a granted --pipe-size)
-        self._pinned: dict[str, object] = {}
-        self._settings_dir: str | None = None
+        self._settings: WorkerSettings | None = None
         self.workers = [Worker(slot) for slot in range(config.workers)]
         self.admin: AdminServer | None = None
         self.draining = False
@@ -150,7 +164,7 @@ class Supervisor:
                     impatient.kill()
             log.info("stopped")
             return 0 if ok else 1
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
             log.error("%s", exc)
             self._stop_workers(signal.SIGTERM, time.monotonic() + 5)
             return 1
@@ -180,12 +194,13 @@ class Supervisor:
             self.admin.start()
         # A --pipe-size past what this user may have is found, and warned of, once here;
         # the workers are given the size they will get, or each would say it again.
+        pinned: dict[str, Any] = {}
         if self.config.engine != "python" and native_engine_error() is None:
             size = usable_pipe_size(self.config.pipe_size)
             if size != self.config.pipe_size:
-                self._pinned["pipe_size"] = size
-        self._settings_dir = tempfile.mkdtemp(prefix="splicegate-settings-")
-        self._write_settings(self.config)
+                pinned["pipe_size"] = size
+        self._settings = WorkerSettings(pinned)
+        self._settings.accept(self.config)
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify_sock.bind("\0" + self._notify_name)
@@ -198,14 +213,28 @@ class Supervisor:
             self._worker_env[ADMIN_ENV] = show_address(self.admin.address)
 
     def _spawn(self, worker: Worker) -> None:
-        worker.proc = Popen(
-            [sys.executable, "-P", "-c", _WORKER, _HOME, "--config", self._settings_path()],
-            env=self._worker_env,
-            stdin=DEVNULL,
-            # Their own process group: a Ctrl-C at the terminal reaches the supervisor
-            # alone, which passes one stop on; two would cut the drain short.
-            process_group=0,
-        )
+        """Start the worker; when that fails (no process could be made, the settings not
+        written), say so and try again after its backoff."""
+        assert self._settings is not None
+        try:
+            self._settings.restore()
+            worker.proc = Popen(
+                [sys.executable, "-P", "-c", _WORKER, _HOME, "--config", self._settings.path],
+                env=self._worker_env,
+                stdin=DEVNULL,
+                # Their own process group: a Ctrl-C at the terminal reaches the supervisor
+                # alone, which passes one stop on; two would cut the drain short.
+                process_group=0,
+            )
+        except OSError as exc:
+            self._back_off(worker, time.monotonic(), young=True)
+            log.error(
+                "worker %d could not be started (%s); trying again in %g s",
+                worker.slot + 1,
+                exc,
+                worker.backoff,
+            )
+            return
         worker.started = time.monotonic()
         worker.ready = worker.up = False
         worker.held.clear()  # it reads the settings, and opens its log, as it starts
@@ -255,12 +284,7 @@ class Supervisor:
             if proc is not None and proc.poll() is not None:
                 self._forget(proc.pid)
                 lived = now - worker.started
-                if lived < self.young:
-                    doubled = max(worker.backoff * 2, self.backoff_min)
-                    worker.backoff = min(doubled, self.backoff_max)
-                else:
-                    worker.backoff = self.backoff_min
-                worker.restart_at = now + worker.backoff
+                self._back_off(worker, now, young=lived < self.young)
                 log.warning(
                     "worker %d (pid %d) exited with %s after %.1f s; restarting in %g s",
                     worker.slot + 1,
@@ -273,11 +297,20 @@ class Supervisor:
             if worker.proc is None and now >= worker.restart_at:
                 self._spawn(worker)
 
+    def _back_off(self, worker: Worker, now: float, *, young: bool) -> None:
+        """When to start it again: the wait doubles while it keeps dying young."""
+        if young:
+            worker.backoff = min(max(worker.backoff * 2, self.backoff_min), self.backoff_max)
+        else:
+            worker.backoff = self.backoff_min
+        worker.restart_at = now + worker.backoff
+
     def _reload(self, signals: Signals) -> None:
         """Check the new settings here once, so a bad file is reported once, not by every
         worker; when they are good, pass them on (settings that need a restart keep their
         running values) and wait, bounded, for the workers to take them."""
         reloading()
+        assert self._settings is not None
         try:
             config = self.load()
             check_files(config)
@@ -285,36 +318,24 @@ class Supervisor:
             config = dataclasses.replace(
                 config, **{name: getattr(self.config, name) for name in ignored}
             )
-            self._write_settings(config)
+            self._settings.accept(config)
         except (ValueError, OSError) as exc:
             log.error("reload refused, the running settings stay: %s", exc)
         else:
-            warn_needs_restart(ignored)
             # The supervisor goes by them too: how long it waits for a drain, above all.
             self.config = config
             log.setLevel(config.log_level_number)
+            warn_needs_restart(ignored)
             for worker in self.workers:
                 worker.ready = False
             self._signal_all(signal.SIGHUP)
             deadline = time.monotonic() + 10
-            while not all(w.ready or w.proc is None for w in self.workers):
+            while not all(w.ready or w.proc is None or w.proc.poll() is not None
+                          for w in self.workers):  # fmt: skip
                 if time.monotonic() > deadline or signals.stopping():
                     break
                 self._readiness(self.tick)
         notify("READY=1")
-
-    def _settings_path(self) -> str:
-        assert self._settings_dir is not None
-        return os.path.join(self._settings_dir, "settings.toml")
-
-    def _write_settings(self, config: Config) -> None:
-        """The workers' settings file, replaced whole: a worker starting meanwhile reads
-        the old one or the new one. It is private (the directory is 0700): it holds what
-        the operator's file held."""
-        path = self._settings_path()
-        with open(path + ".new", "w", encoding="utf-8") as f:
-            f.write(render(dataclasses.replace(config, **self._pinned)))
-        os.replace(path + ".new", path)
 
     # --- stopping -------------------------------------------------------------------------
 
@@ -384,8 +405,84 @@ class Supervisor:
             self._notify_sock.close()
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
-        if self._settings_dir is not None:
-            shutil.rmtree(self._settings_dir, ignore_errors=True)
+        if self._settings is not None:
+            shutil.rmtree(self._settings.directory, ignore_errors=True)
+
+
+class WorkerSettings:
+    """What the workers run on: the settings the supervisor last accepted, and a copy of
+    the password file they name, in a private directory (0700, files 0600: they hold what
+    the operator's files held). Never the operator's files as they are on disk now: a
+    worker restarted after a refused reload, a restart-only change or an edit not yet
+    reloaded runs what the others run. Written at start and at each accepted reload, and
+    again before a worker starts if they are gone (a /tmp cleaner); each file is replaced
+    whole, so a worker reads the old one or the new one."""
+
+    def __init__(self, pinned: dict[str, Any]) -> None:
+        #: settings the workers get other than the accepted ones (a granted --pipe-size)
+        self.pinned = pinned
+        self.directory = tempfile.mkdtemp(prefix="splicegate-settings-")
+        self.path = os.path.join(self.directory, "settings.toml")
+        self._users = os.path.join(self.directory, "users")
+        self._accepted: tuple[bytes, bytes | None] = (b"", None)
+
+    def accept(self, config: Config) -> None:
+        """Hand ``config`` to the workers. Raises ConfigError or OSError, and then what
+        they run on is as it was."""
+        self._make_directory()
+        users = None
+        pinned = dict(self.pinned)
+        if config.auth_file:
+            with open(config.auth_file, "rb") as f:
+                users = f.read()
+            self._stage(self._users, users)
+            try:  # the copy is what counts: the file may have changed since it was checked
+                auth.configure(None, self._users + ".new", config.auth_realm)
+            except (ValueError, OSError):
+                raise ConfigError(
+                    f"the password file {config.auth_file} changed while it was read; reload again"
+                ) from None
+            pinned["auth_file"] = self._users
+        text = render(config, pinned).encode()
+        self._stage(self.path, text)
+        self._commit(users is not None)
+        self._accepted = (text, users)
+
+    def restore(self) -> None:
+        """Before a worker starts: the accepted files written again if they are gone."""
+        text, users = self._accepted
+        if os.path.exists(self.path) and (users is None or os.path.exists(self._users)):
+            return
+        self._make_directory()
+        if users is not None:
+            self._stage(self._users, users)
+        self._stage(self.path, text)
+        self._commit(users is not None)
+
+    def _make_directory(self) -> None:
+        """Made again, at the same path (the running workers' --config), if it was removed;
+        refused when what is there now is not this process's private directory."""
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            st = os.lstat(self.directory)
+            mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            if not mine or stat.S_IMODE(st.st_mode) & 0o077:
+                raise OSError(
+                    errno.EEXIST, f"{self.directory} is no longer this supervisor's own"
+                ) from None
+
+    @staticmethod
+    def _stage(path: str, data: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path + ".new", flags, 0o600)
+        with open(fd, "wb") as f:
+            f.write(data)
+
+    def _commit(self, users: bool) -> None:
+        if users:  # first: settings naming the copy never come before it
+            os.replace(self._users + ".new", self._users)
+        os.replace(self.path + ".new", self.path)
 
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
