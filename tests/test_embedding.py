@@ -80,6 +80,21 @@ def test_own_addresses_are_refused_as_a_loop(origin) -> None:
         proxy.stop(timeout=1)
 
 
+@pytest.mark.parametrize(
+    "address",
+    [("localhost", 8080), ("127.0.0.1", 99999), ("127.0.0.1", 0), ("127.0.0.1", "80"),
+     ("127.0.0.1",), "127.0.0.1:80", ("127.0.0.1", 80, 0)],
+)  # fmt: skip
+def test_own_addresses_are_checked_when_the_server_is_made(address: Any) -> None:
+    """A mistake is named at construction, not a bare ValueError from start() (a host
+    name) nor silently kept (a port no CONNECT can name)."""
+    with pytest.raises(ValueError, match=r"^own_addresses: .* is not an IP address and a port"):
+        ProxyServer(loopback_config(), own_addresses=[("::1", 9090), address])
+    server = ProxyServer(loopback_config(), own_addresses=[("::1", 9090), ["127.0.0.1", 80]])
+    assert server.own_addresses == (("::1", 9090), ["127.0.0.1", 80])
+    server.resolver.close()  # made, never started
+
+
 def test_embedded_server_tunnels_and_stops(origin) -> None:
     proxy = ProxyServer(loopback_config())
     proxy.start()

@@ -129,10 +129,12 @@ class ProxyServer:
         """``own_addresses``: where else this proxy listens, beyond its listeners and its
         --admin endpoint (a supervisor's admin endpoint under --workers): a CONNECT there
         is refused as a loop too, or any client could reach what is bound to loopback for
-        the operator alone."""
+        the operator alone. Each is an IP address and a port, checked here: a mistake shows
+        when the server is made, not as a bare error from start()."""
         self.config = config or Config()
         self.engine = engine
         self.own_addresses = tuple(own_addresses)
+        self._own_listeners = [_own_listener(address) for address in self.own_addresses]
         self.resolver: DnsCache
         self._dns_settings: tuple | None = None  # what self.resolver was built from
         self.dialer: dial_module.Dialer = dial_module.dial
@@ -242,9 +244,9 @@ class ProxyServer:
             if self.config.admin is not None:
                 self.admin = AdminServer(self.config.admin, self._scrape, lambda: not self.draining)
                 self.admin.start()
-            admin = [self.admin.address] if self.admin is not None else []
-            for host, port in [*admin, *self.own_addresses]:
+                host, port = self.admin.address
                 self._listeners.append(Listener(socket_address(host), port))
+            self._listeners += self._own_listeners
         except BaseException:
             self._close_listeners()
             self.addresses.clear()
@@ -635,6 +637,21 @@ class ProxyServer:
         self._configure(config)
         self.config = config
         return ignored
+
+
+def _own_listener(address: object) -> Listener:
+    """An entry of ``own_addresses`` as the loop check holds it, or ValueError naming it:
+    the check compares addresses, so a host name (which would need DNS) is refused too."""
+    match address:
+        case (str() as host, int() as port) if 1 <= port <= 65535:
+            try:
+                return Listener(socket_address(host), port)
+            except ValueError:
+                pass
+    raise ValueError(
+        f"own_addresses: {address!r} is not an IP address and a port from 1 to 65535, "
+        "such as ('127.0.0.1', 9090)"
+    )
 
 
 def _show_client(attempt: Attempt) -> str:
