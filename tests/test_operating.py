@@ -18,6 +18,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -1215,6 +1216,30 @@ def test_workers_run_on_the_password_file_the_supervisor_accepted(tmp_path: Path
             assert "exited with code" not in proc.log()
         finally:
             assert proc.stop() == 0
+
+
+def test_a_reload_leaves_the_workers_password_copy_alone_when_the_file_did_not_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker re-reads a password file that changed (its inode, size or mtime), and then
+    empties its credential cache: a copy written anew at every reload cost every client a
+    hash again after each SIGHUP, and said "lists no users" once more per worker."""
+    from splicegate.config import Config
+    from splicegate.workers import WorkerSettings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    users = tmp_path / "users"
+    set_password(str(users), "alice", "a", CHEAP)
+    config = Config(workers=2, listen=[f"127.0.0.1:{free_port()}"], auth_file=str(users))
+    settings = WorkerSettings({})
+    copy = Path(settings.directory) / "users"
+    settings.accept(config)
+    first = copy.stat()
+    settings.accept(config)
+    assert (copy.stat().st_ino, copy.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    set_password(str(users), "bob", "b", CHEAP)
+    settings.accept(config)
+    assert copy.read_bytes() == users.read_bytes() and "bob:" in copy.read_text()
 
 
 def test_workers_settings_come_back_when_a_tmp_cleaner_removed_them(tmp_path: Path) -> None:

@@ -258,8 +258,8 @@ class Authenticator:
 
     Built by :meth:`splicegate.server.ProxyServer._configure`; a server's reload calls
     :meth:`prepare_reload`, which re-reads the file only when it changed (inode, size or
-    mtime), keeping the cache: entries for changed records can no longer match, because the
-    record is part of their HMAC.
+    mtime). A file that changed empties the cache, so a removed user's credentials are
+    never taken from it; an unchanged one keeps it.
     """
 
     #: how long a successful credential is remembered (as a keyed HMAC)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import Field
 from typing import Any
 
-from splicegate import accesslog, auth
+from splicegate import accesslog
 from splicegate.config import Config, cli_fields
 from splicegate.request import show_address
 
@@ -104,15 +104,16 @@ def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def check_files(config: Config) -> None:
-    """Raise ConfigError when the settings name a password file that cannot be read or an
-    access log that cannot be opened, as starting or reloading on them would: what
-    ``check-config`` says, and what a supervisor judges a reload by, once for all its
-    workers (each would refuse it, and one restarted later could not start)."""
+def check_files(config: Config, running: Config | None = None) -> None:
+    """Raise ConfigError when the settings name an access log that cannot be opened, as
+    starting on them would (Config itself reads the password file): what ``check-config``
+    says, and what a supervisor judges a reload by, once for all its workers. Against the
+    ``running`` settings, a log they name already is not judged: its file is open."""
+    if running is not None and running.access_log == config.access_log:
+        return
     try:
-        auth.configure(None, config.auth_file, config.auth_realm)
         accesslog.check_can_open(config.access_log)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
         raise ConfigError(str(exc)) from None
 
 
@@ -134,13 +135,18 @@ def _show(item: Any) -> Any:
     return str(item)
 
 
-def _toml(value: Any) -> str:
+def _toml(value: Any, nested: bool = False) -> str:
+    """A value as TOML writes it; in a list, a list or table as ``[…]`` or ``{…}``: a
+    setting holds no such thing, and the message that says so must not recurse as deep
+    as the file did (a few hundred levels pass tomllib, and would exhaust the stack)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[\u2026]" if nested else "[" + ", ".join(_toml(v, True) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{\u2026}"
     return _toml_string(str(value))
 
 
@@ -189,8 +195,9 @@ def check_config_main(argv: list[str]) -> int:
     try:
         config = load(args.file, flag_values(args))
         check_files(config)
+        text = render(config)
     except ConfigError as exc:
         print(f"splicegate check-config: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(f"# the effective settings of {args.file}, all valid\n" + render(config))
+    sys.stdout.write(f"# the effective settings of {args.file}, all valid\n" + text)
     return 0

@@ -213,28 +213,18 @@ class Supervisor:
             self._worker_env[ADMIN_ENV] = show_address(self.admin.address)
 
     def _spawn(self, worker: Worker) -> None:
-        """Start the worker; when that fails (no process could be made, the settings not
-        written), say so and try again after its backoff."""
+        """Start the worker. Raises OSError when no process could be made, or the settings
+        not written again."""
         assert self._settings is not None
-        try:
-            self._settings.restore()
-            worker.proc = Popen(
-                [sys.executable, "-P", "-c", _WORKER, _HOME, "--config", self._settings.path],
-                env=self._worker_env,
-                stdin=DEVNULL,
-                # Their own process group: a Ctrl-C at the terminal reaches the supervisor
-                # alone, which passes one stop on; two would cut the drain short.
-                process_group=0,
-            )
-        except OSError as exc:
-            self._back_off(worker, time.monotonic(), young=True)
-            log.error(
-                "worker %d could not be started (%s); trying again in %g s",
-                worker.slot + 1,
-                exc,
-                worker.backoff,
-            )
-            return
+        self._settings.restore()
+        worker.proc = Popen(
+            [sys.executable, "-P", "-c", _WORKER, _HOME, "--config", self._settings.path],
+            env=self._worker_env,
+            stdin=DEVNULL,
+            # Their own process group: a Ctrl-C at the terminal reaches the supervisor
+            # alone, which passes one stop on; two would cut the drain short.
+            process_group=0,
+        )
         worker.started = time.monotonic()
         worker.ready = worker.up = False
         worker.held.clear()  # it reads the settings, and opens its log, as it starts
@@ -295,7 +285,16 @@ class Supervisor:
                 )
                 worker.proc = None
             if worker.proc is None and now >= worker.restart_at:
-                self._spawn(worker)
+                try:
+                    self._spawn(worker)
+                except OSError as exc:
+                    self._back_off(worker, now, young=True)
+                    log.error(
+                        "worker %d could not be started (%s); trying again in %g s",
+                        worker.slot + 1,
+                        exc,
+                        worker.backoff,
+                    )
 
     def _back_off(self, worker: Worker, now: float, *, young: bool) -> None:
         """When to start it again: the wait doubles while it keeps dying young."""
@@ -313,7 +312,7 @@ class Supervisor:
         assert self._settings is not None
         try:
             config = self.load()
-            check_files(config)
+            check_files(config, self.config)
             ignored = restart_only_changes(self.config, config)
             config = dataclasses.replace(
                 config, **{name: getattr(self.config, name) for name in ignored}
@@ -435,17 +434,23 @@ class WorkerSettings:
         if config.auth_file:
             with open(config.auth_file, "rb") as f:
                 users = f.read()
+            pinned["auth_file"] = self._users
+        # An unchanged copy stays as it is: a worker re-reads one that changed (a new inode
+        # is a change), and empties its credential cache when it does.
+        new_users = users is not None and (
+            users != self._accepted[1] or not os.path.exists(self._users)
+        )
+        if users is not None and new_users:
             self._stage(self._users, users)
             try:  # the copy is what counts: the file may have changed since it was checked
-                auth.configure(None, self._users + ".new", config.auth_realm)
+                auth.read_users(self._users + ".new")
             except (ValueError, OSError):
                 raise ConfigError(
                     f"the password file {config.auth_file} changed while it was read; reload again"
                 ) from None
-            pinned["auth_file"] = self._users
         text = render(config, pinned).encode()
         self._stage(self.path, text)
-        self._commit(users is not None)
+        self._commit(new_users)
         self._accepted = (text, users)
 
     def restore(self) -> None:
