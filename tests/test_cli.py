@@ -154,6 +154,8 @@ def test_config_object_takes_cli_style_values() -> None:
         ({"listen": [(None, 80)]}, "listen: (None, 80) is not a (host, port) pair"),
         ({"listen": [("127.0.0.1", 80, 0)]}, "listen: ('127.0.0.1', 80, 0) is not a (host, "),
         ({"admin": ("127.0.0.1", 99999)}, "admin: '127.0.0.1:99999': the port must be a"),
+        # Bytes that were not UTF-8 in an argument: no settings file could hold them.
+        ({"access_log": "/var/log/\udcff"}, "access-log: '/var/log/\\udcff' is not UTF-8"),
         # The resolver sends to a nameserver's address: an IP address and a port not 0.
         ({"nameserver": [("127.0.0.1", 65536)]}, "nameserver: '127.0.0.1:65536': the port "
          "must be a number from 1 to 65535"),
@@ -194,6 +196,11 @@ def test_config_refuses_what_start_would(settings: dict[str, Any], message: str)
         (["127.0.0.1:3128"], "[::]:3128", True),  # the admin endpoint's is dual-stack
         (["localhost:3128"], "localhost:3128", True),
         (["127.0.0.1:0"], "127.0.0.1:0", False),  # each gets a port of its own
+        (["127.0.0.1:3128"], "[::ffff:127.0.0.1]:3128", True),  # the same IPv4 address
+        (["localhost:3128"], "0.0.0.0:3128", True),  # a name is bound as IPv4
+        (["localhost:3128"], "[::]:3128", True),
+        (["localhost:3128"], "127.0.0.1:3128", False),  # not known to be the same
+        (["[::]:3128", "localhost:3128"], "127.0.0.1:3128", False),  # :: IPv6-only then
     ],
 )
 def test_the_admin_endpoint_cannot_take_a_listeners_port(

@@ -90,29 +90,39 @@ def parse_address(value: Any, default_port: int | None = None, *, least_port: in
     return host, int(port_text)
 
 
-def _ip_version(host: str) -> int | None:
+def _check_text(value: Any) -> None:
+    """A command-line argument that was not UTF-8 arrives with lone surrogates: refused in
+    every mode, as a settings file (and --workers, whose settings are one) cannot hold it."""
+    for item in value if isinstance(value, tuple) else (value,):
+        for text in item if isinstance(item, tuple) else (item,):
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise ValueError(f"{text!r} is not UTF-8; a setting is text, as in a file")
+
+
+def _bound_as(host: str) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The family a socket for ``host`` is bound in (a host without a colon, a name too,
+    is bound IPv4, as the server binds it), and the address, if it is one: IPv4-mapped
+    as the IPv4 address it holds."""
     try:
-        return ipaddress.ip_address(host).version
+        if ":" not in host:
+            return 4, ipaddress.IPv4Address(host)
+        address = ipaddress.IPv6Address(host)
     except ValueError:
-        return None  # a name
+        return (6 if ":" in host else 4), None  # a name: which address, only a resolver knows
+    return (4, address.ipv4_mapped) if address.ipv4_mapped else (6, address)
 
 
 def _binds_collide(admin: str, listen: str, *, listen_dual_stack: bool) -> bool:
     """Whether sockets bound to these hosts on one port collide (Linux, SO_REUSEADDR set):
-    the same address, or a wildcard and an address it covers. The admin endpoint's IPv6
-    wildcard is dual-stack."""
-    try:
-        a, b = ipaddress.ip_address(admin), ipaddress.ip_address(listen)
-    except ValueError:
-        return admin == listen  # a name: only the same name is known to collide
-    if a == b:
-        return True
-    for wildcard, other, dual_stack in ((a, b, True), (b, a, listen_dual_stack)):
-        if wildcard.is_unspecified and (
-            wildcard.version == other.version or (dual_stack and wildcard.version == 6)
-        ):
-            return True
-    return False
+    the same address, or a wildcard and any address of its family, a name's too; an IPv6
+    wildcard that is dual-stack (the admin endpoint's always is) covers IPv4 as well."""
+    (family_a, a), (family_b, b) = _bound_as(admin), _bound_as(listen)
+    if family_a != family_b:
+        wildcard, dual_stack = (a, True) if family_a == 6 else (b, listen_dual_stack)
+        return dual_stack and wildcard is not None and wildcard.is_unspecified
+    if a is None or b is None:  # a name: the same name, or a wildcard's family
+        return admin == listen or any(x is not None and x.is_unspecified for x in (a, b))
+    return a == b or a.is_unspecified or b.is_unspecified
 
 
 def parse_nameserver(value: Any) -> Address:
@@ -605,6 +615,7 @@ class Config:
                     coerced: Any = tuple(parse(v) for v in value)
                 else:
                     coerced = parse(value)
+                _check_text(coerced)
             except ValueError as exc:
                 raise ValueError(f"{f.name.replace('_', '-')}: {exc}") from None
             object.__setattr__(self, f.name, coerced)
@@ -628,7 +639,7 @@ class Config:
         it, after check-config had called the settings valid. An IPv6 wildcard listener
         holds the port for IPv4 too, unless an IPv4 listener shares its port (the server
         then binds it IPv6-only)."""
-        ipv4_ports = {port for host, port in self.listen if _ip_version(host) == 4}
+        ipv4_ports = self.ipv4_listen_ports()
         for address in self.listen:
             if admin[1] == address[1] != 0 and _binds_collide(
                 admin[0], address[0], listen_dual_stack=address[1] not in ipv4_ports
@@ -637,6 +648,12 @@ class Config:
                     f"admin: {_address_text(admin)} would take the port --listen "
                     f"{_address_text(address)} listens on; give it a port of its own"
                 )
+
+    def ipv4_listen_ports(self) -> set[int]:
+        """The fixed ports an IPv4 listener takes (a host without a colon: a name binds
+        IPv4 too). An IPv6 wildcard listener on one of them is bound IPv6-only, so that
+        the two can share it."""
+        return {port for host, port in self.listen if ":" not in host and port}
 
     @property
     def relay_timeouts(self) -> RelayTimeouts:

@@ -222,7 +222,7 @@ class ProxyServer:
         made_engine = self.engine is None
         if made_engine:
             self.engine = self.config.create_engine()
-        ipv4_ports = {port for host, port in self.config.listen if ":" not in host and port}
+        ipv4_ports = self.config.ipv4_listen_ports()
         try:
             for address in self.config.listen:
                 listener = listening_socket(
@@ -643,7 +643,7 @@ def _own_listener(address: object) -> Listener:
     """An entry of ``own_addresses`` as the loop check holds it, or ValueError naming it:
     the check compares addresses, so a host name (which would need DNS) is refused too."""
     match address:
-        case (str() as host, int() as port) if 1 <= port <= 65535:
+        case (str() as host, int() as port) if not isinstance(port, bool) and 1 <= port <= 65535:
             try:
                 return Listener(socket_address(host), port)
             except ValueError:
