@@ -27,7 +27,14 @@ from proxyproc import (
     ipv6_loopback,
     no_descriptors_left,
 )
-from splicegate.dial import _Failure, _failure_error, dial, interleave, with_deadline
+from splicegate.dial import (
+    _Failure,
+    _failure_error,
+    dial,
+    interleave,
+    with_deadline,
+    with_nodelay,
+)
 from splicegate.errors import (
     ConnectionRefused,
     ConnectTimeout,
@@ -458,5 +465,7 @@ def test_a_callers_own_timeout_passes_through_the_cut() -> None:
 
 
 def test_dial_itself_keeps_its_deadline_and_is_not_wrapped() -> None:
+    """Bound to arguments or not (the README names it for a dialer that wraps it)."""
     bound = functools.partial(dial, attempt_delay=0.1)
     assert with_deadline(bound) is bound
+    assert with_deadline(dial) is dial and with_nodelay(dial) is dial

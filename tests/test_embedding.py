@@ -83,7 +83,7 @@ def test_own_addresses_are_refused_as_a_loop(origin) -> None:
 @pytest.mark.parametrize(
     "address",
     [("localhost", 8080), ("127.0.0.1", 99999), ("127.0.0.1", 0), ("127.0.0.1", "80"),
-     ("127.0.0.1",), "127.0.0.1:80", ("127.0.0.1", 80, 0)],
+     ("127.0.0.1",), "127.0.0.1:80", ("127.0.0.1", 80, 0), ("127.0.0.1", True)],
 )  # fmt: skip
 def test_own_addresses_are_checked_when_the_server_is_made(address: Any) -> None:
     """A mistake is named at construction, not a bare ValueError from start() (a host

@@ -184,9 +184,9 @@ def _has_peer(sock: socket.socket) -> bool:
 
 
 def _is_dial(dialer: Dialer) -> bool:
-    """:func:`dial` bound to some arguments with functools.partial: it sets TCP_NODELAY and
-    keeps its deadline itself, so it needs neither wrapper below."""
-    return isinstance(dialer, functools.partial) and dialer.func is dial
+    """:func:`dial`, alone or bound to some arguments with functools.partial: it sets
+    TCP_NODELAY and keeps its deadline itself, so it needs neither wrapper below."""
+    return dialer is dial or (isinstance(dialer, functools.partial) and dialer.func is dial)
 
 
 def with_nodelay(dialer: Dialer) -> Dialer:
