@@ -1476,7 +1476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.command = shlex.join(
-        ["python", "bench/peers.py", *(argv if argv is not None else sys.argv[1:])]
+        ["python", "bench/peers.py", *_measuring(argv if argv is not None else sys.argv[1:])]
     )
     paths = [p.strip() for p in args.peers.split(",") if p.strip()]
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -1499,6 +1499,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.parts == ["errors"]:
         args.chart = ""
     return args
+
+
+def _measuring(argv: list[str]) -> list[str]:
+    """The arguments that decide what is measured: not where the table and chart go, which
+    a reproduce line would only send into someone else's directories."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--chart", "--results-dir"):
+            skip = True
+        elif not arg.startswith(("--chart=", "--results-dir=")):
+            kept.append(arg)
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
