@@ -1242,6 +1242,23 @@ def test_a_reload_leaves_the_workers_password_copy_alone_when_the_file_did_not_c
     assert copy.read_bytes() == users.read_bytes() and "bob:" in copy.read_text()
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_an_empty_password_file_is_warned_of_once_under_its_own_name(
+    tmp_path: Path, workers: int
+) -> None:
+    """Under --workers each worker said it, naming the supervisor's private copy."""
+    users = tmp_path / "users"
+    users.write_text("")
+    proc = ProxyProcess(*LOOPBACK, "--workers", str(workers), "--auth-file", str(users),
+                        listen=[f"127.0.0.1:{free_port()}"])  # fmt: skip
+    try:
+        if workers > 1:
+            proc.wait_for_log("all 2 workers ready")
+        assert re.findall(r"WARNING (.*) lists no users", proc.log()) == [str(users)]
+    finally:
+        assert proc.stop() == 0
+
+
 def test_workers_settings_come_back_when_a_tmp_cleaner_removed_them(tmp_path: Path) -> None:
     """systemd-tmpfiles ages /tmp out (PrivateTmp too): the supervisor writes what it
     accepted again, at the same path, for a reload and for a worker it restarts."""

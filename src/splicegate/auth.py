@@ -268,6 +268,9 @@ class Authenticator:
     cache_size = 10_000
     #: longest a request waits for the hashing pool (queue and hash): past it, a 503
     hash_wait = 5.0
+    #: warn when the file lists no users; off in a --workers worker, whose file is the
+    #: supervisor's copy: the supervisor says it once, naming the operator's file
+    warn_when_empty = True
 
     def __init__(self, path: str, realm: str = "splicegate") -> None:
         self.path = path
@@ -313,8 +316,8 @@ class Authenticator:
         def apply() -> None:
             self._dummy, self._users, self._identity = dummy, users, identity
             self._cache.clear()
-            if not users:
-                log.warning("%s lists no users: every request will get 407", self.path)
+            if not users and self.warn_when_empty:
+                warn_no_users(self.path)
 
         return apply
 
@@ -421,6 +424,10 @@ def configure(
     if previous is not None and (previous.path, previous.realm) == (path, realm):
         return previous, previous.prepare_reload() or _nothing
     return Authenticator(path, realm), _nothing
+
+
+def warn_no_users(path: str) -> None:
+    log.warning("%s lists no users: every request will get 407", path)
 
 
 def _nothing() -> None:

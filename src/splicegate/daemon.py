@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import gevent
 from gevent.event import Event
 
+from splicegate.auth import Authenticator
 from splicegate.config import Config, parse_address
 from splicegate.notify import notify, reloading
 from splicegate.server import ProxyServer
@@ -110,6 +111,7 @@ def serve(config: Config, load: Callable[[], Config], source: str = "") -> int:
         # The supervisor serves --admin for all workers.
         config = dataclasses.replace(config, admin=None)
         source = "the supervisor's settings"  # its copy of the file it accepted, not the file
+        Authenticator.warn_when_empty = False  # the supervisor's to say, of the operator's file
         read = load
 
         def load() -> Config:

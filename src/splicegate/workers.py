@@ -443,11 +443,13 @@ class WorkerSettings:
         if users is not None and new_users:
             self._stage(self._users, users)
             try:  # the copy is what counts: the file may have changed since it was checked
-                auth.read_users(self._users + ".new")
+                listed = auth.read_users(self._users + ".new")
             except (ValueError, OSError):
                 raise ConfigError(
                     f"the password file {config.auth_file} changed while it was read; reload again"
                 ) from None
+            if not listed:  # said here, once, and under the operator's name for the file
+                auth.warn_no_users(config.auth_file)
         text = render(config, pinned).encode()
         self._stage(self.path, text)
         self._commit(new_users)
