@@ -8,6 +8,7 @@ timing is asserted only where it is the behaviour (a waiter stops at its own dea
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 
 import gevent
@@ -112,7 +113,8 @@ def test_a_waiter_stops_at_its_own_deadline(dns_server: DnsServer) -> None:
         cache.resolve("void.test", deadline)
     assert deadline <= time.monotonic() < deadline + LATE
     assert not patient.ready()  # the flight goes on for the waiter with more time
-    assert caught.value.details.startswith("no answer within 0.3 s")  # its own budget
+    # its own budget (0.2 when the hub was late to get to it), not the patient's 1.2
+    assert re.match(r"no answer within 0\.[23] s", caught.value.details)
     patient.join(timeout=5)
     assert isinstance(patient.exception, DnsTimeout)
 
