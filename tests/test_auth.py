@@ -548,9 +548,10 @@ def test_passwd_refuses_a_file_whose_owner_it_cannot_keep(
         os.chown(path, owner, group)
         path.chmod(0o666)
         before = path.read_text()
-        # Imported as root, then run with uid and gid 65534 and no capabilities.
+        # Imported as root, then run with uid and gid 65534 and no capabilities (which
+        # cannot read this interpreter's standard library, here under /root).
         code = (
-            "import os, sys\n"
+            "import locale, os, sys\n"
             "from splicegate import auth\n"
             "os.setgroups([]); os.setegid(65534); os.seteuid(65534)\n"
             "sys.exit(auth.passwd_main(sys.argv[1:]))\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -384,3 +385,19 @@ def test_the_log_stop_gives_up_on_a_stderr_stuck_for_good() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) < 3.0
+
+
+def test_a_command_that_is_no_daemon_gets_the_signals_it_kept_raised_again() -> None:
+    """passwd and check-config are no daemon: a SIGHUP or SIGUSR1 that came while the
+    command started, kept for a daemon, ends them as it would have."""
+    code = (
+        "import os, signal\n"
+        "from splicegate import _early\n"
+        "_early.catch()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('kept', flush=True)\n"
+        "_early.release()\n"
+        "print('survived', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
+    assert (out.returncode, out.stdout) == (-signal.SIGUSR1, "kept\n"), out.stderr

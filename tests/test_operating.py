@@ -623,6 +623,52 @@ def test_a_signal_for_a_worker_still_starting_waits_until_it_is_up(signum: int) 
         assert proc.stop() == 0
 
 
+def caught_signals(pid: int) -> set[int]:
+    """The signals a process has a handler for (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return set()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["reload", "reopen"])
+def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
+    tmp_path: Path, signum: int
+) -> None:
+    """A third of a second of imports comes before the daemon's own handlers, and the
+    default action of SIGHUP or SIGUSR1 kills: the command catches them first, and the
+    daemon acts on them once it is up. The signal is sent while the command catches them
+    but not yet SIGTERM, which the daemon's handlers catch too: only the early catch."""
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK,
+             "--listen", f"127.0.0.1:{free_port()}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: (
+                signum in (caught := caught_signals(daemon.pid)) and signal.SIGTERM not in caught
+            ),
+            "the early catch, before the daemon's handlers",
+            timeout=WAIT,
+            poll=0.001,
+        )
+        daemon.send_signal(signum)
+        what = "reloaded" if signum == signal.SIGHUP else "listening on"
+        wait_until(lambda: what in log.read_text() and daemon.poll() is None, "up, and alive")
+        if signum == signal.SIGHUP:
+            assert log.read_text().index("listening on") < log.read_text().index("reloaded")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(WAIT) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(WAIT)
+
+
 def test_readiness_counts_only_from_a_workers_own_pid() -> None:
     """A datagram naming a worker's pid, from another process, marks nothing ready; the
     worker's own does."""

@@ -9,9 +9,26 @@ Embed it in a gevent application::
     print(server.address)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from splicegate._version import __version__
-from splicegate.config import Config
-from splicegate.relay import TunnelRecord
-from splicegate.server import ProxyServer
+
+if TYPE_CHECKING:
+    from splicegate.config import Config
+    from splicegate.relay import TunnelRecord
+    from splicegate.server import ProxyServer
 
 __all__ = ["Config", "ProxyServer", "TunnelRecord", "__version__"]
+
+#: imported when first asked for (PEP 562): the command's entry point is in this package,
+#: and must run before these imports do (a third of a second; see _early.py)
+_LAZY = {"Config": "config", "ProxyServer": "server", "TunnelRecord": "relay"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"splicegate.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'splicegate' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from splicegate import configfile, daemon
+from splicegate import _early, configfile, daemon
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
 from splicegate.limits import raise_open_file_limit
@@ -174,6 +174,8 @@ def print_version(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["passwd"], ["check-config"]):
+        _early.release()  # not a daemon: SIGHUP and SIGUSR1 do what they would
     if argv[:1] == ["passwd"]:  # splicegate passwd FILE USER: writes an --auth-file
         from splicegate.auth import passwd_main
 
@@ -184,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
     if args.version:
+        _early.release()
         return print_version(config)
     stop_logging = setup_logging(config.log_level_number, with_pid=config.workers > 1)
     try:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import gevent
 from gevent.event import Event
 
+from splicegate import _early
 from splicegate.auth import Authenticator
 from splicegate.config import Config, parse_address
 from splicegate.notify import notify, reloading
@@ -53,6 +54,8 @@ class Signals:
         self.wake = Event()
         for signum, name in self.NAMES.items():
             gevent.signal_handler(signum, self._flag, name)
+        for signum in _early.take():  # came while the command was still importing
+            self._flag(self.NAMES[signum])
 
     def _flag(self, name: str) -> None:
         self.pending[name] = self.pending[name] + 1 if name in self.COUNTED else 1
