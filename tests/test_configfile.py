@@ -14,7 +14,7 @@ import pytest
 
 from proxyproc import WAIT, ProxyProcess, free_port
 from splicegate.config import Config, cli_fields
-from splicegate.configfile import ConfigError, load, render, restart_only_changes
+from splicegate.configfile import ConfigError, check_files, load, render, restart_only_changes
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -283,6 +283,28 @@ def test_check_config_does_not_hang_on_a_fifo_with_no_reader(tmp_path: Path) -> 
     out = run_cli("check-config", write(tmp_path, f'access_log = "{fifo}"\n'))
     assert out.returncode == 2
     assert f"cannot open the access log {fifo}: No such device or address" in out.stderr
+
+
+@pytest.mark.parametrize("what", ["config", "auth-file"])
+def test_a_fifo_for_a_settings_file_is_refused_not_waited_on(tmp_path: Path, what: str) -> None:
+    """Reading one waits for a writer: a supervisor's whole loop stood still on a reload."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if what == "config":
+        out = run_cli("check-config", str(fifo))
+    else:
+        out = run_cli("check-config", write(tmp_path, ""), "--auth-file", str(fifo))
+    assert out.returncode == 2 and "not a regular file" in out.stderr, out.stderr
+
+
+def test_a_reload_judges_an_access_log_whose_format_changed(tmp_path: Path) -> None:
+    """The workers reopen their log for a new format as for a new path (reuse_or_open): a
+    supervisor that judged only the path let each worker refuse the reload on its own."""
+    missing = str(tmp_path / "moved-away" / "access.log")
+    running = Config(access_log=missing)
+    check_files(Config(access_log=missing), running)  # the same log: theirs is open
+    with pytest.raises(ConfigError, match=r"^cannot open the access log"):
+        check_files(Config(access_log=missing, log_format="json"), running)
 
 
 def test_daemon_refuses_a_bad_file_at_start(tmp_path: Path) -> None:

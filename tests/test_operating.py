@@ -1305,6 +1305,68 @@ def test_an_empty_password_file_is_warned_of_once_under_its_own_name(
         assert proc.stop() == 0
 
 
+@pytest.mark.parametrize("planted", ["open-directory", "symlink"])
+def test_workers_are_never_started_on_files_someone_else_put_at_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """After a cleaner removed the private directory, what another user makes at its path
+    is refused, not read by the next worker, and not removed at exit either."""
+    from splicegate.config import Config
+    from splicegate.workers import WorkerSettings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    settings = WorkerSettings({})
+    settings.accept(Config(workers=2, listen=[f"127.0.0.1:{free_port()}"]))
+    directory = Path(settings.directory)
+    shutil.rmtree(directory)
+    if planted == "open-directory":
+        directory.mkdir(mode=0o755)
+        directory.chmod(0o755)
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        directory.symlink_to(elsewhere)
+    (directory / "settings.toml").write_text('auth_file = ""\n')
+    with pytest.raises(OSError, match="is no longer this supervisor's own"):
+        settings.restore()
+    settings.remove()
+    assert (directory / "settings.toml").read_text() == 'auth_file = ""\n'
+
+
+def test_a_stop_while_the_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """A worker still importing has no handlers: SIGTERM's default action ends it. That
+    was logged as an error, and the daemon exited 1 for "workers that did not start"."""
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK, "--workers", "2",
+             "--listen", f"127.0.0.1:{free_port()}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "worker 2 started" in log.read_text(), "both workers started")
+        assert "listening on" not in log.read_text()  # their imports take a third of a second
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(WAIT) == 0, log.read_text()
+        assert "ERROR" not in log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(WAIT)
+
+
+def test_an_access_log_no_worker_could_open_is_said_once_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "access.log"
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "splicegate", "--workers", "2", "--access-log",
+         str(missing), "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.count(f"cannot open the access log {missing}") == 1, out.stderr
+    assert "worker 1 started" not in out.stderr
+
+
 def test_workers_settings_come_back_when_a_tmp_cleaner_removed_them(tmp_path: Path) -> None:
     """systemd-tmpfiles ages /tmp out (PrivateTmp too): the supervisor writes what it
     accepted again, at the same path, for a reload and for a worker it restarts."""

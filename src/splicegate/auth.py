@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from splicegate.errors import AuthOverloaded, AuthRequired
+from splicegate.files import read_regular
 from splicegate.request import Request
 
 if TYPE_CHECKING:  # gevent is imported where used: `splicegate passwd` runs without it
@@ -218,8 +219,7 @@ def read_users(path: str) -> dict[str, Record]:
     """Read and check a password file; ValueError (with the path) for any problem."""
     try:
         # -sig: a BOM that an editor put first is not part of the first user's name
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+        text = read_regular(path).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
     return parse_users(text, path)

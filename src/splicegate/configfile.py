@@ -22,6 +22,7 @@ from typing import Any
 
 from splicegate import accesslog
 from splicegate.config import Config, cli_fields
+from splicegate.files import read_regular
 from splicegate.request import show_address
 
 
@@ -33,8 +34,7 @@ def read_file(path: str) -> dict[str, Any]:
     """The file's settings by field name, each value checked by the field's parser (the
     values are returned as written; :class:`Config` coerces them)."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_regular(path).decode())
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -109,12 +109,15 @@ def check_files(config: Config, running: Config | None = None) -> None:
     starting on them would (Config itself reads the password file): what ``check-config``
     says, and what a supervisor judges a reload by, once for all its workers. Against the
     ``running`` settings, a log they name already is not judged: its file is open."""
-    if running is not None and running.access_log == config.access_log:
-        return
+    if running is not None and (running.access_log, running.log_format) == (
+        config.access_log,
+        config.log_format,
+    ):
+        return  # the same log: the workers keep theirs open, as reuse_or_open does
     try:
         accesslog.check_can_open(config.access_log)
     except OSError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(exc.strerror or str(exc)) from None
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

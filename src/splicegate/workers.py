@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import secrets
@@ -50,6 +49,7 @@ from splicegate.admin import AdminServer
 from splicegate.config import Config
 from splicegate.configfile import ConfigError, check_files, render, restart_only_changes
 from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
+from splicegate.files import read_regular
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 from splicegate.relay import native_engine_error, usable_pipe_size
@@ -132,12 +132,13 @@ class Supervisor:
             self._prepare()
             for worker in self.workers:
                 self._spawn(worker)
-            if not self._wait_ready(time.monotonic() + self.start_timeout, signals):
+            if self._wait_ready(time.monotonic() + self.start_timeout, signals):
+                log.info("all %d workers ready", len(self.workers))
+                notify("READY=1", f"MAINPID={os.getpid()}")
+            elif not signals.stopping():  # else asked to stop while they started: a stop
                 log.error("the workers did not all start; stopping")
                 self._stop_workers(signal.SIGTERM, time.monotonic() + 5)
                 return 1
-            log.info("all %d workers ready", len(self.workers))
-            notify("READY=1", f"MAINPID={os.getpid()}")
             while not signals.stopping():
                 signals.wait(self.tick)
                 if signals.take("reload"):
@@ -174,6 +175,7 @@ class Supervisor:
     def _prepare(self) -> None:
         """The workers' environment: a readiness socket, and a metrics directory if there
         is an admin endpoint to serve (before prometheus_client is imported here)."""
+        check_files(self.config)  # said once here, not once by every worker
         if self.config.admin is not None:
             from splicegate.metrics import MULTIPROC_ENV, collect_multiprocess, wipe_multiprocess
 
@@ -314,9 +316,10 @@ class Supervisor:
             config = self.load()
             check_files(config, self.config)
             ignored = restart_only_changes(self.config, config)
-            config = dataclasses.replace(
-                config, **{name: getattr(self.config, name) for name in ignored}
-            )
+            if ignored:  # a Config made anew reads its password file again
+                config = dataclasses.replace(
+                    config, **{name: getattr(self.config, name) for name in ignored}
+                )
             self._settings.accept(config)
         except (ValueError, OSError) as exc:
             log.error("reload refused, the running settings stay: %s", exc)
@@ -379,7 +382,10 @@ class Supervisor:
                         proc.pid,
                     )
                     continue
-            if proc.returncode not in (0, None):
+            # One still starting has no handlers yet: the stop's default action ends it, and
+            # that is its clean stop (it held no tunnel).
+            stopped = proc.returncode == -signum and not worker.up
+            if proc.returncode not in (0, None) and not stopped:
                 clean = False
                 if not killed:  # else said above
                     log.error(
@@ -405,7 +411,7 @@ class Supervisor:
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         if self._settings is not None:
-            shutil.rmtree(self._settings.directory, ignore_errors=True)
+            self._settings.remove()
 
 
 class WorkerSettings:
@@ -432,8 +438,7 @@ class WorkerSettings:
         users = None
         pinned = dict(self.pinned)
         if config.auth_file:
-            with open(config.auth_file, "rb") as f:
-                users = f.read()
+            users = read_regular(config.auth_file)
             pinned["auth_file"] = self._users
         # An unchanged copy stays as it is: a worker re-reads one that changed (a new inode
         # is a change), and empties its credential cache when it does.
@@ -456,11 +461,13 @@ class WorkerSettings:
         self._accepted = (text, users)
 
     def restore(self) -> None:
-        """Before a worker starts: the accepted files written again if they are gone."""
+        """Before a worker starts: the accepted files written again if they are gone. What
+        is at the path must be this process's own directory first: a worker is never
+        started on files someone else put there after a cleaner removed it."""
+        self._make_directory()
         text, users = self._accepted
         if os.path.exists(self.path) and (users is None or os.path.exists(self._users)):
             return
-        self._make_directory()
         if users is not None:
             self._stage(self._users, users)
         self._stage(self.path, text)
@@ -472,12 +479,25 @@ class WorkerSettings:
         try:
             os.mkdir(self.directory, 0o700)
         except FileExistsError:
+            if not self._mine():
+                raise OSError(f"{self.directory} is no longer this supervisor's own") from None
+
+    def _mine(self) -> bool:
+        """A directory (not a link to one) of this user's that no one else may enter."""
+        try:
             st = os.lstat(self.directory)
-            mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
-            if not mine or stat.S_IMODE(st.st_mode) & 0o077:
-                raise OSError(
-                    errno.EEXIST, f"{self.directory} is no longer this supervisor's own"
-                ) from None
+        except FileNotFoundError:
+            return False
+        return (
+            stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and not stat.S_IMODE(st.st_mode) & 0o077
+        )
+
+    def remove(self) -> None:
+        """At exit; what is at the path now is left alone unless it is still ours."""
+        if self._mine():
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     @staticmethod
     def _stage(path: str, data: bytes) -> None:
