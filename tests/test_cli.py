@@ -387,17 +387,50 @@ def test_the_log_stop_gives_up_on_a_stderr_stuck_for_good() -> None:
     assert float(done.stdout) < 3.0
 
 
-def test_a_command_that_is_no_daemon_gets_the_signals_it_kept_raised_again() -> None:
-    """passwd and check-config are no daemon: a SIGHUP or SIGUSR1 that came while the
-    command started, kept for a daemon, ends them as it would have."""
+KEPT_THEN = {
+    # passwd and check-config are no daemon: a signal kept for one does what it would have
+    "check-config": "sys.argv[1:] = ['check-config', '/nonexistent.toml']\nm.main()",
+    # nor is a usage error (argparse exits), or --help
+    "usage error": "sys.argv[1:] = ['--bogus']\nm.main()",
+    "help": "sys.argv[1:] = ['--help']\nm.main()",
+}
+
+
+@pytest.mark.parametrize("then", list(KEPT_THEN), ids=list(KEPT_THEN))
+def test_a_command_that_is_no_daemon_gets_the_signals_it_kept_raised_again(then: str) -> None:
+    """A SIGUSR1 comes as the command starts (sent from within, right after the catch):
+    kept for a daemon, it ends any other command as it would have, not silently."""
     code = (
-        "import os, signal\n"
+        "import os, signal, sys\n"
+        "import splicegate.__main__ as m\n"
         "from splicegate import _early\n"
-        "_early.catch()\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "print('kept', flush=True)\n"
-        "_early.release()\n"
-        "print('survived', flush=True)\n"
+        "catch = _early.catch\n"
+        "def catch_then_signal():\n"
+        "    catch()\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "_early.catch = catch_then_signal\n" + KEPT_THEN[then]
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
-    assert (out.returncode, out.stdout) == (-signal.SIGUSR1, "kept\n"), out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)  # fmt: skip
+    assert out.returncode == -signal.SIGUSR1, out.stderr
+
+
+def test_an_applications_own_handlers_survive_cli_main() -> None:
+    """cli.main called by an application (no early catch) leaves its SIGHUP handler alone,
+    and an ignored SIGHUP (nohup) stays ignored through the catch and its release."""
+    code = (
+        "import os, signal, sys\n"
+        "from splicegate import _early, cli\n"
+        "signal.signal(signal.SIGHUP, lambda *_: print('handled', flush=True))\n"
+        "cli.main(['--version'])\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "_early.catch()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "_early.release()\n"
+        "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["handled", "True"]

@@ -20,7 +20,7 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
-from proxyproc import full_accept_queue, ipv6_loopback
+from proxyproc import WAIT, full_accept_queue, ipv6_loopback
 from splicegate import Config, ProxyServer, TunnelRecord
 from splicegate import server as server_module
 from splicegate.dial import dial
@@ -441,3 +441,23 @@ def test_a_failed_start_keeps_nothing() -> None:
                 proxy.start()
             assert proxy.addresses == [] and proxy.engine is None
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_package_names_what_it_imports_when_asked() -> None:
+    """Its exports are imported when first asked for (the command's entry point must run
+    before them): dir() still lists them, and a submodule is found as an attribute."""
+    code = (
+        "import splicegate\n"
+        "assert {'Config', 'ProxyServer', 'TunnelRecord'} <= set(dir(splicegate))\n"
+        "assert splicegate.dial.dial and splicegate.errors.DnsError\n"
+        "assert splicegate.ProxyServer.__name__ == 'ProxyServer'\n"
+        "try:\n"
+        "    splicegate.no_such_thing\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT)  # fmt: skip
+    assert out.returncode == 0, out.stderr

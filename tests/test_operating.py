@@ -669,6 +669,41 @@ def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
             daemon.wait(WAIT)
 
 
+def test_a_reopen_that_reaches_a_worker_still_importing_is_kept_for_later(tmp_path: Path) -> None:
+    """``systemctl kill -s USR1`` signals every process of the service, workers still
+    importing too: their default action ended one, and a daemon starting stopped."""
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK, "--workers", "2",
+             "--listen", f"127.0.0.1:{free_port()}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        found = wait_until(
+            lambda: re.search(r"worker 2 started \(pid (\d+)\)", log.read_text()),
+            "worker 2 started",
+        )
+        worker = int(found.group(1))
+        wait_until(
+            lambda: (
+                signal.SIGUSR1 in (caught := caught_signals(worker))
+                and signal.SIGTERM not in caught
+            ),
+            "the worker's early catch, before its daemon's handlers",
+            poll=0.001,
+        )
+        os.kill(worker, signal.SIGUSR1)  # our child's child: started by this test
+        wait_until(lambda: "all 2 workers ready" in log.read_text(), "the workers up")
+        assert "exited with" not in log.read_text()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(WAIT) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(WAIT)
+
+
 def test_readiness_counts_only_from_a_workers_own_pid() -> None:
     """A datagram naming a worker's pid, from another process, marks nothing ready; the
     worker's own does."""

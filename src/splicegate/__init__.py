@@ -28,7 +28,18 @@ __all__ = ["Config", "ProxyServer", "TunnelRecord", "__version__"]
 _LAZY = {"Config": "config", "ProxyServer": "server", "TunnelRecord": "relay"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"splicegate.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'splicegate' has no attribute {name!r}")
+if not TYPE_CHECKING:  # a type checker sees the imports above, not an Any for every name
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY:
+            return getattr(importlib.import_module(f"splicegate.{_LAZY[name]}"), name)
+        try:  # a submodule, as `import splicegate; splicegate.dial.dial` found it before
+            return importlib.import_module(f"splicegate.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"splicegate.{name}":
+                raise
+        raise AttributeError(f"module 'splicegate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -220,7 +220,9 @@ def read_users(path: str) -> dict[str, Record]:
     try:
         # -sig: a BOM that an editor put first is not part of the first user's name
         text = read_regular(path).decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
     return parse_users(text, path)
 

@@ -174,13 +174,13 @@ def print_version(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["passwd"], ["check-config"]):
-        _early.release()  # not a daemon: SIGHUP and SIGUSR1 do what they would
     if argv[:1] == ["passwd"]:  # splicegate passwd FILE USER: writes an --auth-file
         from splicegate.auth import passwd_main
 
+        _early.release()  # not a daemon: SIGHUP and SIGUSR1 do what they would
         return passwd_main(argv[1:])
     if argv[:1] == ["check-config"]:  # splicegate check-config FILE [FLAGS]: print settings
+        _early.release()
         return configfile.check_config_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ def read_file(path: str) -> dict[str, Any]:
     except RecursionError:  # tomllib parses nested arrays and tables by recursion
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     except UnicodeDecodeError as exc:
-        # tomllib decodes the whole file before parsing any of it, so this is not a
+        # The whole file is decoded before any of it is parsed, so this is no
         # TOMLDecodeError, and its own text does not say which file.
         byte = exc.object[exc.start]
         raise ConfigError(
@@ -108,7 +108,8 @@ def check_files(config: Config, running: Config | None = None) -> None:
     """Raise ConfigError when the settings name an access log that cannot be opened, as
     starting on them would (Config itself reads the password file): what ``check-config``
     says, and what a supervisor judges a reload by, once for all its workers. Against the
-    ``running`` settings, a log they name already is not judged: its file is open."""
+    ``running`` settings, the same log (path and format) is not judged: it is open, and a
+    reload keeps it, as ``accesslog.reuse_or_open`` does."""
     if running is not None and (running.access_log, running.log_format) == (
         config.access_log,
         config.log_format,

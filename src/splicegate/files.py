@@ -11,7 +11,8 @@ def read_regular(path: str) -> bytes:
     """The bytes of ``path``, which must be a regular file: a FIFO or a device named in the
     settings would block whoever reads it (a supervisor's whole loop, on a reload) until
     something writes to it. Raises OSError, its strerror saying what is wrong."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # O_NOCTTY: a terminal named by mistake must not become a session leader's.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)

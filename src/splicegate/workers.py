@@ -66,7 +66,7 @@ log = logging.getLogger("splicegate")
 #: from its src/ starts workers on that same code, not on another copy installed elsewhere.
 _WORKER = (
     "import sys; home = sys.argv.pop(1); home in sys.path or sys.path.insert(0, home); "
-    "from splicegate.cli import main; sys.exit(main())"
+    "from splicegate.__main__ import main; sys.exit(main())"
 )
 _HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,8 +173,9 @@ class Supervisor:
             self._cleanup()
 
     def _prepare(self) -> None:
-        """The workers' environment: a readiness socket, and a metrics directory if there
-        is an admin endpoint to serve (before prometheus_client is imported here)."""
+        """The workers' environment: their settings (the access log checked once, here), a
+        readiness socket, and a metrics directory if there is an admin endpoint to serve
+        (before prometheus_client is imported here)."""
         check_files(self.config)  # said once here, not once by every worker
         if self.config.admin is not None:
             from splicegate.metrics import MULTIPROC_ENV, collect_multiprocess, wipe_multiprocess
@@ -349,6 +350,8 @@ class Supervisor:
             if signum in (signal.SIGHUP, signal.SIGUSR1) and not worker.up:
                 if signum not in worker.held:
                     worker.held.append(signum)
+            elif signum == signal.SIGQUIT and not worker.up:
+                self._send(worker, signal.SIGTERM)  # no tunnels yet; SIGQUIT's default dumps core
             else:
                 self._send(worker, signum)
 
@@ -384,7 +387,7 @@ class Supervisor:
                     continue
             # One still starting has no handlers yet: the stop's default action ends it, and
             # that is its clean stop (it held no tunnel).
-            stopped = proc.returncode == -signum and not worker.up
+            stopped = proc.returncode in (-signum, -signal.SIGTERM) and not worker.up
             if proc.returncode not in (0, None) and not stopped:
                 clean = False
                 if not killed:  # else said above
@@ -445,20 +448,21 @@ class WorkerSettings:
         new_users = users is not None and (
             users != self._accepted[1] or not os.path.exists(self._users)
         )
+        empty = False
         if users is not None and new_users:
             self._stage(self._users, users)
             try:  # the copy is what counts: the file may have changed since it was checked
-                listed = auth.read_users(self._users + ".new")
+                empty = not auth.read_users(self._users + ".new")
             except (ValueError, OSError):
                 raise ConfigError(
                     f"the password file {config.auth_file} changed while it was read; reload again"
                 ) from None
-            if not listed:  # said here, once, and under the operator's name for the file
-                auth.warn_no_users(config.auth_file)
         text = render(config, pinned).encode()
         self._stage(self.path, text)
         self._commit(new_users)
         self._accepted = (text, users)
+        if empty:  # said here, once, under the operator's name for it
+            auth.warn_no_users(config.auth_file)
 
     def restore(self) -> None:
         """Before a worker starts: the accepted files written again if they are gone. What
@@ -475,7 +479,7 @@ class WorkerSettings:
 
     def _make_directory(self) -> None:
         """Made again, at the same path (the running workers' --config), if it was removed;
-        refused when what is there now is not this process's private directory."""
+        refused when what is there now is not a private directory of this user's."""
         try:
             os.mkdir(self.directory, 0o700)
         except FileExistsError:
