@@ -276,6 +276,13 @@ def full_accept_queue(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
                 filler.close()
 
 
+def run_code(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run by this interpreter in a fresh process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT
+    )
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now, for what cannot listen on port 0 (--workers)."""
     with socket.socket() as s:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxyproc import WAIT, ProxyProcess
+from proxyproc import WAIT, ProxyProcess, run_code
 from splicegate.config import (
     MAX_DEFER_ACCEPT,
     MAX_PIPE_SIZE,
@@ -410,8 +410,7 @@ def test_a_command_that_is_no_daemon_gets_the_signals_it_kept_raised_again(then:
         "    os.kill(os.getpid(), signal.SIGUSR1)\n"
         "_early.catch = catch_then_signal\n" + KEPT_THEN[then]
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=WAIT)  # fmt: skip
+    out = run_code(code)
     assert out.returncode == -signal.SIGUSR1, out.stderr
 
 
@@ -430,7 +429,6 @@ def test_an_applications_own_handlers_survive_cli_main() -> None:
         "_early.release()\n"
         "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=WAIT)  # fmt: skip
+    out = run_code(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2:] == ["handled", "True"]

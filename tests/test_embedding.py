@@ -20,7 +20,7 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
-from proxyproc import WAIT, full_accept_queue, ipv6_loopback
+from proxyproc import full_accept_queue, ipv6_loopback, run_code
 from splicegate import Config, ProxyServer, TunnelRecord
 from splicegate import server as server_module
 from splicegate.dial import dial
@@ -458,6 +458,5 @@ def test_the_package_names_what_it_imports_when_asked() -> None:
         "else:\n"
         "    raise SystemExit('no AttributeError')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=WAIT)  # fmt: skip
+    out = run_code(code)
     assert out.returncode == 0, out.stderr

@@ -623,6 +623,26 @@ def test_a_signal_for_a_worker_still_starting_waits_until_it_is_up(signum: int) 
         assert proc.stop() == 0
 
 
+@contextlib.contextmanager
+def starting_daemon(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """splicegate started and handed over at once, still starting (ProxyProcess waits
+    until it listens), with the file its stderr goes to; killed by its pid if still
+    running at the end."""
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK, *flags,
+             "--listen", f"127.0.0.1:{free_port()}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        yield daemon, log
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(WAIT)
+
+
 def caught_signals(pid: int) -> set[int]:
     """The signals a process has a handler for (SigCgt in /proc/PID/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -640,14 +660,7 @@ def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
     default action of SIGHUP or SIGUSR1 kills: the command catches them first, and the
     daemon acts on them once it is up. The signal is sent while the command catches them
     but not yet SIGTERM, which the daemon's handlers catch too: only the early catch."""
-    log = tmp_path / "stderr"
-    with open(log, "wb") as err:
-        daemon = subprocess.Popen(
-            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK,
-             "--listen", f"127.0.0.1:{free_port()}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    try:
+    with starting_daemon(tmp_path) as (daemon, log):
         wait_until(
             lambda: (
                 signum in (caught := caught_signals(daemon.pid)) and signal.SIGTERM not in caught
@@ -663,23 +676,12 @@ def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
             assert log.read_text().index("listening on") < log.read_text().index("reloaded")
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(WAIT) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(WAIT)
 
 
 def test_a_reopen_that_reaches_a_worker_still_importing_is_kept_for_later(tmp_path: Path) -> None:
     """``systemctl kill -s USR1`` signals every process of the service, workers still
     importing too: their default action ended one, and a daemon starting stopped."""
-    log = tmp_path / "stderr"
-    with open(log, "wb") as err:
-        daemon = subprocess.Popen(
-            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK, "--workers", "2",
-             "--listen", f"127.0.0.1:{free_port()}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    try:
+    with starting_daemon(tmp_path, "--workers", "2") as (daemon, log):
         found = wait_until(
             lambda: re.search(r"worker 2 started \(pid (\d+)\)", log.read_text()),
             "worker 2 started",
@@ -698,10 +700,6 @@ def test_a_reopen_that_reaches_a_worker_still_importing_is_kept_for_later(tmp_pa
         assert "exited with" not in log.read_text()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(WAIT) == 0, log.read_text()
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(WAIT)
 
 
 def test_readiness_counts_only_from_a_workers_own_pid() -> None:
@@ -1371,23 +1369,12 @@ def test_workers_are_never_started_on_files_someone_else_put_at_the_path(
 def test_a_stop_while_the_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
     """A worker still importing has no handlers: SIGTERM's default action ends it. That
     was logged as an error, and the daemon exited 1 for "workers that did not start"."""
-    log = tmp_path / "stderr"
-    with open(log, "wb") as err:
-        daemon = subprocess.Popen(
-            [sys.executable, "-P", "-m", "splicegate", *LOOPBACK, "--workers", "2",
-             "--listen", f"127.0.0.1:{free_port()}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    try:
+    with starting_daemon(tmp_path, "--workers", "2") as (daemon, log):
         wait_until(lambda: "worker 2 started" in log.read_text(), "both workers started")
         assert "listening on" not in log.read_text()  # their imports take a third of a second
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(WAIT) == 0, log.read_text()
         assert "ERROR" not in log.read_text()
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(WAIT)
 
 
 def test_an_access_log_no_worker_could_open_is_said_once_at_start(tmp_path: Path) -> None:
