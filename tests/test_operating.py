@@ -1366,6 +1366,29 @@ def test_workers_are_never_started_on_files_someone_else_put_at_the_path(
     assert (directory / "settings.toml").read_text() == 'auth_file = ""\n'
 
 
+@pytest.mark.parametrize("mode", [0o700, 0o755])
+def test_a_worker_reads_its_settings_only_from_a_private_directory(
+    tmp_path: Path, mode: int
+) -> None:
+    """The supervisor checks its directory before a worker starts, and the worker again
+    as it reads: between the two, a cleaner may remove it and another user make one."""
+    directory = tmp_path / "settings"
+    directory.mkdir()
+    directory.chmod(mode)
+    settings = directory / "settings.toml"
+    settings.write_text('listen = ["127.0.0.1:1"]\nlog_level = "nonsense"\n')
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "splicegate", "--config", str(settings)],
+        env={**os.environ, "SPLICEGATE_WORKER": str(os.getpid())},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    if mode == 0o700:  # read: its (deliberately bad) settings are what it refuses
+        assert "log_level" in out.stderr and "private" not in out.stderr, out.stderr
+    else:
+        assert f"{directory} is no longer the supervisor's private directory" in out.stderr
+
+
 def test_a_stop_while_the_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
     """A worker still importing has no handlers: SIGTERM's default action ends it. That
     was logged as an error, and the daemon exited 1 for "workers that did not start"."""

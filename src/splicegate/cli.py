@@ -14,6 +14,7 @@ from typing import Any
 from splicegate import _early, configfile, daemon
 from splicegate._version import __version__
 from splicegate.config import Config, cli_fields
+from splicegate.files import private_directory
 from splicegate.limits import raise_open_file_limit
 from splicegate.metrics import MULTIPROC_ENV
 from splicegate.relay import native_engine_error
@@ -72,10 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
     """Defaults, then ``--config FILE``, then the flags given."""
     try:
-        return configfile.load(args.config, flag_values(args))
+        return load_settings(args)
     except configfile.ConfigError as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers informed
+
+
+def load_settings(args: argparse.Namespace) -> Config:
+    """The settings, at start and on each reload. A --workers worker's file is its
+    supervisor's private copy: read only from a directory that still is private, as the
+    supervisor checked just before (a cleaner may have removed it since, and another user
+    made one at its path)."""
+    if args.config and os.environ.get(daemon.WORKER_ENV):
+        directory = os.path.dirname(os.path.abspath(args.config))
+        if not private_directory(directory):
+            raise configfile.ConfigError(
+                f"{directory} is no longer the supervisor's private directory"
+            )
+    return configfile.load(args.config, flag_values(args))
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_version(config)
     stop_logging = setup_logging(config.log_level_number, with_pid=config.workers > 1)
     try:
-        return run(config, lambda: configfile.load(args.config, flag_values(args)), args.config)
+        return run(config, lambda: load_settings(args), args.config)
     finally:
         stop_logging()
 

@@ -7,6 +7,20 @@ import os
 import stat
 
 
+def private_directory(path: str) -> bool:
+    """A directory (not a link to one) of this user's that no one else may enter: where a
+    supervisor keeps its workers' settings, checked by both sides."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not stat.S_IMODE(st.st_mode) & 0o077
+    )
+
+
 def read_regular(path: str) -> bytes:
     """The bytes of ``path``, which must be a regular file: a FIFO or a device named in the
     settings would block whoever reads it (a supervisor's whole loop, on a reload) until

@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import struct
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from splicegate.admin import AdminServer
 from splicegate.config import Config
 from splicegate.configfile import ConfigError, check_files, render, restart_only_changes
 from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
-from splicegate.files import read_regular
+from splicegate.files import private_directory, read_regular
 from splicegate.notify import ENV as NOTIFY_ENV
 from splicegate.notify import notify, reloading
 from splicegate.relay import native_engine_error, usable_pipe_size
@@ -487,16 +486,7 @@ class WorkerSettings:
                 raise OSError(f"{self.directory} is no longer this supervisor's own") from None
 
     def _mine(self) -> bool:
-        """A directory (not a link to one) of this user's that no one else may enter."""
-        try:
-            st = os.lstat(self.directory)
-        except FileNotFoundError:
-            return False
-        return (
-            stat.S_ISDIR(st.st_mode)
-            and st.st_uid == os.geteuid()
-            and not stat.S_IMODE(st.st_mode) & 0o077
-        )
+        return private_directory(self.directory)
 
     def remove(self) -> None:
         """At exit; what is at the path now is left alone unless it is still ours."""
