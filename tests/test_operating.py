@@ -660,7 +660,8 @@ def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
     default action of SIGHUP or SIGUSR1 kills: the command catches them first, and the
     daemon acts on them once it is up. The signal is sent while the command catches them
     but not yet SIGTERM, which the daemon's handlers catch too: only the early catch."""
-    with starting_daemon(tmp_path) as (daemon, log):
+    access = str(tmp_path / "access.log")
+    with starting_daemon(tmp_path, "--access-log", access) as (daemon, log):
         wait_until(
             lambda: (
                 signum in (caught := caught_signals(daemon.pid)) and signal.SIGTERM not in caught
@@ -670,10 +671,9 @@ def test_a_reload_or_reopen_while_the_daemon_imports_is_kept_for_later(
             poll=0.001,
         )
         daemon.send_signal(signum)
-        what = "reloaded" if signum == signal.SIGHUP else "listening on"
+        what = "reloaded" if signum == signal.SIGHUP else f"access log {access} reopened"
         wait_until(lambda: what in log.read_text() and daemon.poll() is None, "up, and alive")
-        if signum == signal.SIGHUP:
-            assert log.read_text().index("listening on") < log.read_text().index("reloaded")
+        assert log.read_text().index("listening on") < log.read_text().index(what)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(WAIT) == 0
 
