@@ -270,6 +270,11 @@ def cli_fields() -> list[Field[Any]]:
     return [f for f in fields(Config) if f.metadata.get("cli", True)]
 
 
+def component_fields() -> list[Field[Any]]:
+    """The fields for objects only an application gives (:func:`component`): no flag."""
+    return [f for f in fields(Config) if not f.metadata.get("cli", True)]
+
+
 def _resolver(value: Any) -> Any:
     if value is not None and not callable(getattr(value, "resolve", None)):
         raise ValueError(f"{value!r} has no resolve(host, deadline) method")

@@ -114,7 +114,7 @@ def check_files(config: Config, running: Config | None = None) -> None:
         config.access_log,
         config.log_format,
     ):
-        return  # the same log: the workers keep theirs open, as reuse_or_open does
+        return
     try:
         accesslog.check_can_open(config.access_log)
     except OSError as exc:

@@ -26,7 +26,7 @@ from gevent.event import Event
 from splicegate import accesslog, auth
 from splicegate import dial as dial_module
 from splicegate.admin import AdminServer
-from splicegate.config import Config
+from splicegate.config import Config, component_fields
 from splicegate.configfile import restart_only_changes
 from splicegate.dnscache import DnsCache
 from splicegate.errors import (
@@ -623,15 +623,14 @@ class ProxyServer:
         gives are kept when ``config`` has none; new hooks apply, a new resolver or dialer
         needs a restart."""
         ignored = restart_only_changes(self.config, config)
-        for f in dataclasses.fields(Config):
+        components = component_fields()
+        for f in components:
             new, old = getattr(config, f.name), getattr(self.config, f.name)
-            if f.metadata.get("cli", True) or new is None or new is old:
-                continue
-            if f.metadata.get("restart"):
+            if new is not None and new is not old and f.metadata.get("restart"):
                 ignored.append(f.name)
         keep = {name: getattr(self.config, name) for name in ignored}
-        for f in dataclasses.fields(Config):
-            if not f.metadata.get("cli", True) and getattr(config, f.name) is None:
+        for f in components:
+            if getattr(config, f.name) is None:
                 keep[f.name] = getattr(self.config, f.name)
         config = dataclasses.replace(config, **keep)
         self._configure(config)

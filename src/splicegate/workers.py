@@ -45,7 +45,7 @@ from gevent.subprocess import DEVNULL, Popen, TimeoutExpired
 
 from splicegate import auth
 from splicegate.admin import AdminServer
-from splicegate.config import Config
+from splicegate.config import Config, component_fields
 from splicegate.configfile import ConfigError, check_files, render, restart_only_changes
 from splicegate.daemon import ADMIN_ENV, WORKER_ENV, Signals, warn_needs_restart
 from splicegate.files import private_directory, read_regular
@@ -101,11 +101,7 @@ class Supervisor:
     def __init__(self, config: Config, load: Callable[[], Config]) -> None:
         """Raises ConfigError for settings with objects only an application gives (hooks, a
         resolver): a worker is a fresh process, and its settings are a file."""
-        hooks = [
-            f.name
-            for f in dataclasses.fields(Config)
-            if not f.metadata.get("cli", True) and getattr(config, f.name) is not None
-        ]
+        hooks = [f.name for f in component_fields() if getattr(config, f.name) is not None]
         if hooks:
             raise ConfigError(
                 f"workers: a worker is a fresh process, which cannot be handed the objects "
