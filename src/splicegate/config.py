@@ -90,12 +90,18 @@ def parse_address(value: Any, default_port: int | None = None, *, least_port: in
     return host, int(port_text)
 
 
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` holds lone surrogates: bytes that were not UTF-8 (an argument, an
+    environment variable), which no UTF-8 file, a TOML one above all, can hold."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def _check_text(value: Any) -> None:
-    """A command-line argument that was not UTF-8 arrives with lone surrogates: refused in
-    every mode, as a settings file (and --workers, whose settings are one) cannot hold it."""
+    """Such text is refused in every mode, as a settings file (and --workers, whose
+    settings are one) cannot hold it."""
     for item in value if isinstance(value, tuple) else (value,):
         for text in item if isinstance(item, tuple) else (item,):
-            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+            if isinstance(text, str) and not_utf8(text):
                 raise ValueError(f"{text!r} is not UTF-8; a setting is text, as in a file")
 
 

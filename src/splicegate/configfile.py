@@ -21,7 +21,7 @@ from dataclasses import Field
 from typing import Any
 
 from splicegate import accesslog
-from splicegate.config import Config, cli_fields
+from splicegate.config import Config, cli_fields, not_utf8
 from splicegate.files import read_regular
 from splicegate.request import show_address
 
@@ -158,7 +158,7 @@ def _toml_string(text: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's, but TOML wants the characters past
     U+FFFF as themselves (JSON's surrogate pairs are refused), and DEL escaped. A lone
     surrogate (a command-line argument that was not UTF-8) has no TOML form at all."""
-    if any("\ud800" <= c <= "\udfff" for c in text):
+    if not_utf8(text):
         raise ValueError(f"{text!r} is not UTF-8, and a TOML file holds only UTF-8")
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
