@@ -2,8 +2,9 @@
 """The native relay engine: tunnels' bytes move with splice(2), outside the GIL.
 
 Each engine owns a few native threads (pthreads, never gevent's patched ``threading``), each
-running its own epoll loop over many tunnels. A tunnel's two sockets are registered once,
-edge-triggered, for both directions; an event only sets readiness flags and pumps the
+running its own epoll loop over many tunnels. Every tunnel starts on the first thread, and
+only bulk transfers move to the others (``spill``), so that short tunnels wake one thread.
+A tunnel's two sockets are registered edge-triggered, for both directions; an event only sets readiness flags and pumps the
 tunnel. Per direction, bytes go socket -> pipe -> socket with splice(); the pipe comes from a
 capped per-thread pool only while bytes are in flight, so an idle tunnel holds no pipe and
 no buffer. Where no pipe is to be had (the pool is at its cap, the pipe quota is spent) or
@@ -102,9 +103,13 @@ cdef struct Tunnel:
     int err
     bint done
     bint queued         # on the worker's ready list
+    bint bulk           # has used a whole turn's budget: counted in its worker's bulk
     int errors_seen     # sides (1 << side) with an EPOLLERR not yet looked into
     Tunnel* next        # inbox, graveyard and completion lists
     Tunnel* ready_next
+
+
+cdef struct Worker
 
 
 cdef struct Core:
@@ -119,6 +124,8 @@ cdef struct Core:
     int64_t pipes_in_use
     int64_t bytes_up
     int64_t bytes_down
+    Worker* workers         # the ones whose threads run: bulk tunnels may move among them
+    int nworkers
     pthread_mutex_t done_lock
     Tunnel* done_head
     int done_fd
@@ -126,11 +133,13 @@ cdef struct Core:
 
 cdef struct Worker:
     Core* core
+    int64_t bulk            # its tunnels that are bulk: read by the other threads
+    bint closing            # told to close all or exit: takes no tunnel from another thread
     int epfd
     int wake_fd
     pthread_t thread
     bint running
-    pthread_mutex_t lock    # guards inbox and command
+    pthread_mutex_t lock    # guards inbox, command and closing
     Tunnel* inbox
     int command
     Tunnel** heap           # every tunnel of this worker, by timer_at
@@ -442,6 +451,8 @@ cdef void finish(Worker* w, Tunnel* t, int reason, int closer, int err, bint abo
     heap_remove(w, t)
     if t.queued:
         unqueue(w, t)
+    if t.bulk:
+        sg_add(&w.bulk, -1)
     t.done = True
     t.reason = reason
     t.first_closer = closer
@@ -623,6 +634,60 @@ cdef void close_all(Worker* w, int reason, double now) noexcept nogil:
         expire(w, w.heap[0], reason, now)
 
 
+cdef void deliver(Worker* w, Tunnel* t) noexcept nogil:
+    """Into a thread's inbox; called with its lock held, which this releases. Only the first
+    tunnel of a batch wakes the thread, which takes the whole inbox: under load that saves
+    a write(2) per CONNECT. Decided under the lock: once it is released the thread may
+    already own t."""
+    cdef uint64_t one = 1
+    cdef bint wake = w.inbox == NULL
+    t.next = w.inbox
+    w.inbox = t
+    pthread_mutex_unlock(&w.lock)
+    if wake:
+        write(w.wake_fd, &one, sizeof(one))
+
+
+cdef bint spill(Worker* w, Tunnel* t) noexcept nogil:
+    """Move a bulk tunnel to the thread with the fewest, when that evens the counts out.
+
+    Tunnels all start on the first thread: a short one (a CONNECT, a request, a close) then
+    wakes no other thread, which on two cores cost a fifth of the CONNECT rate when tunnels
+    were dealt out in turn. A tunnel that uses a whole turn's budget is a bulk transfer, and
+    those are spread so that each thread carries as many as the others, give or take one:
+    then the threads share the cores when transfers need them. A moved tunnel leaves this
+    thread's epoll and heap and joins the other's inbox, whose adopt registers it anew
+    (edge-triggered ADD reports what is ready), its pipes and held bytes going with it.
+    Returns True when it moved: then it is no longer this thread's to touch."""
+    cdef Worker* target = NULL
+    cdef Worker* other
+    cdef int i, side
+    cdef int64_t least = 0
+    cdef int64_t load
+    if not t.bulk:
+        t.bulk = True
+        sg_add(&w.bulk, 1)
+    for i in range(w.core.nworkers):
+        other = &w.core.workers[i]
+        if other != w:
+            load = sg_load(&other.bulk)
+            if target == NULL or load < least:
+                target, least = other, load
+    if target == NULL or sg_load(&w.bulk) <= least + 1:
+        return False
+    pthread_mutex_lock(&target.lock)
+    if target.closing:  # it would never adopt it, or close it too late
+        pthread_mutex_unlock(&target.lock)
+        return False
+    for side in range(2):
+        epoll_ctl(w.epfd, EPOLL_CTL_DEL, t.fd[side], NULL)
+    heap_remove(w, t)
+    sg_add(&w.bulk, -1)
+    sg_add(&target.bulk, 1)
+    deliver(target, t)
+    return True
+
+
 cdef void run_ready(Worker* w, double now) noexcept nogil:
     cdef Tunnel* t = w.ready
     cdef Tunnel* nxt
@@ -630,7 +695,7 @@ cdef void run_ready(Worker* w, double now) noexcept nogil:
     while t != NULL:
         nxt = t.ready_next
         t.queued = False
-        if not t.done:
+        if not t.done and not spill(w, t):
             pump(w, t, now)
         t = nxt
 
@@ -778,7 +843,7 @@ _running = set()
 
 
 def _default_threads():
-    return max(1, min(MAX_THREADS, (os.cpu_count() or 2) - 1))
+    return max(1, min(MAX_THREADS, os.cpu_count() or 2))
 
 
 cdef class NativeEngine:
@@ -787,7 +852,6 @@ cdef class NativeEngine:
     cdef Core core
     cdef Worker* workers
     cdef int nworkers
-    cdef int next_worker
     cdef bint threads_started
     cdef bint closing
     cdef bint closed
@@ -903,8 +967,11 @@ cdef class NativeEngine:
         self._close_worker_fds(started)
         if started == 0:
             raise OSError(EAGAIN, "cannot start a relay thread")
+        for i in range(started):
+            sg_name_thread(self.workers[i].thread, i)
         self.nworkers = started
-        self.next_worker = 0
+        self.core.workers = self.workers
+        self.core.nworkers = started
         self.threads_started = True
         _running.add(self)
 
@@ -937,8 +1004,6 @@ cdef class NativeEngine:
     def submit(self, int client_fd, int origin_fd, bytes early_up, on_done):
         cdef Tunnel* t
         cdef Worker* w
-        cdef bint wake
-        cdef uint64_t one = 1
         cdef int side
         cdef int fds[2]
         cdef int sotype
@@ -975,18 +1040,9 @@ cdef class NativeEngine:
         t.heap_index = -1
         t.started = t.last_activity = sg_monotonic()
         self.callbacks[t.id] = on_done  # a tunnel is active until its on_done has run
-        w = &self.workers[self.next_worker]
-        self.next_worker = (self.next_worker + 1) % self.nworkers
+        w = &self.workers[0]  # every tunnel starts there; bulk ones move on (spill)
         pthread_mutex_lock(&w.lock)
-        # Only the first tunnel of a batch wakes the thread, which takes the whole inbox;
-        # under load that saves a write(2) per CONNECT. Decided under the lock: once it is
-        # released the thread may already own t.
-        wake = w.inbox == NULL
-        t.next = w.inbox
-        w.inbox = t
-        pthread_mutex_unlock(&w.lock)
-        if wake:
-            write(w.wake_fd, &one, sizeof(one))
+        deliver(w, t)
 
     def _on_done_ready(self):
         """In the hub: drain every finished tunnel at once and report each."""
@@ -1043,6 +1099,7 @@ cdef class NativeEngine:
         for i in range(self.nworkers):
             pthread_mutex_lock(&self.workers[i].lock)
             self.workers[i].command = command
+            self.workers[i].closing = True
             pthread_mutex_unlock(&self.workers[i].lock)
             write(self.workers[i].wake_fd, &one, sizeof(one))
 
@@ -1128,7 +1185,6 @@ cdef class NativeEngine:
         cdef Pipe* p
         pthread_mutex_init(&self.core.done_lock, NULL)
         self.nworkers = self.allocated  # the child starts as many threads as were asked for
-        self.next_worker = 0
         for i in range(self.nworkers):
             w = &self.workers[i]
             pthread_mutex_init(&w.lock, NULL)
@@ -1146,6 +1202,8 @@ cdef class NativeEngine:
                 close(p.rfd)
                 close(p.wfd)
             w.free_count = 0
+            w.bulk = 0
+            w.closing = False
             # The parent's tunnels on these lists are gone here: never pump or report them.
             w.ready = NULL
             w.graveyard = NULL

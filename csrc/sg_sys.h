@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/ioctl.h>
 #include <time.h>
 
@@ -63,6 +64,14 @@ static inline int64_t sg_unacked(int fd) {
 static inline int sg_batch_thread(pthread_t thread) {
     struct sched_param p = {0};
     return pthread_setschedparam(thread, SCHED_BATCH, &p);
+}
+
+/* "sg-relay-N", as top -H, ps -L and /proc/PID/task/TID/comm show a relay thread. Linux
+   takes 15 characters at most; a refusal changes nothing but the name. */
+static inline void sg_name_thread(pthread_t thread, int index) {
+    char name[16];
+    snprintf(name, sizeof name, "sg-relay-%d", index);
+    pthread_setname_np(thread, name);
 }
 
 #endif

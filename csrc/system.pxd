@@ -114,3 +114,4 @@ cdef extern from "sg_sys.h" nogil:
     int64_t sg_unsent(int fd)
     int64_t sg_unacked(int fd)
     int sg_batch_thread(pthread_t thread)
+    void sg_name_thread(pthread_t thread, int index)

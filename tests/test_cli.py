@@ -82,7 +82,7 @@ def test_engine_python_can_be_forced() -> None:
         (["--max-connections", "inf"], "max-connections: 'inf' is not a finite number"),
         # what the engine or the kernel would refuse at start is refused as a setting
         (["--relay-threads", "100"], "relay-threads: '100' is too large; the most is 64"),
-        (["--relay-threads=-1"], "the least is 1 (0 picks CPUs - 1, at least 1, at most 4)"),
+        (["--relay-threads=-1"], "the least is 1 (0 picks one per CPU, at most 4)"),
         (["--max-pipes", str(2**63)], f"max-pipes: '{2**63}' is too large; the most is"),
         (["--defer-accept", str(2**31)], "defer-accept: '2147483648' is too large; the most"),
         (["--nameserver", "127.0.0.1:0"], "'127.0.0.1:0': the port must be a number from 1 to"),
@@ -170,7 +170,7 @@ def test_config_object_takes_cli_style_values() -> None:
         ({"listen": ()}, "listen: no address given; at least one HOST:PORT is needed"),
         # The native engine's bounds, and TCP_DEFER_ACCEPT's C int.
         ({"relay_threads": 65}, "relay-threads: 65 is too large; the most is 64"),
-        ({"relay_threads": -1}, "relay-threads: -1 is too small; the least is 1 (0 picks CPUs"),
+        ({"relay_threads": -1}, "relay-threads: -1 is too small; the least is 1 (0 picks one"),
         ({"max_pipes": 2**63}, f"max-pipes: {2**63} is too large; the most is {2**63 - 1}"),
         ({"max_pipes": -1}, "max-pipes: -1 is too small; the least is 1 (0 means what the "),
         ({"defer_accept": 2**31}, "defer-accept: 2147483648 is too large; the most is"),

@@ -699,6 +699,121 @@ def test_pipe_quota_as_an_unprivileged_user(max_pipes: int | None) -> None:
         assert result["peak_pipes"] > quota_pipes  # past it: small pipes, still whole bytes
 
 
+# --- relay threads: short tunnels on one, bulk transfers spread ------------------------------
+
+
+def relay_threads(before: set[int]) -> dict[str, int]:
+    """The relay threads (named sg-relay-N) started since ``before``, by name."""
+    names = {tid: Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in thread_ids()}
+    return {name: tid for tid, name in names.items() if tid not in before and "sg-relay-" in name}
+
+
+def wake_ups(tid: int) -> int:
+    """A thread's context switches so far. A relay thread with nothing to do sleeps in
+    epoll_wait with no timeout, so the count moves only when something wakes it."""
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines()
+    )
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+
+def stream(sock: socket.socket, chunk: memoryview, stop: list[bool]) -> tuple[int, str]:
+    """In a native thread: ``chunk`` over and over on a blocking duplicate of ``sock`` until
+    ``stop`` holds a value (or a minute passed), then FIN; the count and sha256 sent."""
+    digest = hashlib.sha256()
+    count = 0
+    deadline = time.monotonic() + 60
+    with stdlib_socket.fromfd(sock.fileno(), sock.family, sock.type) as dup:
+        dup.settimeout(WAIT)
+        while not stop and time.monotonic() < deadline:
+            dup.sendall(chunk)
+            digest.update(chunk)
+            count += len(chunk)
+        dup.shutdown(stdlib_socket.SHUT_WR)
+    return count, digest.hexdigest()
+
+
+def receive_blocking(sock: socket.socket) -> tuple[int, str]:
+    """In a native thread: FIN, then read a blocking duplicate of ``sock`` to EOF."""
+    with stdlib_socket.fromfd(sock.fileno(), sock.family, sock.type) as dup:
+        dup.settimeout(WAIT)
+        dup.shutdown(stdlib_socket.SHUT_WR)  # nothing comes back: the tunnel can end
+        return drain(dup)
+
+
+def test_short_tunnels_wake_one_relay_thread_and_bulk_transfers_spread(rigs: Any) -> None:
+    """Every tunnel starts on the first relay thread, so a short one never wakes another:
+    on two cores, tunnels dealt out in turn cost a fifth of the CONNECT rate in wake-ups.
+    A bulk transfer (one that moves a whole turn's budget, 4 MiB, at once) moves to the
+    thread with the fewest, mid-stream, with its pipe and the bytes in it; none is lost
+    or reordered.
+
+    The bulk peers run in native threads with blocking sockets, as fast as the kernel takes
+    the bytes: the relay, not the test, must be what limits the transfers, or no turn ever
+    fills its budget."""
+    before = thread_ids()
+    rig = rigs("native", threads=2)
+    exchange(rig.open(), b"u", b"dd")  # the threads start with the first tunnel
+    names = relay_threads(before)
+    assert sorted(names) == ["sg-relay-0", "sg-relay-1"]
+    second = names["sg-relay-1"]
+    state = Path(f"/proc/self/task/{second}/stat")
+    wait_until(lambda: state.read_text().rsplit(")", 1)[1].split()[0] == "S", "it to sleep")
+    at_rest = wake_ups(second)
+
+    for i in range(100):
+        exchange(rig.open(), randbytes(16, i), randbytes(16, ~i))
+    assert wake_ups(second) == at_rest, "a short tunnel woke the second relay thread"
+
+    pool = gevent.get_hub().threadpool
+    data = memoryview(randbytes(5 * MiB, 81))
+    tunnels = [rig.open() for _ in range(4)]
+    stop: list[bool] = []
+    receivers = [pool.spawn(receive_blocking, t.origin) for t in tunnels]
+    senders = [pool.spawn(stream, t.client, data[i * MiB :], stop) for i, t in enumerate(tunnels)]
+    try:
+        wait_until(lambda: wake_ups(second) > at_rest, "a bulk transfer to move to sg-relay-1")
+    finally:
+        stop.append(True)
+    for i, (t, sender, receiver) in enumerate(zip(tunnels, senders, receivers, strict=True)):
+        sent = sender.get(timeout=WAIT)
+        assert receiver.get(timeout=WAIT) == sent, f"tunnel {i}"
+        assert drain(t.client) == (0, EMPTY_SHA)
+        record = t.record()
+        assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", sent[0], 0)
+
+
+def test_shutdown_catches_bulk_transfers_on_either_thread_or_between(rigs: Any) -> None:
+    """Shutdown while bulk transfers move from thread to thread: a tunnel that is in a
+    thread's inbox, on its way, ends with the others, once each with ``shutdown``, and the
+    threads and fds are gone afterwards as if the engine had never been."""
+    pool = gevent.get_hub().threadpool  # its own fds are made here, before the count
+    tids_before, fds_before = thread_ids(), count_fds()
+    rig = rigs("native", threads=3)
+    tunnels = [rig.open() for _ in range(4)]  # a peer thread each, in the pool's 10
+    second = relay_threads(tids_before)["sg-relay-1"]
+    at_rest = wake_ups(second)
+    data = memoryview(randbytes(4 * MiB, 82))
+    receivers = [pool.spawn(receive_blocking, t.origin) for t in tunnels]
+    senders = [pool.spawn(stream, t.client, data, []) for t in tunnels]
+    wait_until(lambda: wake_ups(second) > at_rest, "a bulk transfer to move")
+    rig.engine.shutdown(time.monotonic())
+    for t, sender, receiver in zip(tunnels, senders, receivers, strict=True):
+        record = t.record()
+        assert record.reason == "shutdown"
+        with pytest.raises(OSError):  # cut mid-stream
+            sender.get(timeout=WAIT)
+        try:
+            count, _ = receiver.get(timeout=WAIT)
+        except ConnectionResetError:  # the origin was owed bytes the engine held
+            continue
+        assert count <= record.bytes_up
+    rig.close()
+    wait_until(lambda: not relay_threads(tids_before), "the engine's threads to exit")
+    assert count_fds() == fds_before
+
+
 # --- fork, threads, gevent ----------------------------------------------------------------------
 
 

@@ -533,10 +533,10 @@ class Config:
     )
     relay_threads: int = setting(
         0,
-        _number(int, 1, high=MAX_RELAY_THREADS, zero_ok="picks CPUs - 1, at least 1, at most 4"),
+        _number(int, 1, high=MAX_RELAY_THREADS, zero_ok="picks one per CPU, at most 4"),
         "native engine: relay threads, each with its own epoll loop",
         metavar="N",
-        shown_default="CPUs - 1, at least 1, at most 4",
+        shown_default="one per CPU, at most 4",
         restart=True,
     )
     relay_scheduling: str = setting(
