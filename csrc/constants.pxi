@@ -33,3 +33,6 @@ cdef enum:
     PUMP_BUDGET = 4194304       # bytes one tunnel moves per turn before others get theirs
     DEFAULT_PIPE_SIZE = 1048576  # the most an unprivileged process may ask for (pipe-max-size)
     POOL_KEEP = 16              # empty pipes a thread keeps at most for the next transfer
+
+# Seconds before spill() may move a tunnel again; a C double, as the enum holds ints only.
+cdef double MOVE_PAUSE = 1.0

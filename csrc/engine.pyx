@@ -2,8 +2,8 @@
 """The native relay engine: tunnels' bytes move with splice(2), outside the GIL.
 
 Each engine owns a few native threads (pthreads, never gevent's patched ``threading``), each
-running its own epoll loop over many tunnels. Every tunnel starts on the first thread, and
-only bulk transfers move to the others (``spill``), so that short tunnels wake one thread.
+running its own epoll loop over many tunnels. Every tunnel starts on the first thread, so
+that short tunnels wake one; bulk transfers are spread over all of them (``spill``).
 A tunnel's two sockets are registered edge-triggered, for both directions; an event only sets readiness flags and pumps the
 tunnel. Per direction, bytes go socket -> pipe -> socket with splice(); the pipe comes from a
 capped per-thread pool only while bytes are in flight, so an idle tunnel holds no pipe and
@@ -51,6 +51,7 @@ cdef extern from "<errno.h>":
         ENOSYS
         ENOMEM
         EPIPE
+        EIO
         ECONNRESET
         ENOTCONN
 
@@ -103,7 +104,8 @@ cdef struct Tunnel:
     int err
     bint done
     bint queued         # on the worker's ready list
-    bint bulk           # has used a whole turn's budget: counted in its worker's bulk
+    int bulk            # directions (1 << UP, 1 << DOWN) in bulk: see mark_bulk
+    double moved_at     # when spill() last moved it to another thread
     int errors_seen     # sides (1 << side) with an EPOLLERR not yet looked into
     Tunnel* next        # inbox, graveyard and completion lists
     Tunnel* ready_next
@@ -133,7 +135,7 @@ cdef struct Core:
 
 cdef struct Worker:
     Core* core
-    int64_t bulk            # its tunnels that are bulk: read by the other threads
+    int64_t bulk            # its tunnels in bulk: the others read it, and spill moves counts
     bint closing            # told to close all or exit: takes no tunnel from another thread
     int epfd
     int wake_fd
@@ -453,6 +455,7 @@ cdef void finish(Worker* w, Tunnel* t, int reason, int closer, int err, bint abo
         unqueue(w, t)
     if t.bulk:
         sg_add(&w.bulk, -1)
+        t.bulk = 0
     t.done = True
     t.reason = reason
     t.first_closer = closer
@@ -490,6 +493,24 @@ cdef void saw_eof(Worker* w, Tunnel* t, int side, double now) noexcept nogil:
         if w.core.half_closed > 0 and now + w.core.half_closed < t.timer_at:
             t.timer_at = now + w.core.half_closed
             heap_up(w, t.heap_index)
+
+
+cdef inline void mark_bulk(Worker* w, Tunnel* t, int which, bint bulk) noexcept nogil:
+    """A direction is in bulk while its turns spend their whole budget with more to read:
+    the relay is what holds it back, and another thread would move it faster. A turn that
+    ends otherwise (the source ran dry or ended, or the destination takes no more) ends
+    it. A tunnel with a direction in bulk counts in its thread's ``bulk``, which spill()
+    evens out; so a long-lived tunnel that once carried a large file (a browser's, say), or
+    one a slow reader holds back, does not weigh on its thread."""
+    cdef int was = t.bulk
+    if bulk:
+        t.bulk |= 1 << which
+    else:
+        t.bulk &= ~(1 << which)
+    if was and not t.bulk:
+        sg_add(&w.bulk, -1)
+    elif t.bulk and not was:
+        sg_add(&w.bulk, 1)
 
 
 cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
@@ -538,6 +559,7 @@ cdef int pump_dir(Worker* w, Tunnel* t, int which, double now) noexcept nogil:
                 t.ready_next = w.ready
                 w.ready = t
             break
+    mark_bulk(w, t, which, budget <= 0 and t.readable[src] and not d.eof)
     if d.eof and not d.shut and not pending(d):
         if d.pipe != NULL:
             put_pipe(w, d.pipe, False)
@@ -582,7 +604,8 @@ cdef void pump(Worker* w, Tunnel* t, double now) noexcept nogil:
 # --- the worker thread ------------------------------------------------------------------
 
 cdef void adopt(Worker* w, Tunnel* t, double now) noexcept nogil:
-    """Register a new tunnel; edge-triggered ADD reports what is already ready.
+    """Register a new tunnel, or one moved here by spill(); edge-triggered ADD reports
+    what is already ready.
 
     Its sockets are made non-blocking here, before the first read or write, rather than in
     submit: that keeps submit, in the hub, at one system call per fd, and one FIONBIO needs
@@ -648,14 +671,16 @@ cdef void deliver(Worker* w, Tunnel* t) noexcept nogil:
         write(w.wake_fd, &one, sizeof(one))
 
 
-cdef bint spill(Worker* w, Tunnel* t) noexcept nogil:
+cdef bint spill(Worker* w, Tunnel* t, double now) noexcept nogil:
     """Move a bulk tunnel to the thread with the fewest, when that evens the counts out.
 
     Tunnels all start on the first thread: a short one (a CONNECT, a request, a close) then
     wakes no other thread, which on two cores cost a fifth of the CONNECT rate when tunnels
-    were dealt out in turn. A tunnel that uses a whole turn's budget is a bulk transfer, and
-    those are spread so that each thread carries as many as the others, give or take one:
-    then the threads share the cores when transfers need them. A moved tunnel leaves this
+    were dealt out in turn. Tunnels in bulk (mark_bulk) are spread so that each thread
+    carries as many as the others, give or take one, and the threads share the cores when
+    transfers need them; a thread may be the first. Counts change with every turn, so a
+    tunnel moves at most once in MOVE_PAUSE seconds: no tunnel bounces to and fro at the
+    rate of its turns. A moved tunnel leaves this
     thread's epoll and heap and joins the other's inbox, whose adopt registers it anew
     (edge-triggered ADD reports what is ready), its pipes and held bytes going with it.
     Returns True when it moved: then it is no longer this thread's to touch."""
@@ -664,9 +689,8 @@ cdef bint spill(Worker* w, Tunnel* t) noexcept nogil:
     cdef int i, side
     cdef int64_t least = 0
     cdef int64_t load
-    if not t.bulk:
-        t.bulk = True
-        sg_add(&w.bulk, 1)
+    if not t.bulk or now - t.moved_at < MOVE_PAUSE:  # ran dry since queued, or just moved
+        return False
     for i in range(w.core.nworkers):
         other = &w.core.workers[i]
         if other != w:
@@ -684,6 +708,7 @@ cdef bint spill(Worker* w, Tunnel* t) noexcept nogil:
     heap_remove(w, t)
     sg_add(&w.bulk, -1)
     sg_add(&target.bulk, 1)
+    t.moved_at = now
     deliver(target, t)
     return True
 
@@ -695,7 +720,7 @@ cdef void run_ready(Worker* w, double now) noexcept nogil:
     while t != NULL:
         nxt = t.ready_next
         t.queued = False
-        if not t.done and not spill(w, t):
+        if not t.done and not spill(w, t, now):
             pump(w, t, now)
         t = nxt
 
@@ -788,7 +813,14 @@ cdef void* worker_main(void* arg) noexcept nogil:
         if n < 0:
             if sg_errno() == EINTR:
                 continue
-            close_all(w, R_ERROR, now)  # the epoll fd itself failed: nothing can move
+            # The epoll fd itself failed: nothing can move. Closing, so that neither
+            # submit nor spill gives this thread another tunnel; those already in its
+            # inbox end with the rest.
+            pthread_mutex_lock(&w.lock)
+            w.closing = True
+            pthread_mutex_unlock(&w.lock)
+            take_inbox(w, now)
+            close_all(w, R_ERROR, now)
             hand_over(w)
             break
         for i in range(n):
@@ -1042,6 +1074,12 @@ cdef class NativeEngine:
         self.callbacks[t.id] = on_done  # a tunnel is active until its on_done has run
         w = &self.workers[0]  # every tunnel starts there; bulk ones move on (spill)
         pthread_mutex_lock(&w.lock)
+        if w.closing:  # its epoll failed, and the thread is gone (worker_main)
+            pthread_mutex_unlock(&w.lock)
+            del self.callbacks[t.id]
+            free(t.dir[UP].buf)
+            free(t)
+            raise OSError(EIO, "the relay thread stopped: its epoll instance failed")
         deliver(w, t)
 
     def _on_done_ready(self):
@@ -1075,6 +1113,13 @@ cdef class NativeEngine:
         finally:
             if self.drained is not None and not self.callbacks:
                 self.drained.set()
+
+    def _bulk_counts(self):
+        """Per running relay thread, its tunnels in bulk: for tests, and a look when
+        debugging how transfers are spread."""
+        if not self.threads_started:
+            return []
+        return [sg_load(&self.workers[i].bulk) for i in range(self.nworkers)]
 
     @property
     def pipe_cap(self):

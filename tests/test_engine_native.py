@@ -718,9 +718,12 @@ def wake_ups(tid: int) -> int:
     return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
 
 
-def stream(sock: socket.socket, chunk: memoryview, stop: list[bool]) -> tuple[int, str]:
+def stream(
+    sock: socket.socket, chunk: memoryview, stop: list[bool], fin: bool = True
+) -> tuple[int, str]:
     """In a native thread: ``chunk`` over and over on a blocking duplicate of ``sock`` until
-    ``stop`` holds a value (or a minute passed), then FIN; the count and sha256 sent."""
+    ``stop`` holds a value (or a minute passed), then FIN if ``fin``; the count and sha256
+    sent."""
     digest = hashlib.sha256()
     count = 0
     deadline = time.monotonic() + 60
@@ -730,7 +733,8 @@ def stream(sock: socket.socket, chunk: memoryview, stop: list[bool]) -> tuple[in
             dup.sendall(chunk)
             digest.update(chunk)
             count += len(chunk)
-        dup.shutdown(stdlib_socket.SHUT_WR)
+        if fin:
+            dup.shutdown(stdlib_socket.SHUT_WR)
     return count, digest.hexdigest()
 
 
@@ -782,6 +786,32 @@ def test_short_tunnels_wake_one_relay_thread_and_bulk_transfers_spread(rigs: Any
         assert drain(t.client) == (0, EMPTY_SHA)
         record = t.record()
         assert (record.reason, record.bytes_up, record.bytes_down) == ("eof", sent[0], 0)
+
+
+def test_a_transfer_that_ran_dry_no_longer_counts_as_bulk(rigs: Any) -> None:
+    """A direction is in bulk only while its source keeps the relay busy: once it runs dry,
+    its tunnel stops counting on its thread. Else a long-lived tunnel that once carried a
+    large file (a browser's) would count for the rest of its life, and every later
+    transfer would be moved away from its thread, onto another that may be busier."""
+    rig = rigs("native", threads=2)
+    engine = rig.engine
+    t = rig.open()
+    pool = gevent.get_hub().threadpool
+    stop: list[bool] = []
+    receiver = pool.spawn(receive_blocking, t.origin)
+    sender = pool.spawn(stream, t.client, memoryview(randbytes(4 * MiB, 83)), stop, False)
+    try:
+        wait_until(lambda: engine._bulk_counts() == [1, 0], "the transfer to be in bulk")
+    finally:
+        stop.append(True)
+    sent = sender.get(timeout=WAIT)
+    # Quiet now, and still open both ways: only running dry can have ended its bulk.
+    wait_until(lambda: engine._bulk_counts() == [0, 0], "the quiet tunnel to stop counting")
+    assert not t.done.ready()
+    t.client.shutdown(socket.SHUT_WR)
+    assert receiver.get(timeout=WAIT) == sent
+    assert drain(t.client) == (0, EMPTY_SHA)
+    assert (t.record().reason, t.record().bytes_up) == ("eof", sent[0])
 
 
 def test_shutdown_catches_bulk_transfers_on_either_thread_or_between(rigs: Any) -> None:
