@@ -814,6 +814,15 @@ def test_a_transfer_that_ran_dry_no_longer_counts_as_bulk(rigs: Any) -> None:
     assert (t.record().reason, t.record().bytes_up) == ("eof", sent[0])
 
 
+def or_error(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the OSError it raised: for peers whose tunnel is cut, which the
+    thread pool would otherwise print as a failure."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        return exc
+
+
 def test_shutdown_catches_bulk_transfers_on_either_thread_or_between(rigs: Any) -> None:
     """Shutdown while bulk transfers move from thread to thread: a tunnel that is in a
     thread's inbox, on its way, ends with the others, once each with ``shutdown``, and the
@@ -825,20 +834,18 @@ def test_shutdown_catches_bulk_transfers_on_either_thread_or_between(rigs: Any) 
     second = relay_threads(tids_before)["sg-relay-1"]
     at_rest = wake_ups(second)
     data = memoryview(randbytes(4 * MiB, 82))
-    receivers = [pool.spawn(receive_blocking, t.origin) for t in tunnels]
-    senders = [pool.spawn(stream, t.client, data, []) for t in tunnels]
+    receivers = [pool.spawn(or_error, receive_blocking, t.origin) for t in tunnels]
+    senders = [pool.spawn(or_error, stream, t.client, data, []) for t in tunnels]
     wait_until(lambda: wake_ups(second) > at_rest, "a bulk transfer to move")
     rig.engine.shutdown(time.monotonic())
     for t, sender, receiver in zip(tunnels, senders, receivers, strict=True):
         record = t.record()
         assert record.reason == "shutdown"
-        with pytest.raises(OSError):  # cut mid-stream
-            sender.get(timeout=WAIT)
-        try:
-            count, _ = receiver.get(timeout=WAIT)
-        except ConnectionResetError:  # the origin was owed bytes the engine held
-            continue
-        assert count <= record.bytes_up
+        assert isinstance(sender.get(timeout=WAIT), OSError)  # cut mid-stream
+        received = receiver.get(timeout=WAIT)
+        # A reset when the origin was owed bytes the engine held; else a clean EOF.
+        if not isinstance(received, ConnectionResetError):
+            assert received[0] <= record.bytes_up
     rig.close()
     wait_until(lambda: not relay_threads(tids_before), "the engine's threads to exit")
     assert count_fds() == fds_before
