@@ -3,13 +3,13 @@
 
 Each engine owns a few native threads (pthreads, never gevent's patched ``threading``), each
 running its own epoll loop over many tunnels. Every tunnel starts on the first thread, so
-that short tunnels wake one; bulk transfers are spread over all of them (``spill``).
-A tunnel's two sockets are registered edge-triggered, for both directions; an event only sets readiness flags and pumps the
-tunnel. Per direction, bytes go socket -> pipe -> socket with splice(); the pipe comes from a
-capped per-thread pool only while bytes are in flight, so an idle tunnel holds no pipe and
-no buffer. Where no pipe is to be had (the pool is at its cap, the pipe quota is spent) or
-splice refuses the socket, the same direction copies through a 64 KiB buffer with
-recv/send instead, one chunk at a time, so nothing is lost or reordered.
+that short tunnels wake one; bulk transfers are spread over all of them (``spill``). A
+tunnel's two sockets are registered edge-triggered, for both directions; an event only sets
+readiness flags and pumps the tunnel. Per direction, bytes go socket -> pipe -> socket with
+splice(); the pipe comes from a capped per-thread pool only while bytes are in flight, so an
+idle tunnel holds no pipe and no buffer. Where no pipe is to be had (the pool is at its cap,
+the pipe quota is spent) or splice refuses the socket, the same direction copies through a
+64 KiB buffer with recv/send instead, one chunk at a time, so nothing is lost or reordered.
 
 Relay threads ask for SCHED_BATCH (``scheduling="batch"``, the default): a woken relay thread
 then waits for the running task's slice instead of preempting it, so under load it handles
@@ -680,9 +680,9 @@ cdef bint spill(Worker* w, Tunnel* t, double now) noexcept nogil:
     carries as many as the others, give or take one, and the threads share the cores when
     transfers need them; a thread may be the first. Counts change with every turn, so a
     tunnel moves at most once in MOVE_PAUSE seconds: no tunnel bounces to and fro at the
-    rate of its turns. A moved tunnel leaves this
-    thread's epoll and heap and joins the other's inbox, whose adopt registers it anew
-    (edge-triggered ADD reports what is ready), its pipes and held bytes going with it.
+    rate of its turns. A moved tunnel leaves this thread's epoll and heap and joins the
+    other's inbox, whose adopt registers it anew (edge-triggered ADD reports what is
+    ready), its pipes and held bytes going with it.
     Returns True when it moved: then it is no longer this thread's to touch."""
     cdef Worker* target = NULL
     cdef Worker* other
