@@ -1217,7 +1217,10 @@ cdef class NativeEngine:
             w.heap_len = w.heap_cap = 0
 
     def _stop_at_exit(self):
-        """Threads must be joined before the interpreter finalizes."""
+        """Threads must be joined before the interpreter finalizes. A submit after it (an
+        atexit hook of the application's, say) is refused as after shutdown: no thread is
+        left to take the tunnel."""
+        self.closing = True
         if self.threads_started and not self.closed:
             self._join_threads()
 

@@ -851,6 +851,21 @@ def test_shutdown_catches_bulk_transfers_on_either_thread_or_between(rigs: Any) 
     assert count_fds() == fds_before
 
 
+def test_a_tunnel_submitted_after_the_exit_time_join_is_refused(rigs: Any) -> None:
+    """At interpreter exit the relay threads are joined (atexit); a tunnel submitted after
+    that, by a later atexit hook say, is refused as after shutdown, and the caller keeps
+    its fds, rather than sitting in the inbox of a thread that is gone."""
+    rig = rigs("native", threads=2)
+    t = rig.open()
+    exchange(t, b"u", b"dd")  # the threads run
+    assert t.record().reason == "eof"
+    rig.engine._stop_at_exit()
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(RuntimeError, match="shutting down"):
+        rig.engine.submit(left.fileno(), right.fileno(), b"", lambda record: None)
+    assert rig.engine.stats()["active"] == 0
+
+
 # --- fork, threads, gevent ----------------------------------------------------------------------
 
 
