@@ -126,8 +126,8 @@ cdef struct Core:
     int64_t pipes_in_use
     int64_t bytes_up
     int64_t bytes_down
-    Worker* workers         # the ones whose threads run: bulk tunnels may move among them
-    int nworkers
+    Worker* workers         # as many as were asked for
+    int nworkers            # those whose threads run, from the first: 0 until they do
     pthread_mutex_t done_lock
     Tunnel* done_head
     int done_fd
@@ -882,8 +882,6 @@ cdef class NativeEngine:
     """The native engine; see :class:`splicegate.relay.Engine` for the contract."""
 
     cdef Core core
-    cdef Worker* workers
-    cdef int nworkers
     cdef bint threads_started
     cdef bint closing
     cdef bint closed
@@ -892,7 +890,7 @@ cdef class NativeEngine:
     cdef object watcher
     cdef object drained
     cdef object stopped         # set when a shutdown() call has finished its work
-    cdef int allocated          # workers allocated; nworkers may be fewer if threads failed
+    cdef int allocated          # workers allocated; core.nworkers may be fewer if threads failed
     cdef bint batch             # relay threads are put under SCHED_BATCH
     cdef object __weakref__
 
@@ -929,15 +927,15 @@ cdef class NativeEngine:
         # keeps for later never push another thread's live transfer onto the copy path.
         self.core.pool_keep = max(1, min(POOL_KEEP, self.core.max_pipes // (4 * threads)))
         self.callbacks = {}
-        self.workers = <Worker*>calloc(threads, sizeof(Worker))
-        if self.workers == NULL:
+        self.core.workers = <Worker*>calloc(threads, sizeof(Worker))
+        if self.core.workers == NULL:
             raise MemoryError()
-        self.nworkers = self.allocated = threads
+        self.allocated = threads
         for i in range(threads):
-            self.workers[i].core = &self.core
-            self.workers[i].epfd = -1
-            self.workers[i].wake_fd = -1
-            pthread_mutex_init(&self.workers[i].lock, NULL)
+            self.core.workers[i].core = &self.core
+            self.core.workers[i].epfd = -1
+            self.core.workers[i].wake_fd = -1
+            pthread_mutex_init(&self.core.workers[i].lock, NULL)
         self._open_done_channel()
         forget_in_forked_child(self)
 
@@ -948,11 +946,11 @@ cdef class NativeEngine:
         # comes here, also one whose threads never started or whose shutdown never ran.
         cdef int i
         if self.closed or not self.threads_started:
-            if self.workers != NULL:
+            if self.core.workers != NULL:
                 for i in range(self.allocated):
-                    pthread_mutex_destroy(&self.workers[i].lock)
-                free(self.workers)
-                self.workers = NULL
+                    pthread_mutex_destroy(&self.core.workers[i].lock)
+                free(self.core.workers)
+                self.core.workers = NULL
             pthread_mutex_destroy(&self.core.done_lock)
 
     cdef _open_done_channel(self):
@@ -969,8 +967,8 @@ cdef class NativeEngine:
         cdef Worker* w
         cdef epoll_event ev
         cdef sigset_t all_signals, old
-        for i in range(self.nworkers):
-            w = &self.workers[i]
+        for i in range(self.allocated):
+            w = &self.core.workers[i]
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
             w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
             ev.events = EPOLLIN
@@ -985,11 +983,11 @@ cdef class NativeEngine:
         sigfillset(&all_signals)
         pthread_sigmask(SIG_SETMASK, &all_signals, &old)
         try:
-            while started < self.nworkers:
-                if pthread_create(&self.workers[started].thread, NULL, worker_main,
-                                  &self.workers[started]) != 0:
+            while started < self.allocated:
+                if pthread_create(&self.core.workers[started].thread, NULL, worker_main,
+                                  &self.core.workers[started]) != 0:
                     break
-                self.workers[started].running = True
+                self.core.workers[started].running = True
                 started += 1
         finally:
             pthread_sigmask(SIG_SETMASK, &old, NULL)
@@ -1000,9 +998,7 @@ cdef class NativeEngine:
         if started == 0:
             raise OSError(EAGAIN, "cannot start a relay thread")
         for i in range(started):
-            sg_name_thread(self.workers[i].thread, i)
-        self.nworkers = started
-        self.core.workers = self.workers
+            sg_name_thread(self.core.workers[i].thread, i)
         self.core.nworkers = started
         self.threads_started = True
         _running.add(self)
@@ -1015,7 +1011,7 @@ cdef class NativeEngine:
         cdef int i
         cdef int err = 0
         for i in range(started):
-            err = sg_batch_thread(self.workers[i].thread) or err
+            err = sg_batch_thread(self.core.workers[i].thread) or err
         if err:
             log.warning("relay threads keep their inherited scheduling policy: SCHED_BATCH "
                         "was refused (%s)", os.strerror(err))
@@ -1025,8 +1021,8 @@ cdef class NativeEngine:
         not run."""
         cdef int i
         cdef Worker* w
-        for i in range(first, self.nworkers):
-            w = &self.workers[i]
+        for i in range(first, self.allocated):
+            w = &self.core.workers[i]
             if w.epfd >= 0:
                 close(w.epfd)
             if w.wake_fd >= 0:
@@ -1072,7 +1068,7 @@ cdef class NativeEngine:
         t.heap_index = -1
         t.started = t.last_activity = sg_monotonic()
         self.callbacks[t.id] = on_done  # a tunnel is active until its on_done has run
-        w = &self.workers[0]  # every tunnel starts there; bulk ones move on (spill)
+        w = &self.core.workers[0]  # every tunnel starts there; bulk ones move on (spill)
         pthread_mutex_lock(&w.lock)
         if w.closing:  # its epoll failed, and the thread is gone (worker_main)
             pthread_mutex_unlock(&w.lock)
@@ -1117,9 +1113,7 @@ cdef class NativeEngine:
     def _bulk_counts(self):
         """Per running relay thread, its tunnels in bulk: for tests, and a look when
         debugging how transfers are spread."""
-        if not self.threads_started:
-            return []
-        return [sg_load(&self.workers[i].bulk) for i in range(self.nworkers)]
+        return [sg_load(&self.core.workers[i].bulk) for i in range(self.core.nworkers)]
 
     @property
     def pipe_cap(self):
@@ -1135,27 +1129,27 @@ cdef class NativeEngine:
             "bytes_up": sg_load(&self.core.bytes_up),
             "bytes_down": sg_load(&self.core.bytes_down),
             "tunnels_total": self.next_id,
-            "threads": self.nworkers if self.threads_started else 0,
+            "threads": self.core.nworkers,
         }
 
     cdef _command(self, int command):
         cdef int i
         cdef uint64_t one = 1
-        for i in range(self.nworkers):
-            pthread_mutex_lock(&self.workers[i].lock)
-            self.workers[i].command = command
-            self.workers[i].closing = True
-            pthread_mutex_unlock(&self.workers[i].lock)
-            write(self.workers[i].wake_fd, &one, sizeof(one))
+        for i in range(self.core.nworkers):
+            pthread_mutex_lock(&self.core.workers[i].lock)
+            self.core.workers[i].command = command
+            self.core.workers[i].closing = True
+            pthread_mutex_unlock(&self.core.workers[i].lock)
+            write(self.core.workers[i].wake_fd, &one, sizeof(one))
 
     cdef _join_threads(self):
         cdef int i
         self._command(CMD_EXIT)
-        for i in range(self.nworkers):
-            if self.workers[i].running:
+        for i in range(self.core.nworkers):
+            if self.core.workers[i].running:
                 with nogil:
-                    pthread_join(self.workers[i].thread, NULL)
-                self.workers[i].running = False
+                    pthread_join(self.core.workers[i].thread, NULL)
+                self.core.workers[i].running = False
         _running.discard(self)
 
     def shutdown(self, double deadline):
@@ -1202,8 +1196,8 @@ cdef class NativeEngine:
         cdef int i
         cdef Worker* w
         cdef Pipe* p
-        for i in range(self.nworkers):
-            w = &self.workers[i]
+        for i in range(self.core.nworkers):
+            w = &self.core.workers[i]
             while w.free_pipes != NULL:
                 p = w.free_pipes
                 w.free_pipes = p.next
@@ -1232,9 +1226,9 @@ cdef class NativeEngine:
         cdef Tunnel* t
         cdef Pipe* p
         pthread_mutex_init(&self.core.done_lock, NULL)
-        self.nworkers = self.allocated  # the child starts as many threads as were asked for
-        for i in range(self.nworkers):
-            w = &self.workers[i]
+        self.core.nworkers = 0  # the child starts as many threads as were asked for, anew
+        for i in range(self.allocated):
+            w = &self.core.workers[i]
             pthread_mutex_init(&w.lock, NULL)
             w.running = False
             while w.heap_len > 0:
