@@ -276,10 +276,20 @@ def full_accept_queue(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
                 filler.close()
 
 
-def run_code(code: str) -> subprocess.CompletedProcess[str]:
-    """``code`` run by this interpreter in a fresh process, its output captured."""
+def run_code(
+    code: str, *args: str, timeout: float = WAIT, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` by this interpreter in a fresh process, with tests/
+    importable and its output captured: for children that must start fresh."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT
+        [sys.executable, "-c", code, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 

@@ -38,6 +38,7 @@ from proxyproc import (
     read_reply,
     recv_exactly,
     request,
+    run_code,
 )
 from splicegate import auth
 from splicegate.config import Config
@@ -556,13 +557,7 @@ def test_passwd_refuses_a_file_whose_owner_it_cannot_keep(
             "os.setgroups([]); os.setegid(65534); os.seteuid(65534)\n"
             "sys.exit(auth.passwd_main(sys.argv[1:]))\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(path), "zed"],
-            input="pw\n",
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-        )
+        out = run_code(code, str(path), "zed", stdin="pw\n")
         st = path.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner, group, 0o666)
         assert [p.name for p in directory.iterdir()] == ["users"]

@@ -349,9 +349,7 @@ def test_log_lines_dropped_while_stderr_is_stuck_are_counted_at_stop() -> None:
         print(text.count(" line "), text.splitlines()[-1])
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
-    )
+    done = run_code(script)
     assert done.returncode == 0, done.stderr
     written, last = done.stdout.split(" ", 1)
     dropped = 12_000 - int(written)
@@ -380,9 +378,7 @@ def test_the_log_stop_gives_up_on_a_stderr_stuck_for_good() -> None:
         os._exit(0)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT
-    )
+    done = run_code(script)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) < 3.0
 

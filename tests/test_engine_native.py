@@ -26,7 +26,6 @@ import signal
 import socket as stdlib_socket
 import struct
 import subprocess
-import sys
 import time
 import traceback
 from collections import Counter
@@ -40,7 +39,7 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
-from proxyproc import recv_exactly, sha256
+from proxyproc import recv_exactly, run_code, sha256
 from relayrig import (
     EMPTY_SHA,
     NO_TIMEOUTS,
@@ -64,7 +63,6 @@ from splicegate.relay import Engine, RelayTimeouts, TunnelRecord, create_engine
 pytest.importorskip("splicegate._engine", reason="the native engine is not built here")
 
 GiB = 1024 * MiB
-TESTS_DIR = Path(__file__).resolve().parent
 NOBODY = 65534
 
 
@@ -299,19 +297,6 @@ class Forked:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
-
-
-def run_python(code: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """``python -c code args`` with tests/ importable, for children that must start fresh."""
-    path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": path},
-        check=False,
-    )
 
 
 def last_json_line(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -586,13 +571,13 @@ def test_sigpipe_from_splice_does_not_kill_the_process(engine_kind: str) -> None
     """splice() has no MSG_NOSIGNAL: writing into a reset socket raises SIGPIPE. CPython
     ignores SIGPIPE, so only a child that restores SIG_DFL shows whether the engine's
     threads block it; the control child shows the kernel does raise it here."""
-    control = run_python(SPLICE_CONTROL_CHILD, timeout=30)
+    control = run_code(SPLICE_CONTROL_CHILD, timeout=30)
     if control.returncode != -signal.SIGPIPE:
         pytest.skip(
             "this kernel raises no SIGPIPE for a splice into a reset socket "
             f"(control exited {control.returncode}); nothing to prove"
         )
-    proc = run_python(SIGPIPE_CHILD, engine_kind, timeout=60)
+    proc = run_code(SIGPIPE_CHILD, engine_kind, timeout=60)
     assert proc.returncode != -signal.SIGPIPE, "SIGPIPE killed the process"
     record = last_json_line(proc)
     assert (record["reason"], record["first_closer"]) == ("reset", "origin")
@@ -1074,7 +1059,7 @@ print(json.dumps({
 def test_native_threads_under_gevent_monkey_patching() -> None:
     """Under patch_all() ``threading.Thread`` is a greenlet; the engine's threads must still
     be OS threads (they appear in /proc/self/task) that relay while the hub is blocked."""
-    result = last_json_line(run_python(MONKEY_CHILD, timeout=60))
+    result = last_json_line(run_code(MONKEY_CHILD, timeout=60))
     assert result["patched"] and result["threading_is_green"]
     assert result["started"] == 2
     assert result["left"] == 0
